@@ -1,6 +1,6 @@
-"""The random source of SUS backprop: a counter-based hash, so every kernel can match the reference draw for draw.
+"""SUS backprop's random source: a counter-based hash, so any kernel can match the reference draw for draw.
 
-Contract (the PyTorch reference `sus_reference.py` and the Triton kernel `sus_triton.py` implement exactly this):
+Contract (the PyTorch reference `sus_reference.py` and the Triton kernel `sus_triton.py` both implement it):
 
     M = 0xFFFFFFFF; all integer arithmetic is mod 2^32 (mask after every multiply and add)
     x = (seed*0x27D4EB2F + bh*0x165667B1 + i*0x9E3779B1 + j*0x85EBCA77) mod 2^32
