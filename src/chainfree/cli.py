@@ -1,0 +1,102 @@
+"""Command line: `chainfree train | compare | reproduce | ...`. Bad input exits non-zero with one line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from chainfree.errors import ChainfreeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train networks without paying the full price of backprop; compare against exact backprop.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with [model] [data] [train] [method]")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="training steps (train.steps)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | cuda:N | auto")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="gpt | mamba2 | mamba3 | hybrid")]
+OutOpt = Annotated[Path, typer.Option("--out", help="output folder (rerun to resume)")]
+
+
+@app.command()
+def train(out: OutOpt, model: ModelOpt = None, method: Annotated[str | None, typer.Option("--method")] = None,
+          config: ConfigOpt = None, set_: SetOpt = None, steps: StepsOpt = None, device: DeviceOpt = None) -> None:
+    """Train one model with one method; writes config.toml, metrics.jsonl, checkpoint/, loss.png."""
+    from chainfree.config import load_config
+    from chainfree.train import train as run_train
+
+    cfg = load_config(config, set_, model=model, method=method, steps=steps, device=device)
+    summary = run_train(cfg, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    typer.echo(f"final val loss {summary['final_val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f})"
+               f" -> {out}")
+
+
+@app.command()
+def compare(out: OutOpt, methods: Annotated[str, typer.Option("--methods", help="comma-separated")] = "exact",
+            model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, steps: StepsOpt = None,
+            device: DeviceOpt = None) -> None:
+    """Train each method under the same seed and data; one table and one loss plot against exact."""
+    from chainfree.bench.report import COMPARE_COLUMNS, compare_rows, markdown_table, write_result
+    from chainfree.config import load_config
+    from chainfree.logging import plot_losses, read_metrics
+    from chainfree.train import train as run_train
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if "exact" not in names:
+        names.insert(0, "exact")  # every comparison carries its own exact baseline
+    cfgs = {name: load_config(config, set_, model=model, method=name, steps=steps, device=device) for name in names}
+    summaries = {}
+    for name, cfg in cfgs.items():
+        summaries[name] = run_train(cfg, out / name)
+    rows = compare_rows(summaries)
+    first = summaries["exact"]
+    md = (f"# compare: {first['model']} on {cfgs['exact'].data.corpus}, {cfgs['exact'].train.steps} steps\n\n"
+          + markdown_table(rows, COMPARE_COLUMNS)
+          + f"\n\nUnigram entropy of the corpus (context-free baseline): {first['unigram_entropy']:.4f} nats/token.")
+    write_result(out, "report", {"summaries": summaries, "rows": rows}, md)
+    (out / "report.md").replace(out / "report.md")
+    (out / "summary.json").write_text(json.dumps({"summaries": summaries, "rows": rows}, indent=1, default=str))
+    plot_losses({n: read_metrics(out / n / "metrics.jsonl") for n in names}, out / "loss.png",
+                title=f"{first['model']}: " + " vs ".join(names))
+    typer.echo(md)
+
+
+@app.command()
+def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll")], out: OutOpt,
+              scale: Annotated[str, typer.Option("--scale", help="small (CPU minutes) | full (GPU)")] = "small",
+              device: DeviceOpt = None, set_: SetOpt = None) -> None:
+    """Run a paper's experiment at a scale that fits the machine; writes its table beside the paper's."""
+    from chainfree.errors import ConfigError
+
+    if scale not in ("small", "full"):
+        raise ConfigError(f"--scale must be 'small' or 'full', got {scale!r}")
+    if importlib.util.find_spec(f"chainfree.reproduce.{name}") is None:
+        raise ConfigError(f"no reproduction named {name!r}; available: {', '.join(_reproductions())}")
+    module = importlib.import_module(f"chainfree.reproduce.{name}")
+    module.run(out, scale, device or "auto", list(set_ or []))
+
+
+def _reproductions() -> list[str]:
+    import pkgutil
+
+    import chainfree.reproduce
+
+    return sorted(m.name for m in pkgutil.iter_modules(chainfree.reproduce.__path__) if not m.name.startswith("_"))
+
+
+def main() -> None:
+    try:
+        app()
+    except ChainfreeError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

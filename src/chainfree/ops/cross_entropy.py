@@ -1,0 +1,106 @@
+"""Linear head + cross-entropy computed in row chunks, never materialising the full [N, V] fp32 logits.
+
+Why: at V=50k and N=16k tokens the fp32 logits alone are 3.2 GB, larger than every activation a method
+like BASIS saves, so a naive loss hides all memory savings. Every method (exact included) uses this same
+loss, so comparisons stay fair.
+
+Saved for backward: the hidden states h [N, d], the head weight (a parameter, no copy), targets and the
+per-row log-sum-exp [N] (fp32). Backward recomputes each chunk's logits once (one extra N×d×V matmul).
+Numerics: logits are computed in the autocast dtype when autocast is on (else the input dtype) and
+accumulated in fp32 for the softmax; dW is accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def _accum_dtype(cd: torch.dtype) -> torch.dtype:
+    return torch.float64 if cd == torch.float64 else torch.float32
+
+
+def _chunk_rows(vocab: int, budget_elems: int = 1 << 24) -> int:
+    return max(1, budget_elems // max(vocab, 1))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_rows):
+        cd = _compute_dtype(h, weight)
+        acc = _accum_dtype(cd)
+        w = weight.to(cd)
+        b = bias.to(acc) if bias is not None else None
+        n = h.shape[0]
+        lse = torch.empty(n, device=h.device, dtype=acc)
+        total = torch.zeros((), device=h.device, dtype=acc)
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            logits = (h[start:stop].to(cd) @ w.T).to(acc)
+            if b is not None:
+                logits = logits + b
+            t = targets[start:stop]
+            valid = t != IGNORE_INDEX
+            lse[start:stop] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
+            total += ((lse[start:stop] - picked) * valid).sum()
+        count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0), targets, lse, count)
+        ctx.has_bias = bias is not None
+        ctx.chunk_rows = chunk_rows
+        ctx.cd = cd
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, targets, lse, count = ctx.saved_tensors
+        cd, rows = ctx.cd, ctx.chunk_rows
+        acc = _accum_dtype(cd)
+        w = weight.to(cd)
+        b = bias.to(acc) if ctx.has_bias else None
+        scale = grad_out.to(acc) / count
+        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
+        db = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if ctx.has_bias else None
+        for start in range(0, h.shape[0], rows):
+            stop = min(start + rows, h.shape[0])
+            hc = h[start:stop].to(cd)
+            logits = (hc @ w.T).to(acc)
+            if b is not None:
+                logits = logits + b
+            t = targets[start:stop]
+            valid = (t != IGNORE_INDEX).to(acc).unsqueeze(1)
+            g = torch.exp(logits - lse[start:stop, None])
+            g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch.ones_like(g[:, :1]))
+            g = g * valid * scale
+            if dh is not None:
+                dh[start:stop] = (g.to(cd) @ w).to(h.dtype)
+            if dw is not None:
+                dw += (g.to(cd).T @ hc).to(acc)
+            if db is not None:
+                db += g.sum(0)
+        return (
+            dh,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_rows: int = 0
+) -> torch.Tensor:
+    """Mean CE of softmax(h Wᵀ + b) against targets (IGNORE_INDEX rows skipped). h: [..., d]."""
+    h2 = h.reshape(-1, h.shape[-1])
+    t = targets.reshape(-1)
+    if h2.shape[0] != t.shape[0]:
+        raise ValueError(f"hidden rows ({h2.shape[0]}) and targets ({t.shape[0]}) differ in number")
+    return LinearCrossEntropy.apply(h2, weight, bias, t, chunk_rows or _chunk_rows(weight.shape[0]))
