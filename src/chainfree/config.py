@@ -43,6 +43,8 @@ class ModelConfig:
     expand: int = 2
     conv_kernel: int = 4
     chunk_size: int = 64
+    mimo_rank: int = 1  # Mamba-3 only: 1 = SISO, R > 1 = MIMO with R rank-1 state updates per step
+    ssd_backend: str = "torch"  # 'torch' (eager chunked scan, CPU+GPU) or 'compile' (torch.compile of it)
     # hybrid: one attention block every `attn_every` blocks, the others use `hybrid_mixer`
     attn_every: int = 4
     hybrid_mixer: str = "mamba3"
@@ -81,6 +83,15 @@ class ModelConfig:
             )
             _check(self.chunk_size > 0, "model.chunk_size", "must be positive")
             _check(self.d_state > 0, "model.d_state", "must be positive")
+            _check(self.mimo_rank >= 1, "model.mimo_rank", "must be >= 1 (1 = SISO)")
+            _check(self.conv_kernel >= 1, "model.conv_kernel", "must be >= 1")
+            _check(
+                self.ssd_backend in ("torch", "compile"),
+                "model.ssd_backend",
+                f"must be 'torch' or 'compile', got {self.ssd_backend!r}",
+            )
+            if "mamba3" in (self.kind, self.hybrid_mixer if self.kind == "hybrid" else ""):
+                _check(self.d_state >= 4, "model.d_state", "must be >= 4 for Mamba-3 (rotary pairs)")
         if self.kind == "hybrid":
             _check(self.attn_every >= 1, "model.attn_every", "must be >= 1")
             _check(
