@@ -93,6 +93,9 @@ class LanguageModel(nn.Module):
         a swapped head (e.g. a sketching layer) is called as a module on the hidden states."""
         if type(self.head) is nn.Linear:
             return linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
+        fused = getattr(self.head, "linear_cross_entropy", None)
+        if fused is not None:  # a swapped head with its own chunked loss (e.g. BasisLinear): no full logits
+            return fused(h, targets)
         logits = self.head(h)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
