@@ -6,3 +6,12 @@ Drop-in entry points:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy top-level exports, so `import chainfree` stays light (no op modules loaded until used)."""
+    if name == "sus_attention":
+        from chainfree.ops.sus import sus_attention
+
+        return sus_attention
+    raise AttributeError(f"module 'chainfree' has no attribute {name!r}")
