@@ -28,12 +28,14 @@ Why a hash and not torch.rand: a kernel that samples inside its tiles cannot rep
 stream order, but any kernel can evaluate a pure function of (seed, bh, i, j). The constants are the
 xxHash32 primes and the murmur3 32-bit finaliser, so neighbouring (i, j) give independent-looking draws.
 
-Arithmetic in torch uses int64 tensors; 32x32-bit products are split into 16-bit halves so no
-intermediate leaves int64 (no reliance on signed-overflow wrapping).
+Arithmetic: on CPU numpy uint32 (wraps mod 2^32 by definition, and fast); on other devices int64 torch
+tensors with 32x32-bit products split into 16-bit halves so no intermediate overflows int64 (no reliance
+on signed-overflow wrapping). Both paths are tested to agree bit for bit.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -52,11 +54,15 @@ def _mulmod32(x: torch.Tensor, m: int) -> torch.Tensor:
     return (lo + hi) & MASK32
 
 
-def sus_hash(seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """The 32-bit hash x of the contract, as int64 in [0, 2^32). bh, i, j broadcast (int64 tensors)."""
+def _check_seed(seed: int) -> int:
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"seed must be in [0, 2^32), got {seed}")
-    base = (int(seed) * SEED_MUL) & MASK32
+    return int(seed)
+
+
+def _sus_hash_torch(seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Any-device path: int64 tensors, products split so nothing overflows."""
+    base = (_check_seed(seed) * SEED_MUL) & MASK32
     x = (base + _mulmod32(bh.long() & MASK32, BH_MUL)) & MASK32
     x = (x + _mulmod32(i.long() & MASK32, ROW_MUL)) & MASK32
     x = (x + _mulmod32(j.long() & MASK32, COL_MUL)) & MASK32
@@ -67,9 +73,46 @@ def sus_hash(seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> t
     return x ^ (x >> 16)
 
 
+def _term_u32(t: torch.Tensor, mul: int) -> np.ndarray:
+    """(t * mul) mod 2^32 as uint32 for a (small, un-broadcast) index tensor."""
+    a = (t.long().numpy() & MASK32).astype(np.uint64)
+    return ((a * np.uint64(mul)) & np.uint64(MASK32)).astype(np.uint32)
+
+
+def _sus_hash_numpy(seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> np.ndarray:
+    """CPU path: numpy uint32 wraps mod 2^32 by definition and is ~15x faster than int64 torch on CPU."""
+    base = np.uint32((_check_seed(seed) * SEED_MUL) & MASK32)
+    x = (_term_u32(bh, BH_MUL) + base) + _term_u32(i, ROW_MUL)
+    x = x + _term_u32(j, COL_MUL)  # the one full-size (broadcast) allocation
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(MIX1)
+    x ^= x >> np.uint32(13)
+    x *= np.uint32(MIX2)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def _on_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in ts)
+
+
+def sus_hash(seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash x of the contract, as int64 in [0, 2^32). bh, i, j broadcast (int64 tensors)."""
+    if _on_cpu(bh, i, j):
+        return torch.from_numpy(_sus_hash_numpy(seed, bh, i, j).astype(np.int64))
+    return _sus_hash_torch(seed, bh, i, j)
+
+
 def sus_uniform(seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """float32 uniforms u in (0, 1] (1.0 only with probability 2^-24) for broadcast (bh, i, j)."""
-    x = sus_hash(seed, bh, i, j)
+    if _on_cpu(bh, i, j):
+        x = _sus_hash_numpy(seed, bh, i, j)
+        x >>= np.uint32(8)
+        u = x.astype(np.float32)
+        u += np.float32(0.5)
+        u *= np.float32(2.0**-24)
+        return torch.from_numpy(u)
+    x = _sus_hash_torch(seed, bh, i, j)
     return ((x >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
 

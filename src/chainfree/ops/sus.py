@@ -1,0 +1,142 @@
+"""`sus_attention`: a drop-in for F.scaled_dot_product_attention whose backward is SUS backprop.
+
+The forward is exact attention; the backward keeps about `c` attention weights per query row per head
+(sampled without bias, SPEC §2), so gradients are unbiased and the backward of a kernel costs O(n·c·D).
+Dispatch: CUDA tensors go to the fused Triton kernel (`chainfree.ops.sus_triton`) when it is installed
+and supports the case, everything else to the pure-PyTorch reference (`sus_reference`), which defines
+the semantics; both consume the same random draws (`sus_random`), so they agree draw for draw.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Any
+
+import torch
+
+from chainfree.ops.sus_random import draw_seed
+from chainfree.ops.sus_reference import VARIANTS, SusStats, sus_attention_reference
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def _triton_module() -> Any | None:
+    """chainfree.ops.sus_triton when both it and the triton package are importable, else None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from chainfree.ops import sus_triton
+    except ImportError:
+        return None
+    return sus_triton
+
+
+def _triton_supports(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> bool:
+    """Whether the kernel handles this case (it raises on the others); asks the module if it can say."""
+    supports = getattr(module, "supports", None)
+    if supports is not None:
+        return bool(supports(q, k, v, is_causal))
+    dtypes = getattr(module, "SUPPORTED_DTYPES", (torch.float16, torch.bfloat16))
+    head_dims = getattr(module, "SUPPORTED_HEAD_DIMS", (32, 64, 128))
+    return (
+        q.is_cuda
+        and q.dtype in dtypes
+        and q.shape[-1] in head_dims
+        and k.shape == v.shape
+        and not (is_causal and q.shape[2] != k.shape[2])
+    )
+
+
+def _check_inputs(q, k, v, c, enable_gqa, attn_mask, dropout_p, variant, backend) -> None:
+    if attn_mask is not None:
+        raise ValueError(
+            "sus_attention does not take attn_mask: SUS supports only is_causal=True/False; "
+            "drop attn_mask (use is_causal=True for a causal mask)"
+        )
+    if dropout_p != 0.0:
+        raise ValueError(f"sus_attention needs dropout_p=0 (got {dropout_p}); SUS adds its own sampling noise")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not (isinstance(c, int | float) and c > 0 and math.isfinite(c)):
+        raise ValueError(f"c must be a positive number (kept entries per row), got {c!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"sus_attention expects 4-D q, k, v [batch, heads, seq, head_dim]; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (add a heads dim with .unsqueeze(1))"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor (float64/32, bf16, fp16), got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need "
+            "q [B,H,n_q,D], k [B,Hkv,n_k,D], v [B,Hkv,n_k,Dv]"
+        )
+    if k.shape[2] == 0:
+        raise ValueError("k and v must have at least one key (n_k >= 1)")
+    H, H_kv = q.shape[1], k.shape[1]
+    if H != H_kv:
+        if not enable_gqa:
+            raise ValueError(f"q has {H} heads but k/v have {H_kv}; pass enable_gqa=True for grouped-query attention")
+        if H % H_kv != 0:
+            raise ValueError(f"enable_gqa needs q heads ({H}) to be a multiple of k/v heads ({H_kv})")
+
+
+def sus_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    c: float = 32,
+    generator: torch.Generator | None = None,
+    variant: str = "bernoulli",
+    backend: str = "auto",
+    block_rows: int | None = None,
+    stats: SusStats | None = None,
+) -> torch.Tensor:
+    """Attention with an exact forward and a SUS (sparse, unbiased, stochastic) backward.
+
+    Same positional convention as F.scaled_dot_product_attention (q [B,H,n_q,D], k/v [B,H_kv,n_k,D]);
+    `attn_mask` must be None and `dropout_p` 0. `c` bounds the expected number of attention weights per
+    query row and head that carry gradient (q_ij = min(1, c·W_ij)). One seed is drawn from `generator`
+    (default: torch's CPU generator) per call that needs a gradient; the backward replays it.
+    `variant='systematic'` keeps at most c entries per row with certainty (reference backend only).
+    `stats`, if given, accumulates kept-entry counts in the backward (reference backend only; the kernel
+    does not report them). No seed is drawn when no gradient is needed, so eval leaves the RNG alone.
+    """
+    _check_inputs(query, key, value, c, enable_gqa, attn_mask, dropout_p, variant, backend)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    seed = draw_seed(generator) if needs_grad else 0
+    if backend != "reference" and variant == "bernoulli":
+        module = _triton_module() if (backend == "triton" or query.is_cuda) else None
+        if backend == "triton" and module is None:
+            raise ImportError(
+                "backend='triton' needs chainfree.ops.sus_triton and triton (pip install 'chainfree[gpu]')"
+            )
+        if module is not None and (backend == "triton" or _triton_supports(module, query, key, value, is_causal)):
+            return module.sus_attention_triton(
+                query, key, value, c=float(c), is_causal=bool(is_causal), scale=float(scale),
+                enable_gqa=enable_gqa, seed=seed,
+            )  # fmt: skip
+    elif backend == "triton":
+        raise ValueError(f"backend='triton' supports only variant='bernoulli', got {variant!r}; use backend='auto'")
+    return sus_attention_reference(
+        query, key, value, float(c), bool(is_causal), float(scale), seed, block_rows, variant, stats
+    )
+
+
+__all__ = ["BACKENDS", "SusStats", "sus_attention"]

@@ -1,0 +1,206 @@
+"""SUS backprop, pure-PyTorch reference: exact attention forward, sparse unbiased stochastic backward.
+
+This file defines the semantics every SUS kernel must reproduce (SPEC §2, random source in `sus_random`).
+
+Forward (identical to exact attention, accumulated in float32, float64 for float64 inputs):
+    S = Q Kᵀ·scale (+ causal mask, top-left aligned like SDPA), W = softmax(S), O = W V.
+    Saved: q, k, v (input dtype), O and the row log-sum-exp (compute dtype), and one int seed.
+Backward (per head, per query row i; W recomputed from q, k and the saved log-sum-exp):
+    q_ij = min(1, c·W_ij); keep iff u_ij < q_ij or q_ij >= 1  (u_ij = sus_uniform(seed, bh, i, j))
+    W̃_ij = W_ij / q_ij if kept else 0                         (E[W̃] = W: unbiased)
+    dV = W̃ᵀ dO;  dP = dO Vᵀ;  D_i = dO_i·O_i (exact);  dS = W̃ ⊙ (dP − D);  dQ = dS K·scale;  dK = dSᵀ Q·scale
+    A row keeps Σ_j q_ij <= c entries in expectation (and at most c with certainty-kept q = 1).
+Variant 'systematic': the same q_ij used as inclusion probabilities of systematic sampling along the row
+(one uniform U_i = sus_uniform(seed, bh, i, 2^32 - 1) per row; key j is kept iff some U_i + k, k ∈ ℕ, falls
+in [C_{j-1}, C_j), C = cumsum_j q); still unbiased, and a row keeps at most ceil(Σ_j q_ij) <= c entries
+with certainty, not just on average.
+
+Memory: the work is blocked over query rows; a block holds a handful of [B, H, rows, n_k] temporaries, with
+rows chosen so a block has about 2^21 entries. So n = 8192 runs on a CPU without any n×n×H tensor.
+Cost: this reference is O(n²D) (it recomputes all of S); the point of SUS, O(n·c·D), is the kernel's job.
+GQA: query head h reads kv head h // (H / H_kv) (SDPA's `enable_gqa` convention); bh uses the query head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chainfree.ops.sus_random import MASK32, keep_mask, sus_uniform
+
+VARIANTS = ("bernoulli", "systematic")
+BLOCK_ENTRIES = 2**21  # target number of score entries per query block (about 8 MB in float32)
+SYSTEMATIC_COLUMN = MASK32  # the hash column of the one per-row uniform of the systematic variant
+
+
+@dataclass
+class SusStats:
+    """Kept-entry counts accumulated over SUS backward passes (reset by the caller).
+
+    `valid` counts entries with W > 0 that could carry gradient, `certain` those kept with q = 1.
+    """
+
+    rows: int = 0
+    valid: int = 0
+    kept: int = 0
+    certain: int = 0
+    max_row_kept: int = 0
+
+    def reset(self) -> None:
+        self.rows = self.valid = self.kept = self.certain = self.max_row_kept = 0
+
+    @property
+    def mean_kept_per_row(self) -> float:
+        return self.kept / self.rows if self.rows else 0.0
+
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of the attention entries that carry gradient (1 - the 'cut' fraction)."""
+        return self.kept / self.valid if self.valid else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "sus_kept_per_row": self.mean_kept_per_row,
+            "sus_max_row_kept": float(self.max_row_kept),
+            "sus_kept_fraction": self.kept_fraction,
+        }
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_block_rows(batch_heads: int, n_k: int, n_q: int) -> int:
+    return max(1, min(n_q, BLOCK_ENTRIES // max(1, batch_heads * n_k)))
+
+
+def _visible_keys(n_k: int, last_row: int, causal: bool) -> int:
+    """Keys a block of rows ending at `last_row` can see: causal rows never see keys j > i."""
+    return min(n_k, last_row + 1) if causal else n_k
+
+
+def _scores(qb: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Scaled scores of a query block. qb [B, Hkv, G, R, D], k [B, Hkv, n_k, D] -> [B, Hkv, G, R, n_k]."""
+    s = torch.matmul(qb, k.unsqueeze(2).transpose(-1, -2)) * scale
+    if causal:
+        cols = torch.arange(k.shape[-2], device=k.device)
+        s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    return s
+
+
+def sampled_weights(
+    w: torch.Tensor, c: float, seed: int, bh: torch.Tensor, rows: torch.Tensor, variant: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W̃, keep, q) for a block of attention weights w [..., R, n_k] whose hash rows are `bh` [..., 1, 1]
+    (broadcastable) and `rows` [R]. The one place where the SUS sampling rule lives."""
+    cols = torch.arange(w.shape[-1], device=w.device)
+    if variant == "bernoulli":
+        u = sus_uniform(seed, bh, rows[:, None], cols[None, :])
+        keep, q = keep_mask(u, w, c)
+    elif variant == "systematic":
+        q = torch.clamp(c * w, max=1.0)
+        u = sus_uniform(seed, bh, rows[:, None], torch.tensor(SYSTEMATIC_COLUMN, device=w.device))
+        cum = torch.cumsum(q.to(torch.float64), dim=-1)
+        hits = torch.clamp(torch.ceil(cum - u.to(torch.float64)), min=0)  # points U+k below C_j
+        prev = torch.nn.functional.pad(hits[..., :-1], (1, 0))
+        keep = ((hits - prev) > 0) | (q >= 1.0)
+        keep = keep & (q > 0)
+    else:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    w_tilde = torch.where(keep, w / torch.where(keep, q, torch.ones_like(q)), torch.zeros_like(w))
+    return w_tilde, keep, q
+
+
+class SusAttentionFunction(torch.autograd.Function):
+    """Autograd Function of the reference. Inputs are 4-D: q [B, H, n_q, D], k/v [B, H_kv, n_k, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats):
+        B, H, n_q, D = q.shape
+        H_kv, n_k = k.shape[1], k.shape[2]
+        G = H // H_kv
+        cdt = compute_dtype(q.dtype)
+        kc, vc = k.to(cdt), v.to(cdt)
+        out = torch.empty(B, H, n_q, v.shape[-1], dtype=cdt, device=q.device)
+        lse = torch.empty(B, H, n_q, dtype=cdt, device=q.device)
+        R = block_rows or default_block_rows(B * H, n_k, n_q)
+        for r0 in range(0, n_q, R):
+            rows = torch.arange(r0, min(r0 + R, n_q), device=q.device)
+            qb = q[:, :, r0 : r0 + R].to(cdt).reshape(B, H_kv, G, len(rows), D)
+            nk = _visible_keys(n_k, int(rows[-1]), is_causal)
+            s = _scores(qb, kc[:, :, :nk], scale, rows, is_causal)
+            m = s.amax(dim=-1, keepdim=True)
+            p = torch.exp(s - m)
+            denom = p.sum(dim=-1, keepdim=True)
+            ob = torch.matmul(p, vc[:, :, :nk].unsqueeze(2)) / denom
+            out[:, :, r0 : r0 + R] = ob.reshape(B, H, len(rows), -1)
+            lse[:, :, r0 : r0 + R] = (m + torch.log(denom)).reshape(B, H, len(rows))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = (c, is_causal, scale, seed, R, variant, stats)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        c, is_causal, scale, seed, R, variant, stats = ctx.params
+        B, H, n_q, D = q.shape
+        H_kv, n_k = k.shape[1], k.shape[2]
+        G = H // H_kv
+        cdt = out.dtype
+        kc, vc = k.to(cdt), v.to(cdt)
+        go = grad_out.to(cdt)
+        dq = torch.empty(B, H, n_q, D, dtype=cdt, device=q.device)
+        dk = torch.zeros(B, H_kv, n_k, D, dtype=cdt, device=q.device)
+        dv = torch.zeros(B, H_kv, n_k, v.shape[-1], dtype=cdt, device=q.device)
+        # bh = b*H + h with h = kv_head*G + group: matches the [B, H_kv, G] layout of a block.
+        bh = torch.arange(B * H, device=q.device).reshape(B, H_kv, G, 1, 1)
+        for r0 in range(0, n_q, R):
+            rows = torch.arange(r0, min(r0 + R, n_q), device=q.device)
+            nr = len(rows)
+            qb = q[:, :, r0 : r0 + R].to(cdt).reshape(B, H_kv, G, nr, D)
+            gob = go[:, :, r0 : r0 + R].reshape(B, H_kv, G, nr, -1)
+            ob = out[:, :, r0 : r0 + R].reshape(B, H_kv, G, nr, -1)
+            nk = _visible_keys(n_k, int(rows[-1]), is_causal)
+            kb, vb = kc[:, :, :nk], vc[:, :, :nk]
+            s = _scores(qb, kb, scale, rows, is_causal)
+            w = torch.exp(s - lse[:, :, r0 : r0 + R].reshape(B, H_kv, G, nr, 1))
+            w_tilde, keep, _ = sampled_weights(w, c, seed, bh, rows, variant)
+            if stats is not None:
+                per_row = keep.sum(dim=-1)
+                stats.rows += per_row.numel()
+                stats.kept += int(per_row.sum())
+                stats.max_row_kept = max(stats.max_row_kept, int(per_row.max()))
+                stats.valid += int((w > 0).sum())
+                stats.certain += int((keep & (c * w >= 1.0)).sum())
+            dp = torch.matmul(gob, vb.unsqueeze(2).transpose(-1, -2))
+            delta = (gob * ob).sum(dim=-1, keepdim=True)  # D_i = dO_i . O_i, exact
+            ds = w_tilde * (dp - delta)
+            dv[:, :, :nk] += torch.matmul(w_tilde.transpose(-1, -2), gob).sum(dim=2)
+            dq[:, :, r0 : r0 + R] = (torch.matmul(ds, kb.unsqueeze(2)) * scale).reshape(B, H, nr, D)
+            dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qb).sum(dim=2) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def sus_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c: float,
+    is_causal: bool,
+    scale: float,
+    seed: int,
+    block_rows: int | None = None,
+    variant: str = "bernoulli",
+    stats: SusStats | None = None,
+) -> torch.Tensor:
+    """Reference SUS attention on validated 4-D inputs (see `chainfree.ops.sus.sus_attention` for the public API).
+
+    `seed` fixes every draw of the backward; `block_rows` the query rows per block (None = ~2^21 entries).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return SusAttentionFunction.apply(q, k, v, c, is_causal, scale, seed, block_rows, variant, stats)
+
+
+__all__ = ["VARIANTS", "SusAttentionFunction", "SusStats", "sampled_weights", "sus_attention_reference"]
