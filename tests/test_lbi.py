@@ -1,0 +1,256 @@
+"""LBI: exactness of the scan backward (float64 vs autograd through the same LBI model), causality, the
+separator property on the autograd graph, and clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from chainfree.config import ModelConfig
+from chainfree.errors import ConfigError
+from chainfree.methods import build_method
+from chainfree.methods.lbi import (
+    LBI,
+    LBIConfig,
+    LBIModel,
+    cost_breakdown,
+    scan_backward,
+    separator_violations,
+)
+from chainfree.models.lm import BLOCKS, LanguageModel
+
+V, T = 29, 16
+
+
+def _available(kind: str) -> bool:
+    needed = {"gpt": ["attn"], "mamba2": ["mamba2"], "mamba3": ["mamba3"], "hybrid": ["attn", "mamba3"]}[kind]
+    return all(importlib.util.find_spec(BLOCKS[b].split(":")[0]) is not None for b in needed)
+
+
+ARCHS = [
+    pytest.param(k, marks=pytest.mark.skipif(not _available(k), reason=f"{k} blocks not in this tree"))
+    for k in ("gpt", "mamba2", "mamba3", "hybrid")
+]
+
+
+def tiny_lm(kind: str, n_layers: int, seed: int = 0) -> LanguageModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        kind=kind,
+        vocab_size=V,
+        seq_len=T,
+        d_model=16,
+        n_layers=n_layers,
+        n_heads=2,
+        d_state=8,
+        ssm_head_dim=8,
+        expand=2,
+        chunk_size=8,
+        attn_every=2,
+        hybrid_mixer="mamba3",
+    )
+    return LanguageModel(cfg).double()
+
+
+def batch(seed: int = 1, b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (b, T), generator=g), torch.randint(0, V, (b, T), generator=g)
+
+
+def max_rel_err(model: nn.Module, ref: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        scale = ref[name].norm().clamp_min(1e-30)
+        worst = max(worst, float((p.grad - ref[name]).norm() / scale))
+    return worst
+
+
+def autograd_grads(model: LBIModel, ids, tgt) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, tgt)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), ref
+
+
+def check_exact(model: LBIModel, jacobian: str) -> None:
+    ids, tgt = batch()
+    loss_ref, ref = autograd_grads(model, ids, tgt)
+    loss = scan_backward(model, ids, tgt, jacobian)
+    assert abs(float(loss) - loss_ref) <= 1e-12 * abs(loss_ref)
+    assert max_rel_err(model, ref) <= 1e-10
+
+
+# ---- (1) exactness -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ARCHS)
+@pytest.mark.parametrize("k_regions", [1, 2, 3, 4, 8])
+def test_scan_backward_equals_autograd(kind, k_regions):
+    lm = tiny_lm(kind, n_layers=k_regions)  # region_size 1: K = n_layers
+    model = LBI(LBIConfig(region_size=1, rank=3, n_chunks=4, jacobian="replicate")).prepare(lm)
+    assert model.n_regions == k_regions
+    check_exact(model, "replicate")
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+@pytest.mark.parametrize("interface", ["token", "paper_leaky"])
+def test_scan_backward_other_interfaces(kind, interface):
+    model = LBI(LBIConfig(region_size=1, rank=3, interface=interface, jacobian="vjp")).prepare(tiny_lm(kind, 4))
+    check_exact(model, "vjp")
+
+
+@pytest.mark.parametrize("jacobian", ["vjp", "jvp", "loop"])
+def test_every_jacobian_mode_is_exact(jacobian):
+    model = LBI(LBIConfig(region_size=2, rank=2, n_chunks=2, jacobian=jacobian)).prepare(tiny_lm("gpt", 6))
+    check_exact(model, jacobian)
+
+
+def test_step_through_registry_fills_grads_like_autograd():
+    method = build_method("lbi", {"region_size": 1, "rank": 3, "n_chunks": 4})
+    model = method.prepare(tiny_lm("gpt", 3))
+    ids, tgt = batch()
+    _, ref = autograd_grads(model, ids, tgt)
+    stats = method.step(model, ids, tgt)
+    assert stats.tokens == tgt.numel()
+    assert max_rel_err(model, ref) <= 1e-10
+    # accumulates like loss.backward(): a second step doubles the gradient
+    method.step(model, ids, tgt)
+    torch.testing.assert_close(model.lm.blocks[0].mlp.up.weight.grad, 2 * ref["lm.blocks.0.mlp.up.weight"])
+
+
+def test_full_width_interface_recovers_nothing_special_but_stays_exact():
+    """r = d (the paper's 'full width' ablation) is still an LBI model; the scan stays exact."""
+    model = LBI(LBIConfig(region_size=1, rank=16, n_chunks=2, jacobian="vjp")).prepare(tiny_lm("gpt", 3))
+    check_exact(model, "vjp")
+
+
+# ---- (2) causality -------------------------------------------------------------------------------------------
+def _max_change_before(model: nn.Module, t: int) -> float:
+    ids, _ = batch(seed=5)
+    changed = ids.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % V
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert not torch.equal(a[:, t + 1 :], b[:, t + 1 :])  # the change is visible later on
+    return float((a[:, : t + 1] - b[:, : t + 1]).abs().max())
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+@pytest.mark.parametrize("t", [0, 5, 8, 13])
+def test_causal_interfaces_do_not_see_the_future(kind, t):
+    lm = tiny_lm(kind, 4)
+    assert _max_change_before(lm, t) <= 1e-12  # dense reference
+    for interface in ("causal_chunk", "token"):
+        model = LBIModel(tiny_lm(kind, 4), LBIConfig(region_size=1, rank=3, interface=interface, n_chunks=4))
+        assert _max_change_before(model, t) <= 1e-12, interface
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_paper_leaky_sees_the_future(kind):
+    """The authors' pooled message averages the whole sequence: earlier logits move when later tokens do."""
+    model = LBIModel(tiny_lm(kind, 4), LBIConfig(region_size=1, rank=3, interface="paper_leaky"))
+    assert _max_change_before(model, 5) > 1e-6
+
+
+# ---- (3) separator property on the autograd graph ----------------------------------------------------------
+@pytest.mark.parametrize("kind", ARCHS)
+@pytest.mark.parametrize("interface", ["causal_chunk", "token", "paper_leaky"])
+def test_interface_is_a_separator(kind, interface):
+    model = LBIModel(tiny_lm(kind, 3), LBIConfig(region_size=1, rank=3, interface=interface, n_chunks=4))
+    ids, tgt = batch()
+    assert separator_violations(model, ids, tgt) == []
+
+
+class _Holder:
+    """A plain object (not a module) through which two blocks pass a tensor behind the interface's back."""
+
+    value: torch.Tensor | None = None
+
+
+class _Writer(nn.Module):
+    def __init__(self, inner: nn.Module, holder: _Holder) -> None:
+        super().__init__()
+        self.inner, self.holder = inner, holder
+
+    def forward(self, x):
+        y = self.inner(x)
+        self.holder.value = y
+        return y
+
+
+class _Reader(_Writer):
+    def forward(self, x):
+        return self.inner(x) + 0.5 * self.holder.value
+
+
+def test_hidden_cross_region_channel_is_rejected():
+    lm = tiny_lm("gpt", 2)
+    holder = _Holder()
+    lm.blocks[0] = _Writer(lm.blocks[0], holder)
+    lm.blocks[1] = _Reader(lm.blocks[1], holder)
+    with pytest.raises(ConfigError, match="crossed by something other than the latent interface"):
+        LBI(LBIConfig(region_size=1, rank=3)).prepare(lm)
+    # the same two blocks inside one region are fine: the stash never crosses a boundary
+    LBI(LBIConfig(region_size=2, rank=3)).prepare(lm)
+
+
+def test_separator_walk_detects_a_dense_stream():
+    """Positive control for the walk: a second path from block 0 around a cut tensor is found; without
+    that path the cut separates block 0 from the loss."""
+    lm = tiny_lm("gpt", 2)
+    ids, tgt = batch()
+    from chainfree.methods.lbi import _reachable_leaves
+
+    x0 = lm.embed(ids)
+    h0 = lm.blocks[0](x0)
+    cut = h0 * 1.0
+    out = lm.blocks[1](cut) + h0  # a second path from block 0 around the cut
+    loss = lm.loss(lm.norm(out), tgt)
+    reached = _reachable_leaves(loss.grad_fn, {cut.grad_fn})
+    assert any(id(p) in reached for p in lm.blocks[0].parameters())
+    out_ok = lm.blocks[1](cut)
+    reached_ok = _reachable_leaves(lm.loss(lm.norm(out_ok), tgt).grad_fn, {cut.grad_fn})
+    assert not any(id(p) in reached_ok for p in lm.blocks[0].parameters())
+
+
+def test_shared_parameter_between_regions_is_rejected():
+    lm = tiny_lm("gpt", 2)
+    lm.blocks[1].mlp.up.weight = lm.blocks[0].mlp.up.weight
+    with pytest.raises(ConfigError, match="shared by LBI regions 0 and 1"):
+        LBIModel(lm, LBIConfig(region_size=1, rank=3))
+
+
+# ---- configuration errors, cost breakdown --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"region_size": 3}, "not a multiple of method.region_size"),
+        ({"n_chunks": 5}, "cannot be cut into method.n_chunks=5"),
+        ({"chunk_len": 3}, "not a multiple of method.chunk_len=3"),
+        ({"interface": "pooled"}, "method.interface must be one of"),
+        ({"jacobian": "magic"}, "method.jacobian must be one of"),
+        ({"rank": 0}, "method.rank must be >= 1"),
+    ],
+)
+def test_bad_config_is_a_clear_error(params, match):
+    with pytest.raises(ConfigError, match=match):
+        build_method("lbi", params).prepare(tiny_lm("gpt", 4))
+
+
+def test_step_needs_prepared_model():
+    with pytest.raises(ConfigError, match="prepare"):
+        LBI().step(tiny_lm("gpt", 2), *batch())
+
+
+def test_cost_breakdown_reports_every_phase():
+    model = LBIModel(tiny_lm("gpt", 4), LBIConfig(region_size=1, rank=2, n_chunks=2))
+    ids, tgt = batch()
+    costs = cost_breakdown(model, ids, tgt, "vjp", repeats=1)
+    assert len(costs["forward"]) == 4 and len(costs["vjp"]) == 4
+    assert costs["jacobian"][0] == 0.0 and all(t > 0 for t in costs["jacobian"][1:3])
+    assert costs["total"] > 0
+    assert all(p.grad is None for p in model.parameters())
