@@ -1,0 +1,333 @@
+"""BASIS: exactness limits (float64), balance of the hash, shared (h, s), unbiasedness (statistical),
+norm preservation, exact dX/db, what autograd really saves, autocast, tied heads, and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import chainfree.ops.basis_linear as bl
+from chainfree.config import ModelConfig
+from chainfree.errors import ConfigError
+from chainfree.methods import build_method
+from chainfree.methods.basis import apply
+from chainfree.models.lm import LanguageModel
+from chainfree.models.mlp import MLP
+from chainfree.ops.basis_cross_entropy import basis_linear_cross_entropy
+from chainfree.ops.basis_linear import (
+    SIGN_MATRIX_MAX_RANK,
+    BasisLinear,
+    basis_linear,
+    draw_plan,
+    scaled_sketch,
+    sketch_rows,
+    sketch_rows_reference,
+)
+
+f64 = torch.float64
+
+
+def _problem(rows=12, n_in=5, n_out=4, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n_in, generator=g, dtype=f64, requires_grad=True)
+    w = torch.randn(n_out, n_in, generator=g, dtype=f64, requires_grad=True)
+    b = torch.randn(n_out, generator=g, dtype=f64, requires_grad=True) if bias else None
+    dy = torch.randn(rows, n_out, generator=g, dtype=f64)
+    return x, w, b, dy
+
+
+def _grads(x, w, b, dy, **kw):
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    basis_linear(x, w, b, **kw).backward(dy)
+    return x.grad.clone(), w.grad.clone(), None if b is None else b.grad.clone()
+
+
+@pytest.mark.parametrize("rank", [12, 13, 1000])  # R = B, and R > B falls back to R = B
+def test_full_rank_no_shrink_gives_exact_dw(rank):
+    x, w, b, dy = _problem()
+    exact = dy.T @ x.detach()
+    _, dw, _ = _grads(x, w, b, dy, rank=rank, shrink=0.0, scalars=False)
+    torch.testing.assert_close(dw, exact, rtol=1e-12, atol=1e-12)
+    # with scalars gamma = ||M|| / (||M|| + 1e-8): relative error <= 1e-8 / ||M|| per factor
+    _, dw, _ = _grads(x, w, b, dy, rank=rank, shrink=0.0, scalars=True)
+    rtol = 1e-8 / float(x.detach().norm()) + 1e-8 / float(dy.norm()) + 1e-12
+    torch.testing.assert_close(dw, exact, rtol=rtol, atol=0.0)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 12])
+def test_dx_and_db_always_exact(rank):
+    x, w, b, dy = _problem(rows=12)
+    dx, _, db = _grads(x, w, b, dy, rank=rank)
+    torch.testing.assert_close(dx, dy @ w.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(db, dy.sum(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows,rank", [(12, 5), (64, 8), (7, 7), (100, 1), (600, SIGN_MATRIX_MAX_RANK + 44)])
+def test_buckets_balanced_and_both_sketch_paths_agree(rows, rank):
+    gen = torch.Generator().manual_seed(rows * 31 + rank)
+    plan = draw_plan(rows, rank, "cpu", f64, generator=gen)
+    sizes = torch.bincount(plan.buckets(), minlength=plan.rank)
+    assert sizes.numel() == plan.rank
+    assert set(sizes.tolist()) <= {rows // rank, math.ceil(rows / rank)}
+    assert int(sizes.min()) >= 1
+    assert set(plan.signs.tolist()) <= {-1.0, 1.0}
+    m = torch.randn(rows, 3, generator=gen, dtype=f64)
+    dense = plan.sign_matrix() @ m
+    torch.testing.assert_close(sketch_rows(m, plan), dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sketch_rows_reference(m, plan), dense, rtol=1e-12, atol=1e-12)
+    # S[h(j), j] = s_j: bucket and sign of every row
+    S = plan.sign_matrix()
+    assert torch.equal(S.abs().sum(0), torch.ones(rows, dtype=f64))
+    assert torch.equal(S.abs().argmax(0), plan.buckets())
+    assert torch.equal(S.sum(0), plan.row_signs())
+
+
+def test_same_hash_and_signs_for_x_and_dy(monkeypatch):
+    seen = []
+    real = bl.sketch_rows
+
+    def recording(m, plan):
+        seen.append(plan)
+        return real(m, plan)
+
+    monkeypatch.setattr(bl, "sketch_rows", recording)
+    x, w, b, dy = _problem(rows=20)
+    torch.manual_seed(3)
+    shrink = 0.01
+    _, dw, _ = _grads(x, w, b, dy, rank=4, shrink=shrink, scalars=True)
+    assert len(seen) == 2  # forward sketches X, backward sketches dY
+    px, pdy = seen
+    assert torch.equal(px.perm, pdy.perm) and torch.equal(px.signs, pdy.signs) and px.rank == pdy.rank == 4
+    # and dW is exactly the SPEC formula with that one draw
+    S = px.sign_matrix()
+    sx, sdy = S @ x.detach(), S @ dy
+    gx, gdy = x.detach().norm() / (sx.norm() + 1e-8), dy.norm() / (sdy.norm() + 1e-8)
+    expected = (1 - shrink) ** 2 * gx * gdy * (sdy.T @ sx)
+    torch.testing.assert_close(dw, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fresh_draw_every_step():
+    x, w, b, dy = _problem(rows=20)
+    torch.manual_seed(0)
+    _, dw1, _ = _grads(x, w, b, dy, rank=4)
+    _, dw2, _ = _grads(x, w, b, dy, rank=4)
+    assert not torch.allclose(dw1, dw2)
+    torch.manual_seed(0)
+    _, dw1_again, _ = _grads(x, w, b, dy, rank=4)
+    assert torch.equal(dw1, dw1_again)  # reproducible under torch.manual_seed
+
+
+def _assert_unbiased(samples: torch.Tensor, exact: torch.Tensor, z: float = 5.0) -> None:
+    """Every entry's mean within z standard errors (sample std / sqrt(n)) of the exact value.
+
+    z = 5 with k entries: false-alarm probability <= k * 5.7e-7 under the CLT.
+    """
+    n = samples.shape[0]
+    mean = samples.mean(0)
+    se = samples.std(0) / math.sqrt(n)
+    assert bool((se > 0).all()), "estimator has zero variance: the test would be vacuous"
+    zscores = (mean - exact).abs() / se
+    assert float(zscores.max()) < z, f"max z-score {float(zscores.max()):.2f}"
+
+
+def test_unbiased_without_scalars():
+    x, w, b, dy = _problem(rows=12, n_in=3, n_out=2, seed=1)
+    exact = dy.T @ x.detach()
+    torch.manual_seed(1234)
+    samples = torch.stack([_grads(x, w, b, dy, rank=3, shrink=0.0, scalars=False)[1] for _ in range(3000)])
+    _assert_unbiased(samples, exact)
+    # the same test does detect the bias the shrink introduces (factor (1-0.2)^2 = 0.64)
+    shrunk = torch.stack([_grads(x, w, b, dy, rank=3, shrink=0.2, scalars=False)[1] for _ in range(3000)])
+    with pytest.raises(AssertionError):
+        _assert_unbiased(shrunk, exact)
+
+
+def test_scalars_restore_norms():
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(50, 7, generator=gen, dtype=f64)
+    plan = draw_plan(50, 6, "cpu", f64, generator=gen)
+    torch.testing.assert_close(scaled_sketch(m, plan, True, 0.0).norm(), m.norm(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(scaled_sketch(m, plan, True, 0.01).norm(), 0.99 * m.norm(), rtol=1e-9, atol=0)
+    # without scalars the sketch has its own norm (generally not ||m||)
+    assert not torch.isclose(scaled_sketch(m, plan, False, 0.0).norm(), m.norm(), rtol=1e-6)
+
+
+def _saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_input_is_not_saved():
+    layer = BasisLinear(64, 32, rank=4).double()
+    x = torch.randn(2, 50, 64, dtype=f64, requires_grad=True)
+    y, saved = _saved_tensors(lambda: layer(x))
+    assert not any(_shares_storage(t, x) for t in saved)
+    assert not any(t.dim() == 2 and t.shape[0] == 100 for t in saved), [tuple(t.shape) for t in saved]
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(32, 64), (4, 64), (100,), (100,)])  # W, sketch, perm, signs
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_mlp_keeps_neither_ln_output_nor_gelu_output(swap):
+    """SPEC §1.6: with both projections swapped only h (GELU's input) and the sketches remain."""
+    torch.manual_seed(0)
+    ln, mlp = nn.LayerNorm(16).double(), MLP(16, 64).double()
+    if swap:
+        mlp.up = BasisLinear.from_linear(mlp.up, rank=4)
+        mlp.down = BasisLinear.from_linear(mlp.down, rank=4)
+    captured = {}
+    ln.register_forward_hook(lambda m, i, o: captured.__setitem__("ln_out", o))
+    mlp.act.register_forward_hook(lambda m, i, o: captured.update(h=i[0], gelu_out=o))
+    x = torch.randn(3, 10, 16, dtype=f64, requires_grad=True)
+    out, saved = _saved_tensors(lambda: mlp(ln(x)))
+    keeps_ln_out = any(_shares_storage(t, captured["ln_out"]) for t in saved)
+    keeps_gelu_out = any(_shares_storage(t, captured["gelu_out"]) for t in saved)
+    assert any(_shares_storage(t, captured["h"]) for t in saved)  # GELU backward needs h
+    # tensors with one entry per row and feature (B = 30 rows), i.e. what grows with the batch
+    rowwise = sum(t.numel() for t in saved if t.numel() >= 30 * 16 and (t.shape[:2] == (3, 10) or t.shape[0] == 30))
+    if swap:
+        assert not keeps_ln_out and not keeps_gelu_out
+        assert rowwise == 30 * 16 + 30 * 64  # LN input x and h: nothing else of B rows
+    else:  # the check is able to see what exact backprop keeps
+        assert keeps_ln_out and keeps_gelu_out
+    out.sum().backward()
+
+
+def test_autocast_bf16_cpu_matches_linear():
+    torch.manual_seed(0)
+    ref = nn.Linear(32, 16)
+    layer = BasisLinear.from_linear(nn.Linear(32, 16), rank=8)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 24, 32)
+    xr, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yr, yb = ref(xr), layer(xb)
+    assert yb.dtype == yr.dtype == torch.bfloat16
+    assert torch.equal(yb, yr)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yb.backward(g)
+    assert xb.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(xb.grad, xr.grad, rtol=1e-2, atol=1e-2)  # both bf16 GEMMs, same inputs
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-2, atol=1e-2)
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_no_grad_is_plain_linear():
+    layer = BasisLinear(8, 4, rank=2)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def _tiny_lm(tie=True, dtype=f64):
+    cfg = ModelConfig(vocab_size=40, seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=tie)
+    torch.manual_seed(0)
+    return LanguageModel(cfg).to(dtype), cfg
+
+
+def test_apply_swaps_paper_layers_and_keeps_state_dict_and_tie():
+    model, _ = _tiny_lm()
+    keys = list(model.state_dict())
+    exact_state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply(model, rank=4)
+    swapped = sorted(n for n, m in model.named_modules() if isinstance(m, BasisLinear))
+    assert swapped == ["blocks.0.mlp.down", "blocks.0.mlp.up", "blocks.1.mlp.down", "blocks.1.mlp.up", "head"]
+    assert list(model.state_dict()) == keys
+    model.load_state_dict(exact_state)  # checkpoints load either way
+    assert model.head.weight is model.embed.weight
+    apply(model, rank=2, layers=["*.attn.*_proj"])
+    assert isinstance(model.blocks[1].attn.q_proj, BasisLinear) and model.blocks[1].attn.q_proj.rank == 2
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_full_rank_model_grads_match_exact_including_tied_head(tie):
+    """Every BasisLinear (MLP and the chunked-CE head) at R >= B, shrink 0: all grads equal autograd's."""
+    exact, cfg = _tiny_lm(tie)
+    basis, _ = _tiny_lm(tie)
+    apply(basis, rank=1000, shrink=0.0, scalars=False, layers=["*.mlp.*", "*.attn.*_proj", "head"])
+    ids = torch.randint(0, cfg.vocab_size, (3, 8), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(0, cfg.vocab_size, (3, 8), generator=torch.Generator().manual_seed(2))
+    exact(ids, tgt).backward()
+    basis(ids, tgt).backward()
+    for (name, pe), (_, pb) in zip(exact.named_parameters(), basis.named_parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pe.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_head_cross_entropy_sketch_unbiased():
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(10, 3, generator=gen, dtype=f64, requires_grad=True)
+    w = torch.randn(5, 3, generator=gen, dtype=f64, requires_grad=True)
+    t = torch.randint(0, 5, (10,), generator=gen)
+    exact = torch.autograd.grad(F.cross_entropy(h @ w.T, t), w)[0]
+    torch.manual_seed(99)
+    samples = torch.stack([
+        torch.autograd.grad(basis_linear_cross_entropy(h, w, None, t, rank=2, shrink=0.0, scalars=False,
+                                                       chunk_rows=3), w)[0]
+        for _ in range(2000)
+    ])
+    _assert_unbiased(samples, exact)
+    dh = torch.autograd.grad(basis_linear_cross_entropy(h, w, None, t, rank=2), h)[0]
+    torch.testing.assert_close(dh, torch.autograd.grad(F.cross_entropy(h @ w.T, t), h)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_method_registry_and_config():
+    method = build_method("basis", {"rank": 8, "shrink": 0.0, "layers": "*.mlp.up,head"})
+    model, _ = _tiny_lm()
+    method.prepare(model)
+    assert isinstance(model.blocks[0].mlp.up, BasisLinear) and model.blocks[0].mlp.up.rank == 8
+    assert not isinstance(model.blocks[0].mlp.down, BasisLinear)
+
+
+def test_errors():
+    model, _ = _tiny_lm()
+    with pytest.raises(ConfigError, match="rank"):
+        apply(model, rank=0)
+    with pytest.raises(ConfigError, match="shrink"):
+        apply(model, rank=4, shrink=1.0)
+    with pytest.raises(ConfigError, match="no nn.Linear layer matches.*blocks.0.attn.q_proj"):
+        apply(model, layers=["*.conv"])
+    with pytest.raises(ConfigError, match="non-empty"):
+        apply(model, layers=[])
+    with pytest.raises(ConfigError, match="method.rank"):
+        build_method("basis", {"rank": -3})
+    with pytest.raises(ConfigError, match="rnak"):
+        build_method("basis", {"rnak": 3})
+    with pytest.raises(ConfigError, match="rank"):
+        BasisLinear(4, 4, rank=0)
+    with pytest.raises(ValueError, match="rows"):
+        sketch_rows(torch.zeros(5, 2), draw_plan(6, 2, "cpu", torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_reference():
+    x, w, b, dy = _problem(rows=300, n_in=16, n_out=8)
+    dx_c, dw_c, db_c = _grads(x, w, b, dy, rank=300, shrink=0.0, scalars=False)
+    xg, wg, bg = (t.detach().cuda().requires_grad_() for t in (x, w, b))
+    basis_linear(xg, wg, bg, rank=300, shrink=0.0, scalars=False).backward(dy.cuda())
+    torch.testing.assert_close(wg.grad.cpu(), dw_c, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xg.grad.cpu(), dx_c, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(bg.grad.cpu(), db_c, rtol=1e-10, atol=1e-10)
+    plan = draw_plan(1000, 32, "cuda", torch.bfloat16)
+    m = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(sketch_rows(m, plan).float(), sketch_rows_reference(m.float(), plan).float(),
+                               rtol=2e-2, atol=2e-2)
