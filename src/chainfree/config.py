@@ -29,9 +29,9 @@ class ModelConfig:
     kind: str = "gpt"
     vocab_size: int = 0  # 0 = take it from the tokenizer
     seq_len: int = 128
-    d_model: int = 128
+    d_model: int = 192
     n_layers: int = 4
-    n_heads: int = 4
+    n_heads: int = 6
     n_kv_heads: int = 0  # 0 = n_heads (no grouped-query attention)
     mlp_hidden: int = 0  # 0 = 4 * d_model
     tie_embeddings: bool = True
@@ -142,9 +142,9 @@ class TrainConfig:
     """Optimisation and bookkeeping. Defaults: 60 steps take about a minute on 2 CPU cores."""
 
     steps: int = 60
-    batch_size: int = 16
+    batch_size: int = 32
     optimizer: str = "adamw"  # 'adamw' or 'sgd'
-    lr: float = 1e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.1
@@ -302,6 +302,24 @@ def parse_set(item: str) -> tuple[str, str, Any]:
     return section, key.strip(), value
 
 
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A TOML file path, or the name of a bundled preset (e.g. 'gpt-small', 'configs/gpt-50m.toml')."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{path.stem}.toml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config file {path} does not exist (bundled presets: {', '.join(presets())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> RunConfig:
     """Build a validated RunConfig from an optional TOML file, `--set` overrides and CLI shortcuts.
 
@@ -310,9 +328,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     raw: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}, "method": {}}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             loaded = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:

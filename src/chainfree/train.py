@@ -105,6 +105,13 @@ def allreduce_grads(model: nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
+def global_mean(value: float, device: torch.device) -> float:
+    """Mean of a per-rank scalar over all ranks (each rank holds an equal share of the global batch)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
 @torch.no_grad()
 def evaluate(method: Method, model: nn.Module, sampler: BatchSampler, n_batches: int, device: torch.device,
              train: TrainConfig) -> float:
@@ -117,7 +124,8 @@ def evaluate(method: Method, model: nn.Module, sampler: BatchSampler, n_batches:
         with autocast_context(train, device):
             total += float(method.eval_loss(model, x, y))
     model.train(was_training)
-    return total / n_batches
+    mean = total / n_batches
+    return global_mean(mean, device) if dist.is_initialized() and dist.get_world_size() > 1 else mean
 
 
 def build_run(cfg: RunConfig, device: torch.device) -> tuple[Any, LanguageModel, Method]:
@@ -192,8 +200,10 @@ def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress
                 x, y = (t.to(device, non_blocking=True) for t in sampler.batch("train", step))
                 with autocast_context(tc, device):
                     stats = method.step(step_model, x, y)
-                if info.world_size > 1 and not method.uses_autograd_step:
-                    allreduce_grads(model, info.world_size)
+                if info.world_size > 1:
+                    if not method.uses_autograd_step:
+                        allreduce_grads(model, info.world_size)
+                    stats.loss = global_mean(stats.loss, device)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0
                                                                  else float("inf")))
                 optimizer.step()

@@ -101,7 +101,8 @@ def load_tokens(cfg: DataConfig) -> TokenData:
     corpus = load_corpus(cfg)
     key_text = f"v{FORMAT_VERSION}|{corpus.fingerprint}|{cfg.tokenizer}|{cfg.bpe_vocab_size}|{cfg.val_fraction}"
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
-    folder = cache_root(cfg) / f"{corpus.name}-{cfg.tokenizer}{cfg.bpe_vocab_size if cfg.tokenizer == 'bpe' else ''}-{key}"
+    vocab_tag = cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else ""
+    folder = cache_root(cfg) / f"{corpus.name}-{cfg.tokenizer}{vocab_tag}-{key}"
     if (folder / "meta.json").is_file():
         return read_token_dir(folder, "uint16")
     folder.mkdir(parents=True, exist_ok=True)

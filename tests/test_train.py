@@ -1,0 +1,77 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chainfree.config import load_config
+from chainfree.errors import CheckpointError
+from chainfree.logging import read_metrics
+from chainfree.train import lr_at, train
+
+
+def losses(out: Path) -> list[tuple[int, float, float | None]]:
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny, tmp_path):
+    cfg = load_config(overrides=tiny())
+    train(cfg, tmp_path / "full", progress=False)
+    train(load_config(overrides=tiny()), tmp_path / "split", stop_at=3, progress=False)
+    assert [s for s, *_ in losses(tmp_path / "split")] == [1, 2, 3]
+    train(load_config(overrides=tiny()), tmp_path / "split", progress=False)  # rerun = resume
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "checkpoint/latest"):
+        assert (tmp_path / "full" / name).exists()
+
+
+def test_training_reduces_loss(tiny, tmp_path):
+    cfg = load_config(overrides=tiny(**{"train.steps": 30, "train.eval_every": 30, "train.lr": 1e-2}))
+    summary = train(cfg, tmp_path, progress=False)
+    first = read_metrics(tmp_path / "metrics.jsonl")[0]["train_loss"]
+    assert summary["final_val_loss"] < first - 1.0
+
+
+def test_corrupt_checkpoint_is_refused(tiny, tmp_path):
+    train(load_config(overrides=tiny()), tmp_path, stop_at=3, progress=False)
+    pointer = json.loads((tmp_path / "checkpoint" / "latest").read_text())
+    weights = tmp_path / "checkpoint" / pointer["folder"] / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-10] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(load_config(overrides=tiny()), tmp_path, progress=False)
+
+
+def test_mismatched_checkpoint_is_refused(tiny, tmp_path):
+    train(load_config(overrides=tiny()), tmp_path, stop_at=3, progress=False)
+    with pytest.raises(CheckpointError, match="model.d_model"):
+        train(load_config(overrides=tiny(**{"model.d_model": 64})), tmp_path, progress=False)
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = load_config(overrides=["train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1"])
+    assert lr_at(0, cfg.train) == pytest.approx(0.1)
+    assert lr_at(9, cfg.train) == pytest.approx(1.0)
+    assert lr_at(100, cfg.train) == pytest.approx(0.1)
+    assert lr_at(55, cfg.train) == pytest.approx(0.55)
+
+
+def test_ddp_on_gloo_matches_single_process(tiny, tmp_path):
+    """torchrun with 2 CPU processes (gloo) sees the same global batches and averages gradients, so it
+    follows the single-process trajectory up to float reassociation."""
+    args = [a for kv in tiny() for a in ("--set", kv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "chainfree.cli", "train", "--out", str(tmp_path / "ddp"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train(load_config(overrides=tiny()), tmp_path / "single", progress=False)
+    ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert [s for s, *_ in ddp] == [s for s, *_ in single]
+    for (_, a, va), (_, b, vb) in zip(ddp, single):
+        assert a == pytest.approx(b, rel=1e-4)
+        if va is not None:
+            assert va == pytest.approx(vb, rel=1e-4)
