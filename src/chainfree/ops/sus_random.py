@@ -82,8 +82,9 @@ def _term_u32(t: torch.Tensor, mul: int) -> np.ndarray:
 def _sus_hash_numpy(seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> np.ndarray:
     """CPU path: numpy uint32 wraps mod 2^32 by definition and is ~15x faster than int64 torch on CPU."""
     base = np.uint32((_check_seed(seed) * SEED_MUL) & MASK32)
-    x = (_term_u32(bh, BH_MUL) + base) + _term_u32(i, ROW_MUL)
-    x = x + _term_u32(j, COL_MUL)  # the one full-size (broadcast) allocation
+    with np.errstate(over="ignore"):  # wrapping mod 2^32 is the point (numpy warns on 0-d overflow)
+        x = (_term_u32(bh, BH_MUL) + base) + _term_u32(i, ROW_MUL)
+        x = np.array(x + _term_u32(j, COL_MUL), dtype=np.uint32, ndmin=0)  # the one full-size allocation
     x ^= x >> np.uint32(16)
     x *= np.uint32(MIX1)
     x ^= x >> np.uint32(13)
