@@ -10,5 +10,5 @@ export PYTHONPATH="$PWD/src:$PWD/.whl/site:/tmp/site:${PYTHONPATH:-}"
 export CHAINFREE_CACHE="$PWD/.cache"
 export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-alias chainfree="python3 -m chainfree.cli"
+chainfree() { python3 -m chainfree.cli "$@"; }
 set +e
