@@ -1,0 +1,83 @@
+"""SUS backprop as a method: every attention layer gets `sus_attention`; training stays `loss.backward()`.
+
+    chainfree train --model gpt --method sus --set method.c=32
+
+Only the attention backward changes (SPEC §2): the forward, the loss and every other gradient path are
+exact, and the attention gradients are unbiased, so the loop, optimizer and schedule are the exact
+baseline's. With the reference backend the step also reports how many attention weights carried gradient
+(`sus_kept_per_row`, `sus_kept_fraction`) next to the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from chainfree.errors import ConfigError
+from chainfree.methods.base import Method, StepStats
+from chainfree.ops.sus import BACKENDS, sus_attention
+from chainfree.ops.sus_reference import VARIANTS, SusStats
+
+
+@dataclass
+class SusConfig:
+    """`method.<key>` settings of SUS backprop."""
+
+    c: int = 32  # expected attention weights per query row and head that carry gradient
+    variant: str = "bernoulli"  # 'bernoulli' (SPEC default) or 'systematic' (at most c per row, certain)
+    backend: str = "auto"  # 'auto' (Triton on CUDA when it supports the case), 'reference', 'triton'
+    stats: bool = True  # report kept-entry counts (reference backend only; costs a few reductions)
+
+    def validate(self) -> None:
+        if not self.c > 0:
+            raise ConfigError(f"method.c must be a positive number of kept weights per row, got {self.c}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"method.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"method.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+class Sus(Method):
+    name = "sus"
+    Config = SusConfig
+
+    def __init__(self, config: SusConfig | None = None) -> None:
+        super().__init__(config)
+        self.config.validate()
+        self.stats = SusStats()
+
+    def attention_fn(self):
+        """The attention function this method installs (SDPA calling convention)."""
+        cfg = self.config
+        return partial(
+            sus_attention,
+            c=cfg.c,
+            variant=cfg.variant,
+            backend=cfg.backend,
+            stats=self.stats if cfg.stats else None,
+        )
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        set_attention = getattr(model, "set_attention", None)
+        if set_attention is None:
+            raise ConfigError(
+                f"SUS needs a model with swappable attention (chainfree LanguageModel.set_attention); got "
+                f"{type(model).__name__}. For Hugging Face models use chainfree.integrations.hf"
+            )
+        if set_attention(self.attention_fn()) == 0:
+            kind = getattr(getattr(model, "cfg", None), "kind", "?")
+            raise ConfigError(
+                f"SUS changes the attention backward, but this model (model.kind={kind!r}) has no attention "
+                "blocks; use model.kind='gpt' or 'hybrid'"
+            )
+        return model
+
+    def step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        self.stats.reset()
+        stats = super().step(model, inputs, targets)
+        if self.stats.rows:
+            stats.extra.update(self.stats.as_dict())
+        return stats

@@ -1,0 +1,63 @@
+"""SUS as a method on the GPT LanguageModel: exact when nothing is cut, clear errors, kept-count stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from chainfree.config import ModelConfig
+from chainfree.errors import ConfigError
+from chainfree.methods import build_method
+from chainfree.models.lm import LanguageModel
+
+
+def tiny_gpt(kind: str = "gpt", **kw) -> LanguageModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind=kind, vocab_size=50, seq_len=24, d_model=32, n_layers=2, n_heads=4, **kw)
+    return LanguageModel(cfg).double()
+
+
+def grads(model: nn.Module, method, x, y) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    method.step(model, x, y)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_sus_method_with_huge_c_equals_exact_backprop():
+    x = torch.randint(0, 50, (2, 23), generator=torch.Generator().manual_seed(1))  # odd length
+    y = torch.roll(x, -1, dims=1)
+    exact_model = tiny_gpt(n_kv_heads=2)
+    want = grads(exact_model, build_method("exact"), x, y)
+    sus = build_method("sus", {"c": 10**12})
+    got = grads(sus.prepare(tiny_gpt(n_kv_heads=2)), sus, x, y)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, atol=1e-12, rtol=1e-9, msg=name)
+
+
+def test_sus_method_small_c_is_stochastic_and_reports_stats():
+    x = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(1))
+    sus = build_method("sus", {"c": 2})
+    model = sus.prepare(tiny_gpt())
+    model.zero_grad()
+    stats = sus.step(model, x, x)
+    assert 0 < stats.extra["sus_kept_per_row"] <= 2 + 1.0  # mean of 2*4*2*24 rows, each with mean <= 2
+    assert 0 < stats.extra["sus_kept_fraction"] < 1
+    a = grads(model, sus, x, x)
+    b = grads(model, sus, x, x)
+    assert not torch.equal(a["blocks.0.attn.q_proj.weight"], b["blocks.0.attn.q_proj.weight"])
+    # The forward is exact and no attention lies downstream of the last MLP and the final norm, so their
+    # gradients do not depend on the draws.
+    assert torch.equal(a["blocks.1.mlp.down.weight"], b["blocks.1.mlp.down.weight"])
+    assert torch.equal(a["norm.weight"], b["norm.weight"])
+
+
+def test_sus_method_errors():
+    with pytest.raises(ConfigError, match="no attention blocks"):
+        build_method("sus").prepare(tiny_gpt("mamba2", ssm_head_dim=16, d_state=8, chunk_size=8))
+    with pytest.raises(ConfigError, match="swappable attention"):
+        build_method("sus").prepare(nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="method.c"):
+        build_method("sus", {"c": 0})
+    with pytest.raises(ConfigError, match="method.backend"):
+        build_method("sus", {"backend": "cuda"})
