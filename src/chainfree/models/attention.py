@@ -64,6 +64,21 @@ class CausalSelfAttention(nn.Module):
         y = self.attn_fn(q, k, v, is_causal=True, enable_gqa=gqa) if gqa else self.attn_fn(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
+    def decode(self, x: torch.Tensor, cache: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """KV-cached attention for generation: x [B, T_new, d] are the tokens after the `cache`d ones (prefill:
+        the prompt on an empty cache; step: one token). Plain SDPA, since methods only change training."""
+        B, T, _ = x.shape
+        pos = cache["k"].shape[2]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope(pos + T, x.device)
+        q, k = apply_rope(q, cos[pos:], sin[pos:]), apply_rope(k, cos[pos:], sin[pos:])
+        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), {"k": k, "v": v}
+
 
 class TransformerBlock(nn.Module):
     """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
@@ -78,3 +93,20 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+    # generation (chainfree.generate): the recurrent state of an attention block is its KV cache
+    def init_state(self, batch: int, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        empty = torch.zeros(batch, self.attn.n_kv_heads, 0, self.attn.head_dim, device=device, dtype=dtype)
+        return {"k": empty, "v": empty}
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self._decode(x, self.init_state(x.shape[0], x.device, x.dtype))
+
+    def step(self, x_t: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        y, state = self._decode(x_t[:, None], state)
+        return y[:, 0], state
+
+    def _decode(self, x: torch.Tensor, cache: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        a, cache = self.attn.decode(self.ln1(x), cache)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), cache
