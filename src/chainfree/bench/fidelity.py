@@ -58,6 +58,14 @@ METRICS: tuple[str, ...] = (
     "variance_increase_noise_se", "variance_increase_bias", "variance_increase_bias_se",
 )
 
+FIDELITY_COLUMNS = [
+    ("group", "group"), ("numel", "params"), ("cosine", "cosine"), ("norm_ratio", "‖ĝ‖/‖g‖"), ("bias", "bias"),
+    ("bias_se", "bias noise floor"), ("variance", "rel. variance"), ("variance_se", "± se"),
+    ("minibatch_variance", "minibatch var (exact)"), ("variance_increase", "var. increase"),
+    ("variance_increase_se", "± se"), ("variance_increase_noise", "noise part"),
+    ("variance_increase_noise_se", "± se"),
+]
+
 
 def param_group(name: str) -> str:
     """Group of a parameter by module path: 'blocks.3.attn.q_proj.weight' -> 'blocks.3.attn',

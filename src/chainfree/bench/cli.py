@@ -1,0 +1,305 @@
+"""`chainfree bench {fidelity,speed,memory}`: measure a method against exact backprop, write JSON + markdown
+(+ PNG) to benchmarks/results/ (or --out). Every result carries its own exact baseline from the same process,
+the device, torch/triton versions, shapes, dtype, the command and the git commit."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from chainfree.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # torch is imported by the commands, so `chainfree --help` stays fast
+    import torch
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Measure a method against exact backprop: gradient fidelity, speed, memory.")
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="gpt | mamba2 | mamba3 | hybrid")]
+MethodOpt = Annotated[str, typer.Option("--method", help="exact | basis | sus | lbi | hbll")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with [model] [data] [train] [method]")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", help="run folder of `chainfree train --out DIR`")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto")]
+OutOpt = Annotated[Path, typer.Option("--out", help="results folder")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="file stem of the results (default: derived)")]
+SeqOpt = Annotated[str | None, typer.Option("--seq-lens", help="comma-separated sequence lengths to sweep")]
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def _command() -> str:
+    return "chainfree " + " ".join(sys.argv[1:])
+
+
+def checkpoint_overrides(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    """[model]/[data]/[train] of a training run as --set items, and the run's [method] (how it was trained)."""
+    from chainfree.config import _toml_value
+
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file() or not (run_dir / "checkpoint" / "latest").is_file():
+        raise CheckpointError(f"--checkpoint {run_dir} is not a run folder of `chainfree train --out DIR` "
+                              "(needs config.toml and checkpoint/latest)")
+    raw = tomllib.loads(cfg_path.read_text())
+    items = [f"{section}.{key}={_toml_value(value)}" for section in ("model", "data", "train")
+             for key, value in raw.get(section, {}).items() if key != "device"]
+    return items, dict(raw.get("method", {"name": "exact"}))
+
+
+def checkpoint_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of the run's latest checkpoint (tied aliases restored)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    root = run_dir / "checkpoint"
+    try:
+        folder = root / json.loads((root / "latest").read_text())["folder"]
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(str(folder / "model.safetensors"))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint in {root} is unreadable ({e}); train again or pick another run") from None
+    for alias, target in state.get("tied", {}).items():
+        weights[alias] = weights[target]
+    return weights
+
+
+def _config(config: Path | None, set_: list[str] | None, model: str | None, method: str, device: str,
+            checkpoint: Path | None):
+    from chainfree.config import load_config
+
+    overrides = list(set_ or [])
+    trained: dict[str, Any] | None = None
+    if checkpoint is not None:
+        ckpt_items, trained = checkpoint_overrides(checkpoint)
+        kind = tomllib.loads((checkpoint / "config.toml").read_text()).get("model", {}).get("kind", "gpt")
+        if model is not None and model != kind:
+            raise ConfigError(f"--model {model} differs from the checkpoint's model {kind}; drop --model")
+        overrides = ckpt_items + overrides
+        model = None
+    cfg = load_config(config, overrides, model=model, method=method, device=device)
+    return cfg, trained
+
+
+def _load_model(cfg, device: torch.device, checkpoint: Path | None, trained: dict[str, Any] | None):
+    """The unprepared model (or, for a checkpoint of a method that restructures the model, the model prepared
+    by that training method) with the checkpoint's weights."""
+    from chainfree.bench.cases import build_model
+    from chainfree.methods import build_method
+
+    model = build_model(cfg, device)
+    if checkpoint is None:
+        return model
+    weights = checkpoint_weights(checkpoint)
+    try:
+        model.load_state_dict(weights)
+        return model
+    except RuntimeError:
+        pass
+    assert trained is not None
+    train_method = build_method(trained.get("name", "exact"), {k: v for k, v in trained.items() if k != "name"})
+    model = train_method.prepare(model)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model: {str(e).splitlines()[0]}") from None
+    if cfg.method_name != train_method.name:
+        raise ConfigError(f"checkpoint {checkpoint} holds a {train_method.name} model; measure --method "
+                          f"{train_method.name} on it, or a dense (exact/basis/sus) checkpoint for {cfg.method_name}")
+    return model
+
+
+@bench_app.command()
+def fidelity(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+             checkpoint: CkptOpt = None, device: DeviceOpt = "cpu", out: OutOpt = DEFAULT_OUT, name: NameOpt = None,
+             k: Annotated[int, typer.Option("--k", help="estimates per batch (fresh randomness each)")] = 8,
+             batches: Annotated[int, typer.Option("--batches", help="M minibatches (>= 3 for error bars)")] = 4,
+             reference: Annotated[str, typer.Option("--reference", help="auto | copy | self")] = "auto",
+             seed: Annotated[int, typer.Option("--seed")] = 0) -> None:
+    """Cosine, bias, variance, norm ratio and variance increase of a method's gradient vs exact, per group."""
+    from chainfree.bench.cases import resolve_device, shapes
+    from chainfree.bench.fidelity import FIDELITY_COLUMNS, measure_fidelity, sample_batches
+    from chainfree.bench.report import markdown_table, plot_variance_by_group, write_result
+    from chainfree.data import BatchSampler, load_tokens
+    from chainfree.logging import console
+    from chainfree.methods import build_method
+    from chainfree.train import autocast_context
+
+    if batches < 1:
+        raise ConfigError("--batches must be >= 1")
+    cfg, trained = _config(config, set_, model, method, device, checkpoint)
+    dev = resolve_device(cfg.train.device)
+    data = load_tokens(cfg.data)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.vocab_size
+    sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+    batch_list = sample_batches(sampler, batches, dev)
+    base = _load_model(cfg, dev, checkpoint, trained)
+    meth = build_method(cfg.method_name, cfg.method_params)
+    autocast = (lambda: autocast_context(cfg.train, dev)) if cfg.train.dtype == "bf16" else None
+    with console.status(f"fidelity of {meth.name}: {batches} batches x {k} estimates") as status:
+        report = measure_fidelity(base, meth, batch_list, k, reference=reference, seed=seed, autocast=autocast,
+                                  on_batch=lambda b: status.update(f"fidelity of {meth.name}: batch {b + 1}/{batches}"))
+    stem = name or f"fidelity_{cfg.model.kind}_{meth.name}_{dev.type}"
+    dtype = {"auto": "fp32", "fp32": "fp32", "fp64": "fp64", "bf16": "bf16 autocast"}[cfg.train.dtype]
+    state = f"checkpoint {checkpoint}" if checkpoint else f"fresh init (seed {cfg.train.seed})"
+    md = (f"# Gradient fidelity: {cfg.model.kind} / {meth.name} {report.method}\n\n"
+          f"Model state: {state}. {batches} minibatches of {list(batch_list[0][0].shape)} tokens x {k} estimates "
+          f"each; reference: {report.reference} (exact autograd); compute dtype {dtype}; {report.seconds:.1f} s.\n"
+          "See docs/measurement.md for how to read every column.\n\n"
+          + markdown_table(report.rows("kinds" if report.kinds else "groups"), FIDELITY_COLUMNS))
+    if report.kinds:
+        md += "\n\nPer module:\n\n" + markdown_table(report.rows("groups")[1:], FIDELITY_COLUMNS)
+    md += f"\n\n![variance per group]({stem}.png)"
+    payload = {"bench": "fidelity", "command": _command(), "device": str(dev), "dtype": dtype, "model_state": state,
+               "shapes": shapes(cfg, batch_list[0]), **report.to_dict()}
+    out.mkdir(parents=True, exist_ok=True)
+    plot_variance_by_group(report.rows("groups"), out / f"{stem}.png",
+                           f"{cfg.model.kind} / {meth.name}: gradient noise per group ({state})")
+    json_path, md_path = write_result(out, stem, payload, md)
+    typer.echo(md_path.read_text())
+    typer.echo(f"-> {json_path}")
+
+
+def _sweep(cfg, seq_lens: str | None) -> list[int]:
+    if not seq_lens:
+        return [cfg.model.seq_len]
+    try:
+        values = [int(s) for s in seq_lens.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seq-lens must be comma-separated integers, got {seq_lens!r}") from None
+    if not values or min(values) < 2:
+        raise ConfigError("--seq-lens needs sequence lengths >= 2")
+    return values
+
+
+def _run_sweep(kind: str, cfg, dev: torch.device, seq_lens: list[int], measure) -> tuple[list[dict], dict]:
+    """Run `measure(cfg, methods, batch)` for every sequence length; rows get a `seq_len` field."""
+    import copy
+
+    from chainfree.bench.cases import load_batch
+
+    rows, payload = [], {}
+    methods = [(cfg.method_name, cfg.method_params)]
+    for t in seq_lens:
+        c = copy.deepcopy(cfg)
+        c.model.seq_len = t
+        batch = load_batch(c)
+        payload = measure(c, methods, batch)
+        for r in payload["rows"]:
+            rows.append({"seq_len": t, **r})
+    return rows, payload
+
+
+@bench_app.command()
+def speed(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+          checkpoint: CkptOpt = None, device: DeviceOpt = "auto", out: OutOpt = DEFAULT_OUT, name: NameOpt = None,
+          op: Annotated[str, typer.Option("--op", help="step | block | attn | mlp | attention (SUS kernel sweep)")]
+          = "step", warmup: Annotated[int, typer.Option("--warmup")] = 3,
+          repeats: Annotated[int, typer.Option("--repeats")] = 10, seq_lens: SeqOpt = None,
+          ns: Annotated[str | None, typer.Option("--ns", help="--op attention: sequence lengths")] = None,
+          cs: Annotated[str | None, typer.Option("--cs", help="--op attention: keep rates c")] = None,
+          head_dims: Annotated[str | None, typer.Option("--head-dims", help="--op attention: head dims")] = None
+          ) -> None:
+    """Median step (or module fwd / fwd+bwd) time of a method and of exact, in one process."""
+    if op == "attention":
+        _attention(method, out, ns, cs, head_dims, name)
+        return
+    from chainfree.bench.cases import resolve_device
+    from chainfree.bench.report import markdown_table, plot_ratio_vs_seq_len, write_result
+    from chainfree.bench.speed import SPEED_COLUMNS, measure_speed
+
+    cfg, _ = _config(config, set_, model, method, device, checkpoint)
+    dev = resolve_device(cfg.train.device)
+    lens = _sweep(cfg, seq_lens)
+    rows, last = _run_sweep("speed", cfg, dev, lens,
+                            lambda c, m, b: measure_speed(c, m, b, dev, op, warmup, repeats))
+    stem = name or f"speed_{op}_{cfg.model.kind}_{cfg.method_name}_{dev.type}"
+    columns = [("seq_len", "T"), *SPEED_COLUMNS["step" if op == "step" else "op"]]
+    timer = "CUDA events" if dev.type == "cuda" else "CPU wall time (perf_counter) -- not a GPU speed claim"
+    what = "one training step (method.step + clip + optimizer)" if op == "step" else \
+        f"block 0 .{op} module" if op != "block" else "block 0"
+    md = (f"# Speed: {cfg.model.kind} / {cfg.method_name} vs exact, {what}\n\n"
+          f"Timer: {timer}; {warmup} warm-up calls, median of {repeats}. Batch {cfg.train.batch_size}, "
+          f"dtype {cfg.train.dtype}.\n\n" + markdown_table(rows, columns))
+    payload = {**last, "command": _command(), "rows": rows, "seq_lens": lens}
+    out.mkdir(parents=True, exist_ok=True)
+    if len(lens) > 1:
+        keys = [("step_ratio", "step time")] if op == "step" else [("fwd_ratio", "fwd"), ("fwd_bwd_ratio", "fwd+bwd")]
+        plot_ratio_vs_seq_len(rows, keys, out / f"{stem}.png", f"{cfg.model.kind}: time vs exact ({dev.type})")
+        md += f"\n\n![ratio vs sequence length]({stem}.png)"
+    json_path, md_path = write_result(out, stem, payload, md)
+    typer.echo(md_path.read_text())
+    typer.echo(f"-> {json_path}")
+
+
+def _attention(method: str, out: Path, ns: str | None, cs: str | None, head_dims: str | None,
+               name: str | None) -> None:
+    """`--op attention` is the SUS kernel sweep of chainfree.bench.attention (SUS vs SDPA flash, CUDA only)."""
+    if method != "sus":
+        raise ConfigError(f"--op attention benchmarks the SUS attention kernel; use --method sus (got {method!r}), "
+                          "or --op attn for the attention module of any method's model")
+    if importlib.util.find_spec("chainfree.bench.attention") is None:
+        raise ConfigError("--op attention needs chainfree.bench.attention, which this installation lacks")
+    module = importlib.import_module("chainfree.bench.attention")
+    fn = getattr(module, "run_attention_bench", None)
+    if fn is None:
+        raise ConfigError("chainfree.bench.attention has no run_attention_bench; update chainfree")
+    kwargs: dict[str, Any] = {"out_dir": out}
+    for key, raw, conv in (("ns", ns, int), ("cs", cs, float), ("head_dims", head_dims, int)):
+        if raw:
+            try:
+                kwargs[key] = [conv(x) for x in raw.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"--{key.replace('_', '-')} must be comma-separated numbers, got {raw!r}") from None
+    defaults = {"ns": [2048, 4096, 8192, 16384, 32768], "cs": [16.0, 32.0, 64.0], "head_dims": [64, 128]}
+    accepted = inspect.signature(fn).parameters
+    for key, value in defaults.items():
+        if key in accepted and key not in kwargs and accepted[key].default is inspect.Parameter.empty:
+            kwargs[key] = value
+    if name:
+        kwargs["name"] = name
+    try:
+        fn(**{k: v for k, v in kwargs.items() if k in accepted})
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    typer.echo(f"-> {out}")
+
+
+@bench_app.command()
+def memory(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+           checkpoint: CkptOpt = None, device: DeviceOpt = "auto", out: OutOpt = DEFAULT_OUT, name: NameOpt = None,
+           warmup: Annotated[int, typer.Option("--warmup")] = 1, seq_lens: SeqOpt = None) -> None:
+    """Peak and activation memory of one training step of a method and of exact, in one process."""
+    from chainfree.bench.cases import resolve_device
+    from chainfree.bench.memory import MEMORY_COLUMNS, measure_memory
+    from chainfree.bench.report import markdown_table, plot_ratio_vs_seq_len, write_result
+
+    cfg, _ = _config(config, set_, model, method, device, checkpoint)
+    dev = resolve_device(cfg.train.device)
+    lens = _sweep(cfg, seq_lens)
+    rows, last = _run_sweep("memory", cfg, dev, lens, lambda c, m, b: measure_memory(c, m, b, dev, warmup))
+    stem = name or f"memory_{cfg.model.kind}_{cfg.method_name}_{dev.type}"
+    note = ("torch.cuda.max_memory_allocated over one full step, reset before it; activation = peak - static "
+            "(weights, optimizer state) - gradients." if dev.type == "cuda" else
+            "CPU: allocator peaks are CUDA-only, so only the saved-for-backward bytes are measured here.")
+    md = (f"# Memory: {cfg.model.kind} / {cfg.method_name} vs exact, one training step\n\n{note} "
+          f"Batch {cfg.train.batch_size}, dtype {cfg.train.dtype}.\n\n"
+          + markdown_table(rows, [("seq_len", "T"), *MEMORY_COLUMNS]))
+    notes = {r.get("saved_note") for r in rows if r.get("saved_note")}
+    if notes:
+        md += "\n\nsaved-for-backward n/a: " + "; ".join(sorted(notes))
+    payload = {**last, "command": _command(), "rows": rows, "seq_lens": lens}
+    out.mkdir(parents=True, exist_ok=True)
+    if len(lens) > 1:
+        keys = [("peak_ratio", "peak"), ("activation_ratio", "activation"), ("saved_peak_ratio", "saved")]
+        plot_ratio_vs_seq_len(rows, keys, out / f"{stem}.png", f"{cfg.model.kind}: memory vs exact ({dev.type})")
+        md += f"\n\n![ratio vs sequence length]({stem}.png)"
+    json_path, md_path = write_result(out, stem, payload, md)
+    typer.echo(md_path.read_text())
+    typer.echo(f"-> {json_path}")
