@@ -10,10 +10,12 @@ from typing import Annotated
 
 import typer
 
+from chainfree.bench.cli import bench_app
 from chainfree.errors import ChainfreeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train networks without paying the full price of backprop; compare against exact backprop.")
+app.add_typer(bench_app, name="bench")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with [model] [data] [train] [method]")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
@@ -42,9 +44,9 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option("--methods", help=
             model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, steps: StepsOpt = None,
             device: DeviceOpt = None) -> None:
     """Train each method under the same seed and data; one table and one loss plot against exact."""
-    from chainfree.bench.report import COMPARE_COLUMNS, compare_rows, markdown_table, write_result
+    from chainfree.bench.report import write_compare_report
     from chainfree.config import load_config
-    from chainfree.logging import plot_losses, read_metrics
+    from chainfree.logging import read_metrics
     from chainfree.train import train as run_train
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -54,16 +56,12 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option("--methods", help=
     summaries = {}
     for name, cfg in cfgs.items():
         summaries[name] = run_train(cfg, out / name)
-    rows = compare_rows(summaries)
     first = summaries["exact"]
-    md = (f"# compare: {first['model']} on {cfgs['exact'].data.corpus}, {cfgs['exact'].train.steps} steps\n\n"
-          + markdown_table(rows, COMPARE_COLUMNS)
-          + f"\n\nUnigram entropy of the corpus (context-free baseline): {first['unigram_entropy']:.4f} nats/token.")
-    write_result(out, "report", {"summaries": summaries, "rows": rows}, md)
-    (out / "report.md").replace(out / "report.md")
-    (out / "summary.json").write_text(json.dumps({"summaries": summaries, "rows": rows}, indent=1, default=str))
-    plot_losses({n: read_metrics(out / n / "metrics.jsonl") for n in names}, out / "loss.png",
-                title=f"{first['model']}: " + " vs ".join(names))
+    md = write_compare_report(
+        out, summaries, {n: read_metrics(out / n / "metrics.jsonl") for n in names},
+        title=f"compare: {first['model']} on {cfgs['exact'].data.corpus}, {cfgs['exact'].train.steps} steps",
+        notes=f"Unigram entropy of the corpus (context-free baseline): {first['unigram_entropy']:.4f} nats/token.",
+        command="chainfree " + " ".join(sys.argv[1:]))
     typer.echo(md)
 
 
