@@ -528,7 +528,7 @@ class LBI(Method):
             loss.backward()
         else:
             loss = scan_backward(model, inputs, targets, self.config.jacobian)
-        return StepStats(loss=float(loss), tokens=targets.numel())
+        return StepStats(loss=float(loss.detach()), tokens=targets.numel())
 
 
 def cost_breakdown(
