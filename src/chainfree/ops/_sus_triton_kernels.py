@@ -241,6 +241,7 @@ def _sample_tiles(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     BN: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
@@ -258,11 +259,31 @@ def _sample_tiles(
             if CAUSAL:
                 valid = valid & (kn[None, :] <= offs_m[:, None])
             keep = keep & valid
+        if MODE == 2:  # timing probe: no hash
+            keep = qp >= 0.5
+            if MASKED:
+                keep = keep & valid
         ki = keep.to(tl.int32)
-        pos = cnt[:, None] + tl.cumsum(ki, 1) - ki
-        smask = keep & (pos < CAP) & row_ok[:, None]
-        tl.store(idx_rows[:, None] + pos, kn[None, :] + pos * 0, mask=smask)
-        tl.store(w_rows[:, None] + pos, tl.maximum(p, inv_c), mask=smask)
+        if MODE == 0:
+            pos = cnt[:, None] + tl.cumsum(ki, 1) - ki
+            smask = keep & (pos < CAP) & row_ok[:, None]
+            tl.store(idx_rows[:, None] + pos, kn[None, :] + pos * 0, mask=smask)
+            tl.store(w_rows[:, None] + pos, tl.maximum(p, inv_c), mask=smask)
+        if MODE == 3:  # extract kept entries one per row per step (row reductions only, no scan)
+            n_t = tl.sum(ki, 1)
+            wtil = tl.maximum(p, inv_c)
+            rem = keep
+            slot = cnt
+            for _ in range(0, tl.max(n_t, 0)):
+                jf = tl.min(tl.where(rem, kn[None, :], 2147483647), 1)
+                has = jf < 2147483647
+                sel = rem & (kn[None, :] == jf[:, None])
+                wf = tl.sum(tl.where(sel, wtil, 0.0), 1)
+                smask = has & (slot < CAP) & row_ok
+                tl.store(idx_rows + slot, jf, mask=smask)
+                tl.store(w_rows + slot, wf, mask=smask)
+                slot += has.to(tl.int32)
+                rem = rem & (~sel)
         cnt += tl.sum(ki, 1)
     return cnt
 
@@ -293,6 +314,7 @@ def _sample_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     D: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -336,6 +358,7 @@ def _sample_kernel(
             False,
             CAUSAL,
             BN,
+            MODE,
         )
         cnt = _sample_tiles(
             cnt,
@@ -360,6 +383,7 @@ def _sample_kernel(
             True,
             CAUSAL,
             BN,
+            MODE,
         )
     else:
         full_end = (N_K // BN) * BN
@@ -386,6 +410,7 @@ def _sample_kernel(
             False,
             CAUSAL,
             BN,
+            MODE,
         )
         cnt = _sample_tiles(
             cnt,
@@ -410,13 +435,30 @@ def _sample_kernel(
             True,
             CAUSAL,
             BN,
+            MODE,
         )
     tl.store(CNT + bh * N_Q + offs_m, cnt, mask=row_ok)
 
 
 @triton.jit
 def _pair_update(
-    dq, j, w, m, qrow, dorow, Di, k_base, skn, v_base, svn, dk_base, dv_base, offs_d, scale, D: tl.constexpr
+    dq,
+    j,
+    w,
+    m,
+    qrow,
+    dorow,
+    Di,
+    k_base,
+    skn,
+    v_base,
+    svn,
+    dk_base,
+    dv_base,
+    offs_d,
+    scale,
+    D: tl.constexpr,
+    ATOMICS: tl.constexpr,
 ):
     """dQ/dK/dV contributions of up to CHUNK kept pairs (key j, weight w) of one query row."""
     kk = tl.load(k_base + j[:, None] * skn + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
@@ -425,8 +467,9 @@ def _pair_update(
     ds = w * (dp - Di)
     dq += tl.sum(ds[:, None] * kk, 0)
     off = j[:, None].to(tl.int64) * D + offs_d[None, :]
-    tl.atomic_add(dk_base + off, ds[:, None] * (qrow[None, :] * scale), mask=m[:, None], sem="relaxed")
-    tl.atomic_add(dv_base + off, w[:, None] * dorow[None, :], mask=m[:, None], sem="relaxed")
+    if ATOMICS:
+        tl.atomic_add(dk_base + off, ds[:, None] * (qrow[None, :] * scale), mask=m[:, None], sem="relaxed")
+        tl.atomic_add(dv_base + off, w[:, None] * dorow[None, :], mask=m[:, None], sem="relaxed")
     return dq
 
 
@@ -475,6 +518,7 @@ def _sparse_bwd_kernel(
     CAUSAL: tl.constexpr,
     CHUNK: tl.constexpr,
     D: tl.constexpr,
+    ATOMICS: tl.constexpr,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -502,7 +546,7 @@ def _sparse_bwd_kernel(
             j = tl.load(IDX + row * CAP + offs, mask=m, other=0)
             w = tl.load(WT + row * CAP + offs, mask=m, other=0.0)
             dq = _pair_update(
-                dq, j, w, m, qrow, dorow, Di, k_base, skn, v_base, svn, dk_base, dv_base, offs_d, scale, D
+                dq, j, w, m, qrow, dorow, Di, k_base, skn, v_base, svn, dk_base, dv_base, offs_d, scale, D, ATOMICS
             )
     else:  # overflowed row buffer: scan all keys, re-draw the same hashes, keep exactly as the sampler
         lse2 = tl.load(LSE + row) * 1.4426950408889634
@@ -521,6 +565,6 @@ def _sparse_bwd_kernel(
             keep = inb & ((u < qp) | (qp >= 1.0))
             w = tl.where(keep, tl.maximum(p, 1.0 / c), 0.0)
             dq = _pair_update(
-                dq, j, w, keep, qrow, dorow, Di, k_base, skn, v_base, svn, dk_base, dv_base, offs_d, scale, D
+                dq, j, w, keep, qrow, dorow, Di, k_base, skn, v_base, svn, dk_base, dv_base, offs_d, scale, D, ATOMICS
             )
     tl.store(DQ + b * sdqb + h * sdqh + i * sdqn + offs_d, (dq * scale).to(DQ.dtype.element_ty))

@@ -190,7 +190,16 @@ FORWARDS = {"triton": flash_forward, "aten": aten_flash_forward}
 
 
 def sample_kept_pairs(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, c: float, is_causal: bool, scale: float, seed: int, cap: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    c: float,
+    is_causal: bool,
+    scale: float,
+    seed: int,
+    cap: int,
+    mode: int = 0,
+    config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward step 1 on the GPU: (idx int32 [B*H*n, cap], w~ fp32 [B*H*n, cap], count int32 [B*H*n]).
 
@@ -203,7 +212,7 @@ def sample_kept_pairs(
     idx = torch.empty(B * H * n_q, cap, device=q.device, dtype=torch.int32)
     wt = torch.empty(B * H * n_q, cap, device=q.device, dtype=torch.float32)
     cnt = torch.empty(B * H * n_q, device=q.device, dtype=torch.int32)
-    bm, bn, warps, stages = _fwd_config(d)
+    bm, bn, warps, stages = config or _fwd_config(d)
     grid = (triton_cdiv(n_q, bm), B * H)
     kern._sample_kernel[grid](
         q,
@@ -230,6 +239,7 @@ def sample_kept_pairs(
         BM=bm,
         BN=bn,
         D=d,
+        MODE=mode,
         num_warps=warps,
         num_stages=stages,
     )
@@ -250,6 +260,7 @@ def sparse_backward(
     is_causal: bool,
     scale: float,
     seed: int,
+    atomics: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward step 2 on the GPU: (dQ, dK, dV) from the kept pairs; overflowed rows are redone densely."""
     kern = _kernels()
@@ -303,6 +314,7 @@ def sparse_backward(
         CAUSAL=is_causal,
         CHUNK=SPARSE_CHUNK,
         D=d,
+        ATOMICS=atomics,
         num_warps=4 if d == 128 else 2,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
