@@ -161,12 +161,12 @@ def to_markdown(res: dict[str, Any]) -> str:
         "",
     ]
     single = res["single"]
-    dense = single["dense"]["median_s"]
+    dense = single["dense"]["median_s"] if "dense" in single else float("nan")
     lines += [
         f"Model: {json.dumps(res['model'])}, batch {res['batch_size']}.",
         "",
-        "| variant | K | interface | r | C | jacobian | LBI autograd ms | LBI scan ms | scan/dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | K | interface | r | C | jacobian | autograd ms | scan ms | autograd/dense | scan/dense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| dense | - | - | - | - | - | - | {1e3 * dense:.1f} | 1.00 |",
     ]
     for name, rec in single.items():
@@ -177,9 +177,10 @@ def to_markdown(res: dict[str, Any]) -> str:
             continue
         cfg = rec["lbi"]
         ag = f"{1e3 * rec['autograd']['median_s']:.1f}" if "autograd" in rec else "-"
+        agr = f"{rec['autograd_over_dense']:.2f}" if "autograd" in rec else "-"
         lines.append(
             f"| {name} | {rec['n_regions']} | {cfg['interface']} | {cfg['rank']} | {cfg['n_chunks']} | "
-            f"{cfg['jacobian']} | {ag} | {1e3 * rec['scan']['median_s']:.1f} | {rec['scan_over_dense']:.2f} |"
+            f"{cfg['jacobian']} | {ag} | {1e3 * rec['scan']['median_s']:.1f} | {agr} | {rec['scan_over_dense']:.2f} |"
         )
     lines += ["", "Per-region cost breakdown of the scan backward (ms, synchronised per phase):", ""]
     for name, rec in single.items():
@@ -221,6 +222,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--n-chunks", type=int, default=4)
+    ap.add_argument(
+        "--only",
+        default="all",
+        choices=("all", "single", "parallel"),
+        help="run one part (separate processes keep a hung collective from losing the other)",
+    )
     args = ap.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset]
@@ -265,10 +272,11 @@ def main() -> None:
 
     def save() -> None:  # after every measurement, so a run stopped at its time limit keeps what it had
         (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-        if "dense" in res["single"]:
+        if "dense" in res["single"] or args.only == "parallel":
             (out / f"{stem}.md").write_text(to_markdown(res))
 
-    if args.world:  # first: it is the measurement the 2-GPU machine is for
+    stem += "" if args.only == "all" else f"_{args.only}"
+    if args.world and args.only != "single":  # first: it is the measurement the 2-GPU machine is for
         from chainfree.parallel.region import RegionRunSpec, spawn_local
 
         lbi = variants[0]["lbi"]
@@ -296,7 +304,8 @@ def main() -> None:
         except Exception as exc:
             res["region_parallel"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         save()
-    bench_single(model_cfg, bs, variants, device, args.warmup, args.steps, res["single"], save)
+    if args.only != "parallel":
+        bench_single(model_cfg, bs, variants, device, args.warmup, args.steps, res["single"], save)
     rp = res.get("region_parallel", {})
     if "step_median_s" in rp and "scan" in res["single"].get(variants[0]["name"], {}):
         single = res["single"][variants[0]["name"]]["scan"]["median_s"]
@@ -304,7 +313,7 @@ def main() -> None:
         rp["over_single_device"] = rp["step_median_s"] / single
         rp["over_dense"] = rp["step_median_s"] / res["single"]["dense"]["median_s"]
     save()
-    print(to_markdown(res))
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":
