@@ -81,19 +81,34 @@ def _visible_keys(n_k: int, last_row: int, causal: bool) -> int:
 
 
 def _scores(qb: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Scaled scores of a query block. qb [B, Hkv, G, R, D], k [B, Hkv, n_k, D] -> [B, Hkv, G, R, n_k]."""
-    s = torch.matmul(qb, k.unsqueeze(2).transpose(-1, -2)) * scale
+    """Scaled scores of a query block. qb [B, Hkv, M, D] (M = G*R rows), k [B, Hkv, n_k, D] -> [B, Hkv, M, n_k]."""
+    s = torch.matmul(qb, k.transpose(-1, -2)) * scale
     if causal:
         cols = torch.arange(k.shape[-2], device=k.device)
         s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
     return s
 
 
+def _block(x: torch.Tensor, r0: int, r1: int, H_kv: int) -> torch.Tensor:
+    """Rows r0:r1 of x [B, H, n, X] in the GQA block layout [B, H_kv, G*(r1-r0), X] (group-major rows).
+
+    Query head h = kv_head*G + g, so the G heads sharing a kv head become one tall matrix: one plain
+    matmul per kv head, and dK, dV sum over the group for free.
+    """
+    B, H, _, X = x.shape
+    return x[:, :, r0:r1].reshape(B, H_kv, (H // H_kv) * (r1 - r0), X)
+
+
+def _unblock(y: torch.Tensor, H: int, nr: int) -> torch.Tensor:
+    """Inverse of `_block`: [B, H_kv, G*nr, X] -> [B, H, nr, X]."""
+    return y.reshape(y.shape[0], H, nr, y.shape[-1])
+
+
 def sampled_weights(
     w: torch.Tensor, c: float, seed: int, bh: torch.Tensor, rows: torch.Tensor, variant: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W̃, keep, q) for a block of attention weights w [..., R, n_k] whose hash rows are `bh` [..., 1, 1]
-    (broadcastable) and `rows` [R]. The one place where the SUS sampling rule lives."""
+    """(W̃, keep, q) for a block of attention weights w [..., M, n_k] whose rows hash as (`bh` [..., M or 1, 1],
+    `rows` [M]) (broadcastable). The one place where the SUS sampling rule lives."""
     cols = torch.arange(w.shape[-1], device=w.device)
     if variant == "bernoulli":
         u = sus_uniform(seed, bh, rows[:, None], cols[None, :])
@@ -117,25 +132,24 @@ class SusAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats):
-        B, H, n_q, D = q.shape
+        B, H, n_q, _ = q.shape
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
         cdt = compute_dtype(q.dtype)
         kc, vc = k.to(cdt), v.to(cdt)
         out = torch.empty(B, H, n_q, v.shape[-1], dtype=cdt, device=q.device)
-        lse = torch.empty(B, H, n_q, dtype=cdt, device=q.device)
+        lse = torch.empty(B, H, n_q, 1, dtype=cdt, device=q.device)
         R = block_rows or default_block_rows(B * H, n_k, n_q)
         for r0 in range(0, n_q, R):
-            rows = torch.arange(r0, min(r0 + R, n_q), device=q.device)
-            qb = q[:, :, r0 : r0 + R].to(cdt).reshape(B, H_kv, G, len(rows), D)
-            nk = _visible_keys(n_k, int(rows[-1]), is_causal)
-            s = _scores(qb, kc[:, :, :nk], scale, rows, is_causal)
+            r1 = min(r0 + R, n_q)
+            rows = torch.arange(r0, r1, device=q.device).repeat(G)
+            nk = _visible_keys(n_k, r1 - 1, is_causal)
+            s = _scores(_block(q, r0, r1, H_kv).to(cdt), kc[:, :, :nk], scale, rows, is_causal)
             m = s.amax(dim=-1, keepdim=True)
             p = torch.exp(s - m)
             denom = p.sum(dim=-1, keepdim=True)
-            ob = torch.matmul(p, vc[:, :, :nk].unsqueeze(2)) / denom
-            out[:, :, r0 : r0 + R] = ob.reshape(B, H, len(rows), -1)
-            lse[:, :, r0 : r0 + R] = (m + torch.log(denom)).reshape(B, H, len(rows))
+            out[:, :, r0:r1] = _unblock(torch.matmul(p, vc[:, :, :nk]) / denom, H, r1 - r0)
+            lse[:, :, r0:r1] = _unblock(m + torch.log(denom), H, r1 - r0)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (c, is_causal, scale, seed, R, variant, stats)
         return out.to(q.dtype)
@@ -153,18 +167,17 @@ class SusAttentionFunction(torch.autograd.Function):
         dq = torch.empty(B, H, n_q, D, dtype=cdt, device=q.device)
         dk = torch.zeros(B, H_kv, n_k, D, dtype=cdt, device=q.device)
         dv = torch.zeros(B, H_kv, n_k, v.shape[-1], dtype=cdt, device=q.device)
-        # bh = b*H + h with h = kv_head*G + group: matches the [B, H_kv, G] layout of a block.
-        bh = torch.arange(B * H, device=q.device).reshape(B, H_kv, G, 1, 1)
+        heads = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1)  # bh = b*H + query head
         for r0 in range(0, n_q, R):
-            rows = torch.arange(r0, min(r0 + R, n_q), device=q.device)
-            nr = len(rows)
-            qb = q[:, :, r0 : r0 + R].to(cdt).reshape(B, H_kv, G, nr, D)
-            gob = go[:, :, r0 : r0 + R].reshape(B, H_kv, G, nr, -1)
-            ob = out[:, :, r0 : r0 + R].reshape(B, H_kv, G, nr, -1)
-            nk = _visible_keys(n_k, int(rows[-1]), is_causal)
+            r1 = min(r0 + R, n_q)
+            nr = r1 - r0
+            rows = torch.arange(r0, r1, device=q.device).repeat(G)
+            bh = _block(heads.expand(B, H, nr, 1), 0, nr, H_kv)
+            qb = _block(q, r0, r1, H_kv).to(cdt)
+            gob = _block(go, r0, r1, H_kv)
+            nk = _visible_keys(n_k, r1 - 1, is_causal)
             kb, vb = kc[:, :, :nk], vc[:, :, :nk]
-            s = _scores(qb, kb, scale, rows, is_causal)
-            w = torch.exp(s - lse[:, :, r0 : r0 + R].reshape(B, H_kv, G, nr, 1))
+            w = torch.exp(_scores(qb, kb, scale, rows, is_causal) - _block(lse, r0, r1, H_kv))
             w_tilde, keep, _ = sampled_weights(w, c, seed, bh, rows, variant)
             if stats is not None:
                 per_row = keep.sum(dim=-1)
@@ -173,12 +186,11 @@ class SusAttentionFunction(torch.autograd.Function):
                 stats.max_row_kept = max(stats.max_row_kept, int(per_row.max()))
                 stats.valid += int((w > 0).sum())
                 stats.certain += int((keep & (c * w >= 1.0)).sum())
-            dp = torch.matmul(gob, vb.unsqueeze(2).transpose(-1, -2))
-            delta = (gob * ob).sum(dim=-1, keepdim=True)  # D_i = dO_i . O_i, exact
-            ds = w_tilde * (dp - delta)
-            dv[:, :, :nk] += torch.matmul(w_tilde.transpose(-1, -2), gob).sum(dim=2)
-            dq[:, :, r0 : r0 + R] = (torch.matmul(ds, kb.unsqueeze(2)) * scale).reshape(B, H, nr, D)
-            dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qb).sum(dim=2) * scale
+            delta = (gob * _block(out, r0, r1, H_kv)).sum(dim=-1, keepdim=True)  # D_i = dO_i . O_i, exact
+            ds = w_tilde * (torch.matmul(gob, vb.transpose(-1, -2)) - delta)
+            dv[:, :, :nk] += torch.matmul(w_tilde.transpose(-1, -2), gob)
+            dq[:, :, r0:r1] = _unblock(torch.matmul(ds, kb) * scale, H, nr)
+            dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qb) * scale
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
