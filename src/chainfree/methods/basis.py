@@ -9,7 +9,10 @@ attention projections and embeddings exact; `layers` (fnmatch patterns over modu
 `blocks.3.mlp.up`) makes that a choice. Memory only drops if nothing else keeps a layer's input
 alive: in our pre-LN MLP (LN -> up -> GELU -> down) GELU saves its input h, not GELU(h), and
 LayerNorm saves its own input, so once both projections are BasisLinear neither the LN output nor
-GELU(h) is saved by anyone (tests/test_basis.py checks this with saved_tensors_hooks).
+GELU(h) is saved by anyone (tests/test_basis.py checks this with saved_tensors_hooks) -- but h
+(4d per token) still is. With `fuse_mlp` (default) an MLP whose two projections are both chosen
+becomes one BasisMLP that keeps only its input u (d per token, compute dtype) and recomputes h in
+backward: 4x less than h, paid by one GEMM out of the two dW GEMMs BASIS removes.
 
 Tied embeddings: BasisLinear reuses the head's Parameter object, so the tie survives the swap and
 autograd adds the head's sketched dW to the embedding's exact (index-add) gradient in the same
@@ -25,7 +28,8 @@ from torch import nn
 
 from chainfree.errors import ConfigError
 from chainfree.methods.base import Method
-from chainfree.ops.basis_linear import BasisLinear, check_params
+from chainfree.models.mlp import MLP
+from chainfree.ops.basis_linear import BasisLinear, BasisMLP, check_params
 
 # The paper's choice: MLP projections (blocks.N.mlp.up / .down) and the LM head.
 DEFAULT_LAYERS: tuple[str, ...] = ("*.mlp.up", "*.mlp.down", "head")
@@ -37,6 +41,7 @@ def apply(
     shrink: float = 0.01,
     layers: list[str] | tuple[str, ...] | None = None,
     scalars: bool = True,
+    fuse_mlp: bool = True,
 ) -> nn.Module:
     """Replace every nn.Linear whose qualified name matches `layers` by a BasisLinear, in place.
 
@@ -44,6 +49,7 @@ def apply(
     shrink: lambda, both sketches are multiplied by (1 - lambda) (the reference code's 0.01).
     layers: fnmatch patterns over module names; None = DEFAULT_LAYERS (the paper's set).
     scalars: keep the invariant scalars gamma (norm-preserving; False = unbiased estimator).
+    fuse_mlp: an MLP (chainfree.models.mlp.MLP) with both `up` and `down` chosen becomes a BasisMLP.
     Returns the same model object. Raises ConfigError when no nn.Linear matches.
     """
     check_params(rank, shrink)
@@ -58,12 +64,27 @@ def apply(
             f"BASIS: no nn.Linear layer matches method.layers={patterns}; the model's Linear layers are: "
             f"{shown}. Pass patterns such as '*.mlp.up' or 'head'."
         )
+    sketch = {"rank": rank, "shrink": shrink, "scalars": scalars}
+    if fuse_mlp:
+        mlps = [name for name, module in model.named_modules() if type(module) is MLP or type(module) is BasisMLP]
+        for name in mlps:
+            up, down = f"{name}.up", f"{name}.down"
+            if up in chosen and down in chosen:
+                mlp = model.get_submodule(name)
+                _replace(model, name, BasisMLP(mlp, **sketch))
+                chosen = [n for n in chosen if n not in (up, down)]
     for name in chosen:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, attr)
-        setattr(parent, attr, BasisLinear.from_linear(old, rank=rank, shrink=shrink, scalars=scalars))
+        parent_name = name.rpartition(".")[0]
+        if parent_name and isinstance(model.get_submodule(parent_name), BasisMLP):
+            raise ConfigError(f"{name} is part of a fused BasisMLP; re-apply with fuse_mlp=True to change it")
+        _replace(model, name, BasisLinear.from_linear(model.get_submodule(name), **sketch))
     return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
 
 
 @dataclass
@@ -74,6 +95,7 @@ class BasisConfig:
     shrink: float = 0.01
     layers: list[str] | None = None
     scalars: bool = True
+    fuse_mlp: bool = True
 
     def validate(self) -> None:
         try:
@@ -92,4 +114,4 @@ class Basis(Method):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         c = self.config
-        return apply(model, rank=c.rank, shrink=c.shrink, layers=c.layers, scalars=c.scalars)
+        return apply(model, rank=c.rank, shrink=c.shrink, layers=c.layers, scalars=c.scalars, fuse_mlp=c.fuse_mlp)

@@ -181,6 +181,65 @@ class BasisLinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+class BasisMLPFunction(torch.autograd.Function):
+    """y = down(gelu(up(u))) with both weight gradients sketched; saves u, recomputes h in backward.
+
+    Why fused: composed of two BasisLinear layers, the MLP still saves h = up(u) (B x 4d) for GELU's
+    backward. Here the only row-sized tensor kept is u in the compute dtype (B x d: 4x smaller than h;
+    under bf16 autocast a bf16 copy, so the fp32 LayerNorm output itself is freed). Backward recomputes
+    h = u W1^T + b1 (one GEMM), which the two dW GEMMs that BASIS removes pay for: 5 GEMMs per MLP
+    step instead of exact backprop's 6. Each projection draws its own (h, s); the draw of the up
+    projection serves u and dh, the draw of the down projection serves gelu(h) and dy.
+    Saved: u (B x d_in, compute dtype), W1, b1, W2 (parameters), sketches of u and gelu(h) (R x d_in,
+    R x d_hidden, float32), two permutations and sign vectors (B each).
+    """
+
+    @staticmethod
+    def forward(ctx, u, w1, b1, w2, b2, rank: int, shrink: float, scalars: bool, approximate: str):
+        dtype = _compute_dtype(u)
+        with torch.autocast(u.device.type, enabled=False):
+            u2 = u.reshape(-1, u.shape[-1]).to(dtype)
+            hidden = F.linear(u2, w1.to(dtype), None if b1 is None else b1.to(dtype))
+            act = F.gelu(hidden, approximate=approximate)
+            del hidden
+            y = F.linear(act, w2.to(dtype), None if b2 is None else b2.to(dtype))
+            rows = u2.shape[0]
+            plan_up = draw_plan(rows, rank, u.device, dtype)
+            plan_down = draw_plan(rows, rank, u.device, dtype)
+            u_hat = scaled_sketch(u2, plan_up, scalars, shrink)
+            act_hat = scaled_sketch(act, plan_down, scalars, shrink)
+        ctx.save_for_backward(u2, w1, b1, w2, u_hat, act_hat, plan_up.perm, plan_up.signs, plan_down.perm,
+                              plan_down.signs)
+        ctx.meta = (dtype, u.dtype, u.shape, plan_up.rank, shrink, scalars, approximate, b2 is not None)
+        return y.view(*u.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        u2, w1, b1, w2, u_hat, act_hat, perm_up, signs_up, perm_down, signs_down = ctx.saved_tensors
+        dtype, u_dtype, u_shape, rank, shrink, scalars, approximate, has_b2 = ctx.meta
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        need = ctx.needs_input_grad
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+            w1c = w1.to(dtype)
+            hidden = F.linear(u2, w1c, None if b1 is None else b1.to(dtype))
+            d_hidden = torch.ops.aten.gelu_backward(dy2 @ w2.to(dtype), hidden, approximate=approximate)
+            del hidden
+            du = (d_hidden @ w1c).view(u_shape).to(u_dtype) if need[0] else None
+            dw1 = dw2 = db1 = db2 = None
+            if need[1]:
+                plan_up = SketchPlan(perm=perm_up, signs=signs_up, rank=rank)
+                dw1 = (scaled_sketch(d_hidden, plan_up, scalars, shrink).t() @ u_hat).to(w1.dtype)
+            if b1 is not None and need[2]:
+                db1 = d_hidden.sum(0, dtype=acc).to(b1.dtype)
+            if need[3]:
+                plan_down = SketchPlan(perm=perm_down, signs=signs_down, rank=rank)
+                dw2 = (scaled_sketch(dy2, plan_down, scalars, shrink).t() @ act_hat).to(w2.dtype)
+            if has_b2 and need[4]:
+                db2 = dy2.sum(0, dtype=acc).to(w2.dtype)
+        return du, dw1, db1, dw2, db2, None, None, None, None
+
+
 def basis_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -266,3 +325,30 @@ class BasisLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, shrink={self.shrink}, scalars={self.scalars}"
+
+
+class BasisMLP(nn.Module):
+    """Fused BASIS version of chainfree.models.mlp.MLP (up -> GELU -> down); see BasisMLPFunction.
+
+    Holds the original `up`, `act` and `down` submodules under the same names, so parameters and
+    state_dict keys are unchanged. Without a weight gradient to compute (eval, no_grad) it runs the
+    plain MLP.
+    """
+
+    def __init__(self, mlp: nn.Module, *, rank: int = 32, shrink: float = 0.01, scalars: bool = True) -> None:
+        super().__init__()
+        check_params(rank, shrink)
+        if not (isinstance(mlp.up, nn.Linear) and isinstance(mlp.down, nn.Linear) and isinstance(mlp.act, nn.GELU)):
+            raise TypeError("BasisMLP needs an MLP with nn.Linear `up`/`down` and an nn.GELU `act`")
+        self.up, self.act, self.down = mlp.up, mlp.act, mlp.down
+        self.rank, self.shrink, self.scalars = rank, shrink, scalars
+        self.train(mlp.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (self.up.weight.requires_grad or self.down.weight.requires_grad):
+            return BasisMLPFunction.apply(x, self.up.weight, self.up.bias, self.down.weight, self.down.bias,
+                                          self.rank, self.shrink, self.scalars, self.act.approximate)
+        return self.down(self.act(self.up(x)))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, shrink={self.shrink}, scalars={self.scalars}, fused=True"
