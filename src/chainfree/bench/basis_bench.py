@@ -133,7 +133,7 @@ def run_case(name: str, overrides: list[str], device: torch.device, steps: int, 
 
 def sketch_microbench(device: torch.device, rows: int, width: int, rank: int, reps: int = 20) -> dict[str, float]:
     """Time (ms) of the sketch of a (rows x width) bf16 matrix vs the dW GEMM it replaces (d_model = width/4)."""
-    from chainfree.ops.basis_linear import draw_plan, scaled_sketch
+    from chainfree.ops.basis_linear import draw_plan, scaled_sketch, sketch_rows_reference
 
     m = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
     other = torch.randn(rows, width // 4, device=device, dtype=torch.bfloat16)
@@ -154,6 +154,7 @@ def sketch_microbench(device: torch.device, rows: int, width: int, rank: int, re
         "dw_gemm_ms": timed(lambda: m.T @ other),
         "draw_plan_ms": timed(lambda: draw_plan(rows, rank, device, torch.bfloat16)),
         "sketch_with_scalar_ms": timed(lambda: scaled_sketch(m, plan, True, 0.01)),
+        "gather_sketch_ms": timed(lambda: sketch_rows_reference(m, plan)),
         "norm_only_ms": timed(lambda: torch.linalg.vector_norm(m, dtype=torch.float32)),
     }
 
