@@ -6,6 +6,7 @@ pooled over the whole sequence (not causal), so their CE is not comparable to a 
 reproduction trains, for every architecture, under identical seed, data order and token count:
   dense                (exact backprop, the baseline)
   LBI r=...            our causal chunked interface (C1), the gradients exact for the LBI model
+  token r=16           our token-local interface (C2): cheap Jacobians, weaker model
   paper_leaky r=16     the authors' construction, to show how much of their number the leak explains
 and reports val CE and the gap to dense beside the paper's 0.16–0.35.
 
@@ -75,6 +76,7 @@ def cases(scale: str, region_size: int | None = None) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"dense": ["method.name=exact"]}
     for r in s["ranks"]:
         out[f"lbi r={r}"] = [*lbi, f"method.rank={r}", f"method.n_chunks={s['n_chunks']}"]
+    out["token r=16"] = [*lbi, "method.rank=16", "method.interface=token"]
     out["paper_leaky r=16"] = [*lbi, "method.rank=16", "method.interface=paper_leaky"]
     return out
 
