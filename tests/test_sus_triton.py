@@ -85,16 +85,13 @@ def test_kept_pairs_match_reference_draws():
     scale = 1 / math.sqrt(D)
     _, lse = st.flash_forward(q, k, v, True, scale)
     cap = row_capacity(c, n)
-    idx, wt, cnt = st.sample_kept_pairs(q, k, lse, c, True, scale, seed, cap)
-    idx_r, wt_r, cnt_r = sus_sparse.sample_kept_pairs(
-        q.float().cpu(), k.float().cpu(), lse.cpu(), c, True, scale, seed, cap
-    )
+    idx, cnt = st.sample_kept_pairs(q, k, lse, c, True, scale, seed, cap)
+    idx_r, cnt_r = sus_sparse.sample_kept_pairs(q.float().cpu(), k.float().cpu(), lse.cpu(), c, True, scale, seed, cap)
     same = cnt.cpu() == cnt_r
     assert (~same).sum() <= 2  # see the rounding argument above
     slots = torch.arange(cap)[None, :] < cnt_r[:, None].clamp(max=cap)
     rows = same[:, None] & slots
     assert torch.equal(idx.cpu()[rows], idx_r[rows])
-    torch.testing.assert_close(wt.cpu()[rows], wt_r[rows], rtol=1e-4, atol=1e-6)
 
 
 @cuda

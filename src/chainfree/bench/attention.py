@@ -98,7 +98,7 @@ def _bench_shape(
         t_sparse = _time_ms(
             partial(st.sparse_backward, q, k, v, o, do, lse, *pairs, c, causal, scale, seed), warmup, reps
         )
-        cnt = pairs[2].float()
+        cnt = pairs[1].float()
         row = {
             "D": d,
             "H": H,

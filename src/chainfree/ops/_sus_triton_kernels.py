@@ -33,7 +33,8 @@ def _uniform(row_term, col_term):
     x ^= x >> 13
     x *= 0xC2B2AE35
     x ^= x >> 16
-    return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # * 2^-24
+    # (f + 0.5) * 2^-24 rounded once == f * 2^-24 + 2^-25 in one FMA (power-of-two scaling commutes with rounding)
+    return (x >> 8).to(tl.float32) * 5.9604644775390625e-08 + 2.9802322387695312e-08
 
 
 @triton.jit
@@ -224,10 +225,9 @@ def _sample_tiles(
     k_base,
     skn,
     idx_rows,
-    w_rows,
-    row_ok,
+    tri,
     row_term,
-    lse2,
+    lse2c,
     offs_m,
     offs_n,
     offs_d,
@@ -235,13 +235,11 @@ def _sample_tiles(
     end,
     N_K,
     qk_scale,
-    c,
-    inv_c,
     CAP,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     BN: tl.constexpr,
-    MODE: tl.constexpr,
+    PROBE: tl.constexpr,
 ):
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
@@ -249,42 +247,23 @@ def _sample_tiles(
             k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=(kn < N_K)[:, None], other=0.0)
         else:
             k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        qp = tl.minimum(p * c, 1.0)
-        u = _uniform(row_term, kn.to(tl.uint32) * 0x85EBCA77)
-        keep = (u < qp) | (qp >= 1.0)
+        # c * W_ij in one exp2: lse2c = LSE*log2(e) - log2(c) (padded rows: +inf, so nothing is kept)
+        cw = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2c[:, None])
+        # keep iff u < min(1, cW) or cW >= 1  <=>  u < cW  (u <= 1; they differ only if u == cW == 1.0)
+        keep = _uniform(row_term, kn.to(tl.uint32) * 0x85EBCA77) < cw
         if MASKED:
             valid = kn[None, :] < N_K
             if CAUSAL:
                 valid = valid & (kn[None, :] <= offs_m[:, None])
             keep = keep & valid
-        if MODE == 2:  # timing probe: no hash
-            keep = qp >= 0.5
-            if MASKED:
-                keep = keep & valid
-        ki = keep.to(tl.int32)
-        if MODE == 0:
-            pos = cnt[:, None] + tl.cumsum(ki, 1) - ki
-            smask = keep & (pos < CAP) & row_ok[:, None]
-            tl.store(idx_rows[:, None] + pos, kn[None, :] + pos * 0, mask=smask)
-            tl.store(w_rows[:, None] + pos, tl.maximum(p, inv_c), mask=smask)
-        if MODE == 3:  # extract kept entries one per row per step (row reductions only, no scan)
-            n_t = tl.sum(ki, 1)
-            wtil = tl.maximum(p, inv_c)
-            rem = keep
-            slot = cnt
-            for _ in range(0, tl.max(n_t, 0)):
-                jf = tl.min(tl.where(rem, kn[None, :], 2147483647), 1)
-                has = jf < 2147483647
-                sel = rem & (kn[None, :] == jf[:, None])
-                wf = tl.sum(tl.where(sel, wtil, 0.0), 1)
-                smask = has & (slot < CAP) & row_ok
-                tl.store(idx_rows + slot, jf, mask=smask)
-                tl.store(w_rows + slot, wf, mask=smask)
-                slot += has.to(tl.int32)
-                rem = rem & (~sel)
-        cnt += tl.sum(ki, 1)
+        kf = keep.to(tl.float16)
+        if PROBE:  # timing probe: count only, no compaction
+            cnt += tl.sum(kf.to(tl.float32), 1)
+        else:
+            # in-row inclusive prefix count of the kept entries on the tensor cores: keep @ upper-triangular ones
+            pos = (cnt[:, None] + tl.dot(kf, tri) - 1.0).to(tl.int32)
+            tl.store(idx_rows[:, None] + pos, tl.broadcast_to(kn[None, :], pos.shape), mask=keep & (pos < CAP))
+            cnt += tl.sum(kf.to(tl.float32), 1)
     return cnt
 
 
@@ -294,7 +273,6 @@ def _sample_kernel(
     K,
     LSE,
     IDX,
-    WT,
     CNT,
     sqb,
     sqh,
@@ -307,14 +285,14 @@ def _sample_kernel(
     N_Q,
     N_K,
     qk_scale,
-    c,
+    log2c,
     seed,
     CAP,
     CAUSAL: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     D: tl.constexpr,
-    MODE: tl.constexpr,
+    PROBE: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -326,14 +304,12 @@ def _sample_kernel(
     offs_d = tl.arange(0, D)
     row_ok = offs_m < N_Q
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh * N_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2c = tl.load(LSE + bh * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634 - log2c
     k_base = K + b * skb + hk * skh
     row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + offs_m.to(tl.uint32) * 0x9E3779B1
-    rows64 = (bh * N_Q + offs_m).to(tl.int64) * CAP
-    idx_rows = IDX + rows64
-    w_rows = WT + rows64
-    inv_c = 1.0 / c
-    cnt = tl.zeros([BM], tl.int32)
+    idx_rows = IDX + (bh * N_Q + offs_m).to(tl.int64) * CAP
+    tri = (offs_n[:, None] <= offs_n[None, :]).to(tl.float16)
+    cnt = tl.zeros([BM], tl.float32)  # exact: counts < 2^24
     if CAUSAL:
         cnt = _sample_tiles(
             cnt,
@@ -341,10 +317,9 @@ def _sample_kernel(
             k_base,
             skn,
             idx_rows,
-            w_rows,
-            row_ok,
+            tri,
             row_term,
-            lse2,
+            lse2c,
             offs_m,
             offs_n,
             offs_d,
@@ -352,13 +327,11 @@ def _sample_kernel(
             pid_m * BM,
             N_K,
             qk_scale,
-            c,
-            inv_c,
             CAP,
             False,
             CAUSAL,
             BN,
-            MODE,
+            PROBE,
         )
         cnt = _sample_tiles(
             cnt,
@@ -366,10 +339,9 @@ def _sample_kernel(
             k_base,
             skn,
             idx_rows,
-            w_rows,
-            row_ok,
+            tri,
             row_term,
-            lse2,
+            lse2c,
             offs_m,
             offs_n,
             offs_d,
@@ -377,13 +349,11 @@ def _sample_kernel(
             tl.minimum((pid_m + 1) * BM, N_K),
             N_K,
             qk_scale,
-            c,
-            inv_c,
             CAP,
             True,
             CAUSAL,
             BN,
-            MODE,
+            PROBE,
         )
     else:
         full_end = (N_K // BN) * BN
@@ -393,10 +363,9 @@ def _sample_kernel(
             k_base,
             skn,
             idx_rows,
-            w_rows,
-            row_ok,
+            tri,
             row_term,
-            lse2,
+            lse2c,
             offs_m,
             offs_n,
             offs_d,
@@ -404,13 +373,11 @@ def _sample_kernel(
             full_end,
             N_K,
             qk_scale,
-            c,
-            inv_c,
             CAP,
             False,
             CAUSAL,
             BN,
-            MODE,
+            PROBE,
         )
         cnt = _sample_tiles(
             cnt,
@@ -418,10 +385,9 @@ def _sample_kernel(
             k_base,
             skn,
             idx_rows,
-            w_rows,
-            row_ok,
+            tri,
             row_term,
-            lse2,
+            lse2c,
             offs_m,
             offs_n,
             offs_d,
@@ -429,26 +395,26 @@ def _sample_kernel(
             N_K,
             N_K,
             qk_scale,
-            c,
-            inv_c,
             CAP,
             True,
             CAUSAL,
             BN,
-            MODE,
+            PROBE,
         )
-    tl.store(CNT + bh * N_Q + offs_m, cnt, mask=row_ok)
+    tl.store(CNT + bh * N_Q + offs_m, cnt.to(tl.int32), mask=row_ok)
 
 
 @triton.jit
 def _pair_update(
     dq,
     j,
-    w,
-    m,
+    inb,
     qrow,
     dorow,
     Di,
+    lse2c,
+    inv_c,
+    row_term,
     k_base,
     skn,
     v_base,
@@ -456,20 +422,34 @@ def _pair_update(
     dk_base,
     dv_base,
     offs_d,
+    qk_scale,
     scale,
     D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    REDRAW: tl.constexpr,
     ATOMICS: tl.constexpr,
 ):
-    """dQ/dK/dV contributions of up to CHUNK kept pairs (key j, weight w) of one query row."""
-    kk = tl.load(k_base + j[:, None] * skn + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
-    vv = tl.load(v_base + j[:, None] * svn + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
-    dp = tl.sum(vv * dorow[None, :], 1)
-    ds = w * (dp - Di)
+    """dQ/dK/dV contributions of up to CHUNK keys j of one query row.
+
+    W~_ij = max(W_ij, 1/c) is recomputed from the gathered K_j (fp32 dot of the same bf16/fp16 values the
+    sampler multiplied on tensor cores: equal up to fp32 summation order). REDRAW: j are all keys of the
+    row, and the contract's keep test is redone here (overflow path); else j are the sampled kept keys.
+    """
+    kk = tl.load(k_base + j[:, None] * skn + offs_d[None, :], mask=inb[:, None], other=0.0).to(tl.float32)
+    cw = tl.exp2(tl.sum(kk * qrow[None, :], 1) * qk_scale - lse2c)
+    if REDRAW:
+        u = tl.reshape(_uniform(row_term + tl.zeros([1], tl.uint32), j.to(tl.uint32) * 0x85EBCA77), [CHUNK])
+        keep = inb & (u < cw)
+    else:
+        keep = inb
+    w = tl.where(keep, tl.maximum(cw, 1.0) * inv_c, 0.0)
+    vv = tl.load(v_base + j[:, None] * svn + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+    ds = w * (tl.sum(vv * dorow[None, :], 1) - Di)
     dq += tl.sum(ds[:, None] * kk, 0)
     off = j[:, None].to(tl.int64) * D + offs_d[None, :]
     if ATOMICS:
-        tl.atomic_add(dk_base + off, ds[:, None] * (qrow[None, :] * scale), mask=m[:, None], sem="relaxed")
-        tl.atomic_add(dv_base + off, w[:, None] * dorow[None, :], mask=m[:, None], sem="relaxed")
+        tl.atomic_add(dk_base + off, ds[:, None] * (qrow[None, :] * scale), mask=keep[:, None], sem="relaxed")
+        tl.atomic_add(dv_base + off, w[:, None] * dorow[None, :], mask=keep[:, None], sem="relaxed")
     return dq
 
 
@@ -482,7 +462,6 @@ def _sparse_bwd_kernel(
     DO,
     LSE,
     IDX,
-    WT,
     CNT,
     DQ,
     DK,
@@ -512,7 +491,8 @@ def _sparse_bwd_kernel(
     N_K,
     scale,
     qk_scale,
-    c,
+    log2c,
+    inv_c,
     seed,
     CAP,
     CAUSAL: tl.constexpr,
@@ -537,6 +517,8 @@ def _sparse_bwd_kernel(
     dk_base = DK + kv_off
     dv_base = DV + kv_off
     row = (bh * N_Q + i).to(tl.int64)
+    lse2c = tl.load(LSE + row) * 1.4426950408889634 - log2c
+    row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + i.to(tl.uint32) * 0x9E3779B1
     cnt = tl.load(CNT + row)
     dq = tl.zeros([D], tl.float32)
     if cnt <= CAP:
@@ -544,27 +526,58 @@ def _sparse_bwd_kernel(
             offs = s0 + offs_c
             m = offs < cnt
             j = tl.load(IDX + row * CAP + offs, mask=m, other=0)
-            w = tl.load(WT + row * CAP + offs, mask=m, other=0.0)
             dq = _pair_update(
-                dq, j, w, m, qrow, dorow, Di, k_base, skn, v_base, svn, dk_base, dv_base, offs_d, scale, D, ATOMICS
+                dq,
+                j,
+                m,
+                qrow,
+                dorow,
+                Di,
+                lse2c,
+                inv_c,
+                row_term,
+                k_base,
+                skn,
+                v_base,
+                svn,
+                dk_base,
+                dv_base,
+                offs_d,
+                qk_scale,
+                scale,
+                D,
+                CHUNK,
+                False,
+                ATOMICS,
             )
-    else:  # overflowed row buffer: scan all keys, re-draw the same hashes, keep exactly as the sampler
-        lse2 = tl.load(LSE + row) * 1.4426950408889634
+    else:  # overflowed row buffer: scan all keys of the row, re-draw the same hashes
         hi = N_K
         if CAUSAL:
             hi = tl.minimum(i + 1, N_K)
-        row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + i.to(tl.uint32) * 0x9E3779B1
         for s0 in range(0, hi, CHUNK):
             j = s0 + offs_c
-            inb = j < hi
-            kk = tl.load(k_base + j[:, None] * skn + offs_d[None, :], mask=inb[:, None], other=0.0)
-            s = tl.sum(kk.to(tl.float32) * qrow[None, :], 1) * qk_scale
-            p = tl.exp2(s - lse2)
-            qp = tl.minimum(p * c, 1.0)
-            u = tl.reshape(_uniform(row_term + tl.zeros([1], tl.uint32), j.to(tl.uint32) * 0x85EBCA77), [CHUNK])
-            keep = inb & ((u < qp) | (qp >= 1.0))
-            w = tl.where(keep, tl.maximum(p, 1.0 / c), 0.0)
             dq = _pair_update(
-                dq, j, w, keep, qrow, dorow, Di, k_base, skn, v_base, svn, dk_base, dv_base, offs_d, scale, D, ATOMICS
+                dq,
+                j,
+                j < hi,
+                qrow,
+                dorow,
+                Di,
+                lse2c,
+                inv_c,
+                row_term,
+                k_base,
+                skn,
+                v_base,
+                svn,
+                dk_base,
+                dv_base,
+                offs_d,
+                qk_scale,
+                scale,
+                D,
+                CHUNK,
+                True,
+                ATOMICS,
             )
     tl.store(DQ + b * sdqb + h * sdqh + i * sdqn + offs_d, (dq * scale).to(DQ.dtype.element_ty))

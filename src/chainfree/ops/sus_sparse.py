@@ -3,8 +3,8 @@
 Why this exists: the Triton kernels (`sus_triton.py`) cannot run on CPU, but their algorithm — sample
 the kept pairs of each query row into a CAP-slot buffer, then compute dQ/dK/dV from the buffer by
 gathers and scatter-adds, redoing overflowed rows densely — can. This port uses the same layout
-(row r = bh * n_q + i; idx int32 [rows, cap] ascending, W~ fp32 [rows, cap], un-clipped count int32
-[rows]) and the same draws (`sampled_weights` of the reference), so CPU tests check that the layout
+(row r = bh * n_q + i; idx int32 [rows, cap] ascending, un-clipped count int32 [rows]; W~ recomputed
+per pair) and the same draws (`sampled_weights` of the reference), so CPU tests check that the layout
 and the sparse pass reproduce the reference gradients exactly, including the overflow path.
 It is O(rows * n_k) in memory (it samples densely): a test oracle, not a fast path.
 """
@@ -16,24 +16,19 @@ import torch
 from chainfree.ops.sus_reference import sampled_weights
 
 
-def compact_kept_pairs(
-    keep: torch.Tensor, w_tilde: torch.Tensor, cap: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact each row of a [rows, n_k] keep mask into (idx [rows, cap], W~ [rows, cap], count [rows]).
+def compact_kept_pairs(keep: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact each row of a [rows, n_k] keep mask into (idx int32 [rows, cap], count int32 [rows]).
 
     Kept keys land in ascending order; count is the full number kept (may exceed cap: overflow). Unused
-    slots hold idx 0 and weight 0 (the kernel leaves them unwritten; nothing reads past the count).
+    slots hold 0 (the kernel leaves them unwritten; nothing reads past the count).
     """
     rows, n_k = keep.shape
     cnt = keep.sum(-1).to(torch.int32)
     pos = torch.cumsum(keep.to(torch.int64), -1) - 1
-    store = keep & (pos < cap)
-    r, j = store.nonzero(as_tuple=True)
+    r, j = (keep & (pos < cap)).nonzero(as_tuple=True)
     idx = torch.zeros(rows, cap, dtype=torch.int32, device=keep.device)
-    wt = torch.zeros(rows, cap, dtype=w_tilde.dtype, device=keep.device)
     idx[r, pos[r, j]] = j.to(torch.int32)
-    wt[r, pos[r, j]] = w_tilde[r, j]
-    return idx, wt, cnt
+    return idx, cnt
 
 
 def _row_weights(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
@@ -49,13 +44,13 @@ def _row_weights(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, is_causal:
 
 def sample_kept_pairs(
     q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, c: float, is_causal: bool, scale: float, seed: int, cap: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward step 1: the kept pairs of every row in the kernel's layout (same draws as the reference)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward step 1: the kept keys of every row in the kernel's layout (same draws as the reference)."""
     B, H, n_q, _ = q.shape
     w = _row_weights(q, k, lse, is_causal, scale)
     bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1)
-    w_tilde, keep, _ = sampled_weights(w, c, seed, bh, torch.arange(n_q, device=q.device), "bernoulli")
-    return compact_kept_pairs(keep.reshape(B * H * n_q, -1), w_tilde.reshape(B * H * n_q, -1), cap)
+    _, keep, _ = sampled_weights(w, c, seed, bh, torch.arange(n_q, device=q.device), "bernoulli")
+    return compact_kept_pairs(keep.reshape(B * H * n_q, -1), cap)
 
 
 def sparse_backward(
@@ -66,16 +61,14 @@ def sparse_backward(
     do: torch.Tensor,
     lse: torch.Tensor,
     idx: torch.Tensor,
-    wt: torch.Tensor,
     cnt: torch.Tensor,
     c: float,
     is_causal: bool,
     scale: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward step 2 from the kept pairs: dQ by gathers, dK/dV by scatter-adds; overflowed rows densely.
-
-    Computes in the dtype of q (use float64 for exactness tests).
+    """Backward step 2 from the kept keys: W~ = max(W, 1/c) recomputed per pair, dQ by gathers, dK/dV by
+    scatter-adds; overflowed rows (count > cap) re-drawn densely. Computes in q's dtype (float64 in tests).
     """
     B, H, n_q, D = q.shape
     H_kv, n_k = k.shape[1], k.shape[2]
@@ -84,32 +77,27 @@ def sparse_backward(
     rows = B * H * n_q
     dof, qf = do.reshape(rows, D), q.reshape(rows, D)
     delta = (do * o).sum(-1).reshape(rows)  # D_i = dO_i . O_i, exact
-    kv_row = (
-        (torch.arange(B, device=q.device)[:, None] * H_kv + torch.arange(H, device=q.device)[None, :] // G)
-        .reshape(B * H, 1)
-        .expand(B * H, n_q)
-    )
-    kv_row = kv_row.reshape(rows, 1)
+    kv_row = torch.arange(B, device=q.device)[:, None] * H_kv + torch.arange(H, device=q.device)[None, :] // G
+    kv_row = kv_row.reshape(B * H, 1).expand(B * H, n_q).reshape(rows, 1)
+    w_full = _row_weights(q, k, lse, is_causal, scale).reshape(rows, n_k)
     overflow = cnt > cap
     slot_ok = (torch.arange(cap, device=q.device)[None, :] < cnt[:, None]) & ~overflow[:, None]
-    w = torch.where(slot_ok, wt.to(q.dtype), torch.zeros((), dtype=q.dtype, device=q.device))
+    w_pair = torch.gather(w_full, 1, idx.long()).clamp_min(1.0 / c)
+    w = torch.where(slot_ok, w_pair, torch.zeros((), dtype=q.dtype, device=q.device))
     flat_key = (kv_row * n_k + idx.long()).reshape(-1)  # row of the [B*Hkv*n_k, D] K/V matrices
     kf, vf = k.reshape(-1, D), v.reshape(-1, D)
     kg, vg = kf[flat_key].reshape(rows, cap, D), vf[flat_key].reshape(rows, cap, D)
-    dp = (vg * dof[:, None, :]).sum(-1)
-    ds = w * (dp - delta[:, None])
+    ds = w * ((vg * dof[:, None, :]).sum(-1) - delta[:, None])
     dq = (ds[..., None] * kg).sum(1) * scale
     dk = torch.zeros_like(kf).index_add_(0, flat_key, (ds[..., None] * qf[:, None, :] * scale).reshape(-1, D))
     dv = torch.zeros_like(vf).index_add_(0, flat_key, (w[..., None] * dof[:, None, :]).reshape(-1, D))
     if overflow.any():  # the kernel's dense fallback: re-draw the whole row, same hashes
-        w_full = _row_weights(q, k, lse, is_causal, scale).reshape(rows, n_k)
         bh = (torch.arange(rows, device=q.device) // n_q)[:, None]
         i = torch.arange(rows, device=q.device) % n_q
         r = overflow.nonzero(as_tuple=True)[0]
         w_t, _, _ = sampled_weights(w_full[r], c, seed, bh[r], i[r], "bernoulli")
         keys = kv_row[r] * n_k + torch.arange(n_k, device=q.device)[None, :]
-        dp_r = (vf[keys] * dof[r, None, :]).sum(-1)
-        ds_r = w_t * (dp_r - delta[r, None])
+        ds_r = w_t * ((vf[keys] * dof[r, None, :]).sum(-1) - delta[r, None])
         dq[r] = (ds_r[..., None] * kf[keys]).sum(1) * scale
         dk.index_add_(0, keys.reshape(-1), (ds_r[..., None] * qf[r, None, :] * scale).reshape(-1, D))
         dv.index_add_(0, keys.reshape(-1), (w_t[..., None] * dof[r, None, :]).reshape(-1, D))

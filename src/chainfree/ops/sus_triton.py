@@ -198,52 +198,28 @@ def sample_kept_pairs(
     scale: float,
     seed: int,
     cap: int,
-    mode: int = 0,
+    probe: bool = False,
     config: tuple[int, int, int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward step 1 on the GPU: (idx int32 [B*H*n, cap], w~ fp32 [B*H*n, cap], count int32 [B*H*n]).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward step 1 on the GPU: (idx int32 [B*H*n, cap], count int32 [B*H*n]).
 
-    Slot s < min(count, cap) of a row holds a kept key index (ascending) and its W~; count is un-clipped.
-    `chainfree.ops.sus_sparse.sample_kept_pairs` is the PyTorch port with the same layout.
+    Slots s < min(count, cap) of row r = bh * n + i hold its kept key indices in ascending order; count is
+    un-clipped (count > cap marks an overflowed row). `probe=True` only counts (a timing probe: the cost of
+    matmul + exp + hash without compaction). `chainfree.ops.sus_sparse` is the PyTorch port of this layout.
     """
     kern = _kernels()
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     idx = torch.empty(B * H * n_q, cap, device=q.device, dtype=torch.int32)
-    wt = torch.empty(B * H * n_q, cap, device=q.device, dtype=torch.float32)
     cnt = torch.empty(B * H * n_q, device=q.device, dtype=torch.int32)
     bm, bn, warps, stages = config or _fwd_config(d)
     grid = (triton_cdiv(n_q, bm), B * H)
     kern._sample_kernel[grid](
-        q,
-        k,
-        lse,
-        idx,
-        wt,
-        cnt,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        H,
-        H // h_kv,
-        n_q,
-        n_k,
-        scale * kern.LOG2E,
-        float(c),
-        int(seed),
-        cap,
-        CAUSAL=is_causal,
-        BM=bm,
-        BN=bn,
-        D=d,
-        MODE=mode,
-        num_warps=warps,
-        num_stages=stages,
-    )
-    return idx, wt, cnt
+        q, k, lse, idx, cnt, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        H, H // h_kv, n_q, n_k, scale * kern.LOG2E, math.log2(c), int(seed), cap,
+        CAUSAL=is_causal, BM=bm, BN=bn, D=d, PROBE=probe, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return idx, cnt
 
 
 def sparse_backward(
@@ -254,15 +230,18 @@ def sparse_backward(
     do: torch.Tensor,
     lse: torch.Tensor,
     idx: torch.Tensor,
-    wt: torch.Tensor,
     cnt: torch.Tensor,
     c: float,
     is_causal: bool,
     scale: float,
     seed: int,
     atomics: bool = True,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward step 2 on the GPU: (dQ, dK, dV) from the kept pairs; overflowed rows are redone densely."""
+    """Backward step 2 on the GPU: (dQ, dK, dV) from the kept pairs; overflowed rows are redone densely.
+
+    `atomics=False` skips the dK/dV scatter (a timing probe); `config` = (CHUNK, num_warps) overrides.
+    """
     kern = _kernels()
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -270,54 +249,21 @@ def sparse_backward(
     dq = torch.empty(B, H, n_q, d, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, h_kv, n_k, d, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, h_kv, n_k, d, device=q.device, dtype=torch.float32)
+    chunk, warps = config or _sparse_config(d)
     kern._sparse_bwd_kernel[(n_q, B * H)](
-        q,
-        k,
-        v,
-        o,
-        do,
-        lse,
-        idx,
-        wt,
-        cnt,
-        dq,
-        dk,
-        dv,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        H,
-        h_kv,
-        H // h_kv,
-        n_q,
-        n_k,
-        scale,
-        scale * kern.LOG2E,
-        float(c),
-        int(seed),
-        cap,
-        CAUSAL=is_causal,
-        CHUNK=SPARSE_CHUNK,
-        D=d,
-        ATOMICS=atomics,
-        num_warps=4 if d == 128 else 2,
-    )
+        q, k, v, o, do, lse, idx, cnt, dq, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        H, h_kv, H // h_kv, n_q, n_k, scale, scale * kern.LOG2E, math.log2(c), 1.0 / c, int(seed), cap,
+        CAUSAL=is_causal, CHUNK=chunk, D=d, ATOMICS=atomics, num_warps=warps,
+    )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _sparse_config(d: int) -> tuple[int, int]:
+    """(CHUNK pairs gathered per step, num_warps) of the sparse pass."""
+    return (32, 4) if d == 128 else (32, 2)
 
 
 class SusAttentionTriton(torch.autograd.Function):
@@ -336,8 +282,8 @@ class SusAttentionTriton(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         c, is_causal, scale, seed, cap = ctx.sus
         do = _lastdim_contiguous(do)
-        idx, wt, cnt = sample_kept_pairs(q, k, lse, c, is_causal, scale, seed, cap)
-        dq, dk, dv = sparse_backward(q, k, v, o, do, lse, idx, wt, cnt, c, is_causal, scale, seed)
+        idx, cnt = sample_kept_pairs(q, k, lse, c, is_causal, scale, seed, cap)
+        dq, dk, dv = sparse_backward(q, k, v, o, do, lse, idx, cnt, c, is_causal, scale, seed)
         return dq, dk, dv, None, None, None, None, None, None
 
 
