@@ -1,0 +1,123 @@
+"""Autoregressive generation for every LanguageModel kind (gpt, mamba2, mamba3, hybrid).
+
+Each block carries its own recurrent state: the KV cache for attention blocks, the conv window + SSM state
+(+ rotation angle and previous input for Mamba-3) for Mamba blocks. Every block kind implements
+    init_state(batch, device, dtype) -> state
+    prefill(x [B, T, d]) -> (y [B, T, d], state)     parallel pass over a prompt
+    step(x_t [B, d], state) -> (y_t [B, d], state)   one token, O(1) work for Mamba blocks
+so a prompt costs one parallel forward and each new token one step. Tests check that stepping reproduces
+the parallel forward's logits (float64) for all four kinds.
+
+Beyond model.seq_len: Mamba blocks run on without limit; attention blocks keep a growing KV cache and
+extrapolate RoPE past the trained length (quality there is untested).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chainfree.errors import ConfigError
+from chainfree.models.lm import LanguageModel
+
+
+def init_states(model: LanguageModel, batch: int, device: torch.device | str, dtype: torch.dtype) -> list[Any]:
+    return [block.init_state(batch, device, dtype) for block in model.blocks]
+
+
+@torch.no_grad()
+def prefill(model: LanguageModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+    """Parallel pass over `ids` [B, T]; returns (logits of the last position [B, V], per-block states)."""
+    x = model.embed(ids)
+    states = []
+    for block in model.blocks:
+        x, state = block.prefill(x)
+        states.append(state)
+    return model.logits(model.norm(x[:, -1])), states
+
+
+@torch.no_grad()
+def step(model: LanguageModel, token: torch.Tensor, states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+    """Feed one token per sequence (`token` [B]); returns (next-token logits [B, V], new states)."""
+    x = model.embed(token)
+    new_states = []
+    for block, state in zip(model.blocks, states, strict=True):
+        x, state = block.step(x, state)
+        new_states.append(state)
+    return model.logits(model.norm(x)), new_states
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the top_k tokens."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: LanguageModel,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue `prompt_ids` ([T] or [B, T], at least one token) by `max_new_tokens` sampled tokens.
+    Returns prompt + continuation with the prompt's shape convention ([T + n] or [B, T + n])."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    squeeze = prompt_ids.dim() == 1
+    ids = prompt_ids[None] if squeeze else prompt_ids
+    if ids.shape[-1] == 0:
+        raise ValueError("the prompt must contain at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        ids = ids.to(model.embed.weight.device)
+        logits, states = prefill(model, ids)
+        out = [ids]
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, generator)
+            out.append(token[:, None])
+            if i + 1 < max_new_tokens:
+                logits, states = step(model, token, states)
+    finally:
+        model.train(was_training)
+    result = torch.cat(out, dim=1)
+    return result[0] if squeeze else result
+
+
+def load_trained(out_dir: Path, device: str = "auto") -> tuple[LanguageModel, Any]:
+    """(model, tokenizer) of a `chainfree train --out DIR` run, from DIR/config.toml and its latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from chainfree.config import load_config
+    from chainfree.train import build_run
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.toml").is_file() or not (out_dir / "checkpoint" / "latest").is_file():
+        raise ConfigError(f"{out_dir} holds no trained run (config.toml + checkpoint/); train one with "
+                          f"`chainfree train --out {out_dir}` first")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    cfg = load_config(out_dir / "config.toml", [f'train.device="{dev}"'])
+    data, model, _ = build_run(cfg, torch.device(dev))
+    ckpt = out_dir / "checkpoint"
+    folder = ckpt / json.loads((ckpt / "latest").read_text())["folder"]
+    state = load_file(str(folder / "model.safetensors"))
+    for alias, target in json.loads((folder / "state.json").read_text()).get("tied", {}).items():
+        state[alias] = state[target]
+    model.load_state_dict(state)
+    return model, data.tokenizer
