@@ -80,6 +80,27 @@ def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll
     module.run(out, scale, device or "auto", list(set_ or []))
 
 
+@app.command()
+def generate(out: OutOpt, prompt: Annotated[str, typer.Option("--prompt", help="text to continue")] = "\n",
+             max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 200,
+             temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.8,
+             top_k: Annotated[int | None, typer.Option("--top-k")] = 50,
+             seed: Annotated[int, typer.Option("--seed")] = 0, device: DeviceOpt = None) -> None:
+    """Continue --prompt with the model trained in --out (any kind; Mamba blocks decode recurrently)."""
+    import torch
+
+    from chainfree.generate import generate as run_generate
+    from chainfree.generate import load_trained
+
+    model, tokenizer = load_trained(out, device or "auto")
+    ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)
+    if ids.numel() == 0:
+        raise ChainfreeError("--prompt encodes to no tokens; give at least one character")
+    gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    result = run_generate(model, ids, max_new_tokens, temperature, top_k, gen)
+    typer.echo(tokenizer.decode(result.tolist()))
+
+
 def _reproductions() -> list[str]:
     import pkgutil
 
