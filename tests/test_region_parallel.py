@@ -8,6 +8,8 @@ import torch
 from chainfree.methods.lbi import LBIModel, scan_backward
 from chainfree.parallel.region import (
     BACKWARD_CATEGORIES,
+    CANVAS,
+    FORWARD_CANVAS,
     JACOBIAN,
     SEED,
     SHARED,
@@ -34,14 +36,15 @@ def _single_process_grads(spec: RegionRunSpec) -> tuple[LBIModel, dict[str, torc
 
 
 @pytest.mark.parametrize(
-    "world, interface",
-    [(2, "causal_chunk"), (4, "causal_chunk"), (3, "token")],
+    "world, interface, shared",
+    [(2, "causal_chunk", "allreduce"), (4, "causal_chunk", "allreduce"), (3, "token", "owner")],
 )
-def test_region_parallel_grads_equal_single_process(world, interface):
+def test_region_parallel_grads_equal_single_process(world, interface, shared):
     spec = RegionRunSpec(
         model={**MODEL, "n_layers": world},
         lbi={"region_size": 1, "rank": 3, "n_chunks": 4, "interface": interface, "jacobian": "vjp"},
         batch_size=2,
+        shared=shared,
     )
     model, ref, loss = _single_process_grads(spec)
     records = spawn_local(spec, world)
@@ -49,7 +52,7 @@ def test_region_parallel_grads_equal_single_process(world, interface):
     seen: dict[str, torch.Tensor] = {}
     for rec in records:
         for name, g in rec["grads"].items():
-            if name in seen:  # shared parameters: every rank holds the all-reduced gradient
+            if name in seen:  # shared parameters (allreduce): every rank holds the all-reduced gradient
                 torch.testing.assert_close(g, seen[name], rtol=0, atol=0)
             seen[name] = g
     assert set(seen) == {n for n, _ in model.named_parameters()}
@@ -65,7 +68,14 @@ def test_region_parallel_grads_equal_single_process(world, interface):
     mat, vec = n_batch * n * n * 8, n_batch * n * 8
     for rank, rec in enumerate(records):
         sent = rec["bytes_sent"]
-        assert sent[SHARED] == int(2 * (world - 1) / world * 29 * 16 * 8)
+        if shared == "allreduce":
+            assert sent[SHARED] == int(2 * (world - 1) / world * 29 * 16 * 8)
+            assert sent.get(CANVAS, 0) == 0
+        else:  # canvas [B, T, d] out to every other rank in the forward, cotangents back in the backward
+            assert sent.get(SHARED, 0) == 0
+            canvas = b * 16 * 16 * 8
+            assert sent.get(CANVAS, 0) == (0 if rank == world - 1 else canvas)
+            assert sent.get(FORWARD_CANVAS, 0) == (canvas * (world - 1) if rank == world - 1 else 0)
         # Hillis–Steele: rank sends in the round with offset d iff rank >= d; A if its partial composition
         # does not reach the last rank yet, else b; plus the shift of lambda_rank to rank-1 for rank >= 2.
         exp_mat = exp_vec = 0

@@ -16,7 +16,9 @@ One step (W = K ranks):
             that does not has b = 0 (only A travels) -- so each message is either r'x r' or r' wide.
   VJP       every rank: one VJP of its region with cotangent lambda_{k+1}, all ranks at once.
   shared    the token embedding (read by every region through the canvas; tied to the head) gets
-            contributions on every rank: one all-reduce of its gradient.
+            contributions on every rank: either one all-reduce of its gradient (shared='allreduce', V x d),
+            or the last rank owns it, sends the canvas in the forward and collects the canvas
+            cotangents [B, T, d] in the backward (shared='owner'; fewer bytes whenever B T < V).
 
 Bytes: `CommLog` counts every byte this rank sends, by category. Point-to-point sends count their
 payload; an all-reduce of P bytes counts 2 (W-1)/W P, the per-rank send volume of the ring algorithm
@@ -44,10 +46,13 @@ from chainfree.errors import ConfigError
 from chainfree.methods.lbi import LBIConfig, LBIModel, accumulate_grads, region_jacobian_t
 
 FORWARD = "forward_message"
+FORWARD_CANVAS = "forward_canvas"
 JACOBIAN = "scan_jacobian"
 SEED = "scan_cotangent"
 SHARED = "shared_grad_allreduce"
-BACKWARD_CATEGORIES = (JACOBIAN, SEED, SHARED)
+CANVAS = "canvas_cotangent"
+BACKWARD_CATEGORIES = (JACOBIAN, SEED, SHARED, CANVAS)
+SHARED_MODES = ("allreduce", "owner")
 
 
 class CommLog:
@@ -133,14 +138,22 @@ def region_parallel_step(
     targets: torch.Tensor,
     jacobian: str = "vjp",
     log: CommLog | None = None,
+    shared: str = "allreduce",
 ) -> dict[str, Any]:
     """One region-parallel LBI step on this rank; fills `.grad` of owned and shared parameters (accumulating).
+
+    shared='allreduce': every rank embeds the batch itself and the embedding gradient is all-reduced (every
+    rank ends with it: replicas stay in sync). shared='owner': the last rank owns the embedding (and the
+    tied head), sends the canvas [B, T, d] to the others in the forward and receives their canvas cotangents
+    in the backward -- B T d per rank instead of an all-reduce of V d; only the owner gets its gradient.
 
     Returns {'loss' (on the last rank, NaN elsewhere), 'times' (seconds per phase on this rank)}.
     """
     log = log if log is not None else CommLog()
     rank, world = dist.get_rank(), dist.get_world_size()
     k_total = model.n_regions
+    if shared not in SHARED_MODES:
+        raise ConfigError(f"shared must be one of {SHARED_MODES}, got {shared!r}")
     if world != k_total:
         raise ConfigError(
             f"region-parallel LBI runs one region per rank: world size {world} != {k_total} regions; set "
@@ -163,11 +176,19 @@ def region_parallel_step(
     b_sz, t_len = ids.shape
     msg_shape = (b_sz, model.n_chunks(t_len), model.rank)
     msg_dtype = model.msg_norm[0].weight.dtype if k_total > 1 else model.lm.embed.weight.dtype
-    canvas = model.canvas(ids)
-    canvas_leaf = canvas.detach().requires_grad_(True)
+    owner = k_total - 1  # shared='owner': the last rank (it also holds the tied head) owns the embedding
+    canvas = canvas_reqs = None
+    if shared == "allreduce" or rank == owner:
+        canvas = model.canvas(ids)
+        if shared == "owner":
+            canvas_reqs = [log.isend(canvas.detach(), r, FORWARD_CANVAS) for r in range(k_total) if r != owner]
+        canvas_leaf = canvas.detach().requires_grad_(True)
+    else:
+        emb = model.lm.embed.weight
+        canvas_leaf = log.recv((b_sz, t_len, emb.shape[1]), emb.dtype, device, owner).requires_grad_(True)
     m0 = None
     if rank == 0:
-        m0 = model.first_message(canvas)
+        m0 = model.first_message(canvas if shared == "allreduce" else canvas_leaf)
         m = m0.detach()
     else:
         m = log.recv(msg_shape, msg_dtype, device, rank - 1)
@@ -205,8 +226,8 @@ def region_parallel_step(
         req.wait()
     lap("scan")
 
-    shared = shared_parameters(model)
-    shared_ids = {id(p) for p in shared}
+    shared_params = shared_parameters(model)
+    shared_ids = {id(p) for p in shared_params}
     region_params = [p for p in model.region_parameters(rank) if id(p) not in shared_ids]
     shared_in_region = [p for p in model.region_parameters(rank) if id(p) in shared_ids]
     wrt = [*region_params, *shared_in_region, canvas_leaf] + ([m_in] if rank == 0 else [])
@@ -220,31 +241,49 @@ def region_parallel_step(
     canvas_cot = grads[n_reg + n_sh]
     if canvas_cot is None:
         canvas_cot = torch.zeros_like(canvas_leaf)
+    enc_in = list(model.enc_in.parameters()) if rank == 0 else []
+    if rank == 0 and shared == "owner":  # m_0 was computed from the received canvas: its cotangent joins it
+        g = torch.autograd.grad(m0, [*enc_in, canvas_leaf], grads[-1].to(m0.dtype), allow_unused=True)
+        accumulate_grads(enc_in, g[:-1])
+        canvas_cot = canvas_cot + g[-1]
+        enc_in = []
+    if shared == "owner" and rank != owner:
+        req = log.isend(canvas_cot.to(canvas_leaf.dtype), owner, CANVAS)
+        lap("vjp")
+        req.wait()
+        if send_req is not None:
+            send_req.wait()
+        lap("canvas_send")
+        return {"loss": math.nan, "times": times}
+    if shared == "owner":  # owner: add every rank's canvas cotangent before the embedding backward
+        for r in range(k_total):
+            if r != owner:
+                canvas_cot = canvas_cot + log.recv(tuple(canvas_leaf.shape), canvas_leaf.dtype, device, r)
     roots, cots = [canvas], [canvas_cot]
-    stem = list(shared)
-    if rank == 0:
+    stem = [*shared_params, *enc_in]
+    if enc_in:
         roots.append(m0)
         cots.append(grads[-1].to(m0.dtype))
-        stem += list(model.enc_in.parameters())
     stem_grads = torch.autograd.grad(roots, stem, cots, allow_unused=True)
-    accumulate_grads(stem[len(shared) :], stem_grads[len(shared) :])
+    accumulate_grads(enc_in, stem_grads[len(shared_params) :])
     lap("vjp")
-    # shared (embedding / tied head): sum this rank's contributions, then all-reduce once
     flat = []
-    for p, g in zip(shared, stem_grads[: len(shared)], strict=True):
+    for p, g in zip(shared_params, stem_grads[: len(shared_params)], strict=True):
         total = torch.zeros_like(p) if g is None else g.detach().clone()
-        if id(p) in local_shared and local_shared[id(p)] is not None:
+        if local_shared.get(id(p)) is not None:
             total += local_shared[id(p)]
         flat.append(total.reshape(-1))
     buf = torch.cat(flat)
-    log.all_reduce(buf, SHARED)
+    if shared == "allreduce":  # embedding / tied head: sum every rank's contribution in one all-reduce
+        log.all_reduce(buf, SHARED)
     offset = 0
-    for p in shared:
+    for p in shared_params:
         accumulate_grads([p], (buf[offset : offset + p.numel()].view_as(p),))
         offset += p.numel()
-    if send_req is not None:
-        send_req.wait()
-    lap("shared_allreduce")
+    for req in [send_req, *(canvas_reqs or [])]:
+        if req is not None:
+            req.wait()
+    lap("shared_grads")
     return {"loss": float(loss.detach()) if loss is not None else math.nan, "times": times}
 
 
@@ -263,6 +302,7 @@ class RegionRunSpec:
     dtype: str = "float64"  # 'float64' | 'float32' | 'bf16' (autocast on CUDA)
     out_dir: str = ""
     save_grads: bool = True
+    shared: str = "allreduce"  # 'allreduce' | 'owner' (see region_parallel_step)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -307,7 +347,7 @@ def _worker(rank: int, world: int, port: int, spec: RegionRunSpec) -> None:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             with autocast:
-                res = region_parallel_step(model, ids, targets, jac, log)
+                res = region_parallel_step(model, ids, targets, jac, log, spec.shared)
             if use_cuda:
                 torch.cuda.synchronize(device)
             wall = time.perf_counter() - t0
@@ -317,15 +357,18 @@ def _worker(rank: int, world: int, port: int, spec: RegionRunSpec) -> None:
                 phase.append(res["times"])
         wall_t = torch.tensor(walls, dtype=torch.float64, device=device)
         dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
+        loss_t = torch.tensor([res["loss"] if rank == world - 1 else 0.0], dtype=torch.float64, device=device)
+        dist.broadcast(loss_t, world - 1)  # bookkeeping, not part of the step
         if spec.out_dir:
             grads = {}
             if spec.save_grads:
-                owned = {id(p) for p in owned_parameters(model, rank) + shared_parameters(model)}
+                shared = shared_parameters(model) if spec.shared == "allreduce" or rank == world - 1 else []
+                owned = {id(p) for p in owned_parameters(model, rank) + shared}
                 grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if id(p) in owned}
             torch.save(
                 {
                     "rank": rank,
-                    "loss": res["loss"],
+                    "loss": float(loss_t),
                     "grads": grads,
                     "bytes_sent": logs[-1],
                     "backward_bytes": sum(logs[-1].get(c, 0) for c in BACKWARD_CATEGORIES),
