@@ -289,11 +289,13 @@ def main() -> None:
             backend="nccl" if device.type == "cuda" else "gloo",
             dtype="bf16" if device.type == "cuda" else "float32",
             save_grads=False,
+            shared=args.shared,
         )
         try:
             recs = spawn_local(spec, args.world)
             res["region_parallel"] = {
                 "world": args.world,
+                "shared": args.shared,
                 "lbi": lbi,
                 "step_median_s": statistics.median(recs[0]["step_wall_s"]),
                 "step_wall_s": recs[0]["step_wall_s"],
