@@ -167,7 +167,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         "",
         "| variant | K | interface | r | C | jacobian | autograd ms | scan ms | autograd/dense | scan/dense |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| dense | - | - | - | - | - | - | {1e3 * dense:.1f} | 1.00 |",
+        f"| dense | - | - | - | - | - | {1e3 * dense:.1f} | - | 1.00 | - |",
     ]
     for name, rec in single.items():
         if name == "dense":
