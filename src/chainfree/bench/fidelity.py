@@ -284,8 +284,8 @@ def measure_fidelity(
     """Compare `method`'s gradients with exact backprop on the same weights and batches.
 
     model: an *unprepared* model (deep-copied; the caller's object is not modified) or a factory returning
-      one; `method.prepare` is applied here. A model that a method already wrapped (e.g. an LBIModel loaded
-      from an LBI checkpoint) works with reference='self'.
+      one, with the same weights on every call; `method.prepare` is applied here. A model that a method
+      already wrapped (e.g. an LBIModel loaded from an LBI checkpoint) works with reference='self'.
     batches: M (inputs, targets) pairs on the model's device; M >= 2 for the variance increase, M >= 3 for
       its standard error. k: estimates per batch (>= 2 for variance, >= 3 for its standard error).
     reference: 'auto' | 'copy' | 'self' (see the module docstring).
@@ -320,7 +320,8 @@ def measure_fidelity(
     if reference == "copy":
         for n, p in params.items():
             if not torch.equal(p.detach(), ref_params[n].detach()):
-                raise ConfigError(f"prepare() changed the values of {n}; use reference='self'")
+                raise ConfigError(f"{n} differs between the measured model and the exact reference: prepare() "
+                                  "changed it (use reference='self') or the model factory is not deterministic")
     groups: dict[str, list[str]] = {}
     for n in params:
         groups.setdefault(group_fn(n), []).append(n)
