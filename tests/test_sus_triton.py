@@ -75,7 +75,9 @@ def test_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype, ca
 
 
 @cuda
-def test_kept_pairs_match_reference_draws():
+@pytest.mark.parametrize("sampler", ["bitmask", "prefix"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kept_pairs_match_reference_draws(sampler, causal):
     """The sampler's compacted pairs equal the PyTorch port's (same layout, same hashes)."""
     from chainfree.ops import sus_sparse
     from chainfree.ops import sus_triton as st
@@ -83,10 +85,12 @@ def test_kept_pairs_match_reference_draws():
     B, H, n, D, c, seed = 1, 4, 333, 64, 5.0, 31337
     q, k, v, _ = _inputs(B, H, H, n, D, torch.bfloat16, seed=3)
     scale = 1 / math.sqrt(D)
-    _, lse = st.flash_forward(q, k, v, True, scale)
+    _, lse = st.flash_forward(q, k, v, causal, scale)
     cap = row_capacity(c, n)
-    idx, cnt = st.sample_kept_pairs(q, k, lse, c, True, scale, seed, cap)
-    idx_r, cnt_r = sus_sparse.sample_kept_pairs(q.float().cpu(), k.float().cpu(), lse.cpu(), c, True, scale, seed, cap)
+    idx, cnt = st.sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, sampler=sampler)
+    idx_r, cnt_r = sus_sparse.sample_kept_pairs(
+        q.float().cpu(), k.float().cpu(), lse.cpu(), c, causal, scale, seed, cap
+    )
     same = cnt.cpu() == cnt_r
     assert (~same).sum() <= 2  # see the rounding argument above
     slots = torch.arange(cap)[None, :] < cnt_r[:, None].clamp(max=cap)

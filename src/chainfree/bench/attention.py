@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from chainfree.bench.report import markdown_table, write_result
+from chainfree.ops.sus_triton import SAMPLER
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -176,6 +177,7 @@ def run_attention_bench(
         "batch": 1,
         "dtype": dtype,
         "sus_forward": forward,
+        "sus_sampler": SAMPLER,
         "baseline": "torch SDPA, SDPBackend.FLASH_ATTENTION",
         "source_commit": os.environ.get("CHAINFREE_GIT_COMMIT"),  # set where the checkout has no .git
         "timing": "CUDA events, 3 warm-up calls, median of 20 (n<=8192) or 10 repeats",

@@ -224,8 +224,8 @@ def _sample_tiles(
     q,
     k_base,
     skn,
-    idx_rows,
-    tri,
+    out_rows,
+    ones,
     row_term,
     lse2c,
     offs_m,
@@ -234,13 +234,15 @@ def _sample_tiles(
     start,
     end,
     N_K,
+    NW,
     qk_scale,
     CAP,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     BN: tl.constexpr,
-    PROBE: tl.constexpr,
+    SAMPLER: tl.constexpr,
 ):
+    offs_w = tl.arange(0, 16)
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
         if MASKED:
@@ -257,14 +259,23 @@ def _sample_tiles(
                 valid = valid & (kn[None, :] <= offs_m[:, None])
             keep = keep & valid
         kf = keep.to(tl.float16)
-        if PROBE:  # timing probe: count only, no compaction
+        if SAMPLER == 0:  # bitmask: 16-key words on the tensor cores, keep @ (2^(j%16) in column j//16)
+            words = tl.dot(kf, ones).to(tl.int32).to(tl.int16)  # exact: sums of distinct powers of two < 2^16
+            wcol = s0 // 16 + offs_w
+            wmask = row_ok_of(lse2c)[:, None] & ((offs_w < BN // 16) & (wcol < NW))[None, :]
+            tl.store(out_rows[:, None] + wcol[None, :], words, mask=wmask)
+        elif SAMPLER == 1:  # prefix: in-row inclusive counts on the tensor cores (keep @ triangular ones)
+            pos = (cnt[:, None] + tl.dot(kf, ones) - 1.0).to(tl.int32)
+            tl.store(out_rows[:, None] + pos, tl.broadcast_to(kn[None, :], pos.shape), mask=keep & (pos < CAP))
             cnt += tl.sum(kf.to(tl.float32), 1)
-        else:
-            # in-row inclusive prefix count of the kept entries on the tensor cores: keep @ upper-triangular ones
-            pos = (cnt[:, None] + tl.dot(kf, tri) - 1.0).to(tl.int32)
-            tl.store(idx_rows[:, None] + pos, tl.broadcast_to(kn[None, :], pos.shape), mask=keep & (pos < CAP))
+        else:  # timing probe: count only, no output
             cnt += tl.sum(kf.to(tl.float32), 1)
     return cnt
+
+
+@triton.jit
+def row_ok_of(lse2c):
+    return lse2c < float("inf")
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -272,7 +283,7 @@ def _sample_kernel(
     Q,
     K,
     LSE,
-    IDX,
+    OUT,
     CNT,
     sqb,
     sqh,
@@ -284,6 +295,7 @@ def _sample_kernel(
     GROUP,
     N_Q,
     N_K,
+    NW,
     qk_scale,
     log2c,
     seed,
@@ -292,8 +304,10 @@ def _sample_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     D: tl.constexpr,
-    PROBE: tl.constexpr,
+    SAMPLER: tl.constexpr,
 ):
+    """SAMPLER 0: OUT = bit words int16 [rows, NW] (CNT unused); 1: OUT = key slots int32 [rows, CAP] and
+    CNT = counts; 2: CNT = counts only (timing probe)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -307,8 +321,14 @@ def _sample_kernel(
     lse2c = tl.load(LSE + bh * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634 - log2c
     k_base = K + b * skb + hk * skh
     row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + offs_m.to(tl.uint32) * 0x9E3779B1
-    idx_rows = IDX + (bh * N_Q + offs_m).to(tl.int64) * CAP
-    tri = (offs_n[:, None] <= offs_n[None, :]).to(tl.float16)
+    rows = (bh * N_Q + offs_m).to(tl.int64)
+    if SAMPLER == 0:
+        out_rows = OUT + rows * NW
+        pw = tl.arange(0, 16)
+        ones = tl.where(offs_n[:, None] // 16 == pw[None, :], (1 << (offs_n % 16))[:, None], 0).to(tl.float16)
+    else:
+        out_rows = OUT + rows * CAP
+        ones = (offs_n[:, None] <= offs_n[None, :]).to(tl.float16)
     cnt = tl.zeros([BM], tl.float32)  # exact: counts < 2^24
     if CAUSAL:
         cnt = _sample_tiles(
@@ -316,8 +336,8 @@ def _sample_kernel(
             q,
             k_base,
             skn,
-            idx_rows,
-            tri,
+            out_rows,
+            ones,
             row_term,
             lse2c,
             offs_m,
@@ -326,20 +346,21 @@ def _sample_kernel(
             0,
             pid_m * BM,
             N_K,
+            NW,
             qk_scale,
             CAP,
             False,
             CAUSAL,
             BN,
-            PROBE,
+            SAMPLER,
         )
         cnt = _sample_tiles(
             cnt,
             q,
             k_base,
             skn,
-            idx_rows,
-            tri,
+            out_rows,
+            ones,
             row_term,
             lse2c,
             offs_m,
@@ -348,12 +369,13 @@ def _sample_kernel(
             pid_m * BM,
             tl.minimum((pid_m + 1) * BM, N_K),
             N_K,
+            NW,
             qk_scale,
             CAP,
             True,
             CAUSAL,
             BN,
-            PROBE,
+            SAMPLER,
         )
     else:
         full_end = (N_K // BN) * BN
@@ -362,8 +384,8 @@ def _sample_kernel(
             q,
             k_base,
             skn,
-            idx_rows,
-            tri,
+            out_rows,
+            ones,
             row_term,
             lse2c,
             offs_m,
@@ -372,20 +394,21 @@ def _sample_kernel(
             0,
             full_end,
             N_K,
+            NW,
             qk_scale,
             CAP,
             False,
             CAUSAL,
             BN,
-            PROBE,
+            SAMPLER,
         )
         cnt = _sample_tiles(
             cnt,
             q,
             k_base,
             skn,
-            idx_rows,
-            tri,
+            out_rows,
+            ones,
             row_term,
             lse2c,
             offs_m,
@@ -394,14 +417,49 @@ def _sample_kernel(
             full_end,
             N_K,
             N_K,
+            NW,
             qk_scale,
             CAP,
             True,
             CAUSAL,
             BN,
-            PROBE,
+            SAMPLER,
         )
-    tl.store(CNT + bh * N_Q + offs_m, cnt.to(tl.int32), mask=row_ok)
+    if SAMPLER != 0:
+        tl.store(CNT + bh * N_Q + offs_m, cnt.to(tl.int32), mask=row_ok)
+
+
+@triton.jit
+def _popc16(x):
+    x = x - ((x >> 1) & 0x5555)
+    x = (x & 0x3333) + ((x >> 2) & 0x3333)
+    x = (x + (x >> 4)) & 0x0F0F
+    return (x + (x >> 8)) & 0x1F
+
+
+@triton.jit
+def _expand_kernel(BITS, IDX, CNT, N_Q, N_K, NW, CAP, CAUSAL: tl.constexpr, WCHUNK: tl.constexpr):
+    """Bit words of one row -> its kept key indices in ascending order (slots < CAP) and the full count."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    row = (bh * N_Q + i).to(tl.int64)
+    nk = N_K
+    if CAUSAL:
+        nk = tl.minimum(i + 1, N_K)
+    nw = (nk + 15) // 16  # words the sampler wrote for this row (keys beyond nk are zero bits)
+    offs_w = tl.arange(0, WCHUNK)
+    cnt = tl.sum(tl.zeros([WCHUNK], tl.int32), 0)
+    for w0 in range(0, nw, WCHUNK):
+        wi = w0 + offs_w
+        word = tl.load(BITS + row * NW + wi, mask=wi < nw, other=0).to(tl.int32) & 0xFFFF
+        pc = _popc16(word)
+        slot = cnt + tl.cumsum(pc, 0) - pc
+        for bit in tl.static_range(16):
+            on = (word >> bit) & 1
+            tl.store(IDX + row * CAP + slot, wi * 16 + bit, mask=(on != 0) & (slot < CAP))
+            slot += on
+        cnt += tl.sum(pc, 0)
+    tl.store(CNT + row, cnt)
 
 
 @triton.jit

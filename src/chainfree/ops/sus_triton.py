@@ -9,20 +9,27 @@ Design (SPEC §2 option (b): the backward recomputes S once):
 - Forward (`_fwd_kernel`): flash attention, tiles of BM query rows x BN keys, online softmax in fp32,
   tensor-core QK^T and PV with fp32 accumulation. Saves Q, K, V, O and LSE [B*H, n] (fp32, natural
   log): O(n D) memory, no n x n tensor. Output equals SDPA to bf16/fp16 rounding.
-- Backward step 1 (`_sample_kernel`), same tiling: S = QK^T (the only n^2 D matmul of the backward,
-  instead of the four of a flash backward), W = exp(S scale - LSE), the contract hash per (i, j), keep
-  test, and an in-tile prefix sum that compacts each row's kept (j, W~_ij) into a row buffer of CAP
-  slots (int32 + fp32, CAP = c + 8 sqrt(c) + 16: a row keeps at most c in expectation with variance
-  <= c, so overflow has probability < 1e-15 per row; counts are stored un-clipped).
-- Backward step 2 (`_sparse_bwd_kernel`), one program per query row: gathers K_j, V_j of its kept
-  pairs, dP_ij = dO_i . V_j, dS_ij = W~_ij (dP_ij - D_i); dQ_i in registers; dK_j += dS_ij Q_i scale and
-  dV_j += W~_ij dO_i by fp32 atomics into [B, Hkv, n, D] buffers (so GQA sums over the group for free),
-  cast to the input dtype at the end. A row whose count exceeded CAP is recomputed exactly by a dense
-  scan of its keys that re-draws the same hashes (rare; keeps the estimator unbiased, no host sync).
-Numerics: all products of bf16/fp16 operands accumulate in fp32; W~, dS, dQ/dK/dV accumulate in fp32.
+- Backward step 1, sampler (`_sample_kernel`), same tiling: S = QK^T (the only n^2 D matmul of the
+  backward, instead of the four of a flash backward), cW = exp2(S scale log2e - LSE log2e + log2 c), the
+  contract hash u per (i, j), keep iff u < cW. Default output ("bitmask"): the keep tile is multiplied on
+  the tensor cores by a [BN, 16] matrix of powers of two, giving one 16-bit word per 16 keys (n^2/8 bytes
+  per head, transient); `_expand_kernel` (one program per row) pop-counts and prefix-sums the row's words
+  and writes its kept key indices, ascending, into a row buffer of CAP slots (CAP = c + 8 sqrt(c) + 16:
+  a row keeps at most c in expectation with variance <= c, so overflow has probability < 1e-15 per row);
+  the count is stored un-clipped. Variant "prefix" writes the indices from the sampler directly at in-row
+  prefix counts (keep @ triangular ones on the tensor cores): no n^2 bits.
+- Backward step 2 (`_sparse_bwd_kernel`), one program per query row: gathers K_j, V_j of its kept keys,
+  recomputes W~_ij = max(W_ij, 1/c) (= W/q for kept entries) from q_i.K_j and LSE, dP_ij = dO_i.V_j,
+  dS_ij = W~_ij (dP_ij - D_i), D_i = dO_i.O_i; dQ_i in registers; dK_j += dS_ij Q_i scale and
+  dV_j += W~_ij dO_i by fp32 atomics into [B, Hkv, n, D] buffers (GQA sums over the group for free), cast
+  to the input dtype at the end. A row whose count exceeded CAP is redone exactly by a dense scan of its
+  keys that re-draws the same hashes (rare; keeps the estimator unbiased, needs no host sync).
+Numerics: products of bf16/fp16 operands accumulate in fp32; W~, dS, dQ/dK/dV accumulate in fp32. The
+keep test u < cW equals the contract's (u < min(1, cW)) | (cW >= 1) except when u == cW == 1.0 exactly.
+Kept sets match the reference except where u and cW differ by fp32 rounding of W (~1e-6 relative).
 Atomic accumulation order is not deterministic: dK/dV vary run to run at fp32 rounding level.
-Cost per backward: one n^2 D matmul + one hash per (i, j) in the causal triangle (see docs/sus_kernel.md
-for what that costs on an H100) + O(n c D) gathers and atomics.
+Cost per backward: one n^2 D matmul + one hash and one exp per (i, j) of the causal triangle + n^2/8
+bytes of bit words per head + O(n c D) gathers and atomics; docs/sus_kernel.md has measured numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from chainfree.ops.sus_random import draw_seed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SPARSE_CHUNK = 32
+SAMPLER = "bitmask"  # backward step 1 variant; benchmarks/sus_probe.py times both
 
 
 def row_capacity(c: float, n_k: int) -> int:
@@ -114,8 +121,13 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _sample_config(d: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) of the sampler: measured best of five tilings on an H100."""
+    return 64, 64, 4, 3
+
+
 def _fwd_config(d: int) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) of the forward and the sampler; BM % BN == 0 (causal split)."""
+    """(BM, BN, num_warps, num_stages) of the forward; BM % BN == 0 (causal split)."""
     if d == 128:
         return 128, 64, 8, 3
     return 128, 64, 4, 3
@@ -198,27 +210,39 @@ def sample_kept_pairs(
     scale: float,
     seed: int,
     cap: int,
+    sampler: str | None = None,
     probe: bool = False,
     config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward step 1 on the GPU: (idx int32 [B*H*n, cap], count int32 [B*H*n]).
 
     Slots s < min(count, cap) of row r = bh * n + i hold its kept key indices in ascending order; count is
-    un-clipped (count > cap marks an overflowed row). `probe=True` only counts (a timing probe: the cost of
-    matmul + exp + hash without compaction). `chainfree.ops.sus_sparse` is the PyTorch port of this layout.
+    un-clipped (count > cap marks an overflowed row). `sampler`: "bitmask" (the sampler writes one bit per
+    (i, j) as 16-key words, n^2/8 bytes, and `_expand_kernel` turns each row's words into indices) or
+    "prefix" (the sampler writes indices directly at in-row prefix counts); None = SAMPLER.
+    `probe=True` only counts (timing probe: matmul + exp + hash without output).
+    `chainfree.ops.sus_sparse` is the PyTorch port of this layout.
     """
     kern = _kernels()
+    sampler = sampler or SAMPLER
+    if sampler not in ("bitmask", "prefix"):
+        raise ValueError(f"sampler must be 'bitmask' or 'prefix', got {sampler!r}")
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     idx = torch.empty(B * H * n_q, cap, device=q.device, dtype=torch.int32)
     cnt = torch.empty(B * H * n_q, device=q.device, dtype=torch.int32)
-    bm, bn, warps, stages = config or _fwd_config(d)
+    mode = 2 if probe else (0 if sampler == "bitmask" else 1)
+    nw = triton_cdiv(n_k, 16)
+    out = torch.empty(B * H * n_q, nw, device=q.device, dtype=torch.int16) if mode == 0 else idx
+    bm, bn, warps, stages = config or _sample_config(d)
     grid = (triton_cdiv(n_q, bm), B * H)
     kern._sample_kernel[grid](
-        q, k, lse, idx, cnt, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        H, H // h_kv, n_q, n_k, scale * kern.LOG2E, math.log2(c), int(seed), cap,
-        CAUSAL=is_causal, BM=bm, BN=bn, D=d, PROBE=probe, num_warps=warps, num_stages=stages,
+        q, k, lse, out, cnt, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        H, H // h_kv, n_q, n_k, nw, scale * kern.LOG2E, math.log2(c), int(seed), cap,
+        CAUSAL=is_causal, BM=bm, BN=bn, D=d, SAMPLER=mode, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if mode == 0:
+        kern._expand_kernel[(n_q, B * H)](out, idx, cnt, n_q, n_k, nw, cap, CAUSAL=is_causal, WCHUNK=256, num_warps=4)
     return idx, cnt
 
 
@@ -263,7 +287,7 @@ def sparse_backward(
 
 def _sparse_config(d: int) -> tuple[int, int]:
     """(CHUNK pairs gathered per step, num_warps) of the sparse pass."""
-    return (32, 4) if d == 128 else (32, 2)
+    return 16, 2  # measured best of (16|32|64, 2|4|8) at n = 8k, 16k on an H100 (benchmarks/sus_probe.py)
 
 
 class SusAttentionTriton(torch.autograd.Function):
