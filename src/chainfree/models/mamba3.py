@@ -166,8 +166,10 @@ class Mamba3Block(nn.Module):
         A = (-heavy_tail(dd_A.to(acc))).clamp(max=-A_FLOOR)
         lam = torch.sigmoid(trap.to(acc))
         dtheta = (math.pi * torch.tanh(ang.to(acc)))[..., None, :] * dt[..., None]
-        B = self.B_norm(B.reshape(*lead, R, n))[..., None, :] + self.B_bias.transpose(0, 1).to(u.dtype)
-        C = self.C_norm(C.reshape(*lead, R, n))[..., None, :] + self.C_bias.transpose(0, 1).to(u.dtype)
+        # B/C norms in the weights' dtype: under bf16 autocast a dtype mismatch disables the fused RMSNorm
+        wdt = self.B_norm.weight.dtype
+        B = self.B_norm(B.reshape(*lead, R, n).to(wdt))[..., None, :] + self.B_bias.transpose(0, 1)
+        C = self.C_norm(C.reshape(*lead, R, n).to(wdt))[..., None, :] + self.C_bias.transpose(0, 1)
         x = x.reshape(*lead, 1, h, p)
         z = z.reshape(*lead, 1, h, p)
         if R > 1:
