@@ -61,3 +61,24 @@ def test_sus_method_errors():
         build_method("sus", {"c": 0})
     with pytest.raises(ConfigError, match="method.backend"):
         build_method("sus", {"backend": "cuda"})
+
+
+def test_variance_grid_zero_when_nothing_is_cut_and_positive_otherwise():
+    from chainfree.reproduce.sus import variance_grid, variance_markdown
+
+    model = tiny_gpt().float()
+    g = torch.Generator().manual_seed(3)
+    batches = {n: [(torch.randint(0, 50, (1, n), generator=g), torch.randint(0, 50, (1, n), generator=g))
+                   for _ in range(3)] for n in (8, 16)}  # fmt: skip
+    rows = variance_grid(model, batches, (1, 10**9), draws=2, variants={16: ("bernoulli", "systematic")},
+                         log=lambda _: None)  # fmt: skip
+    assert len(rows) == 2 * 2 + 2
+    for r in rows:
+        if r["c"] == 10**9:
+            assert r["variance_increase"] == 0.0  # every q = 1: SUS gradients are the exact ones
+        else:
+            assert r["variance_increase"] > 0 and r["kinds"]["blocks.*.attn"]["variance_increase"] > 0
+            assert r["kinds"]["norm"]["variance_increase"] == 0.0  # nothing downstream of the last attention
+    md = variance_markdown(rows, {"model": "tiny", "pretrain_steps": 0, "pretrain_val_loss": float("nan"),
+                                  "batches": 3, "draws": 2})  # fmt: skip
+    assert "| c \\ n | 8 | 16 |" in md and "systematic" in md

@@ -297,3 +297,33 @@ def test_top_level_export_and_clear_errors():
         sus_attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="variant"):
         sus_attention(q, q, q, variant="poisson")
+
+
+def test_dispatch_to_kernel_module(monkeypatch):
+    """CUDA dispatch logic, checked on CPU with a stand-in kernel module: the kernel gets the same seed the
+    reference would use, and cases it cannot take (variant, v shape, causal n_q != n_k) stay on the reference."""
+    import types
+
+    from chainfree.ops import sus as sus_mod
+
+    calls = []
+
+    def fake_kernel(q, k, v, c, is_causal, scale, enable_gqa, seed):
+        calls.append((c, is_causal, scale, enable_gqa, seed))
+        return torch.zeros_like(q)
+
+    fake = types.SimpleNamespace(supports=lambda q, k: True, sus_attention_triton=fake_kernel)
+    monkeypatch.setattr(sus_mod, "_triton_module", lambda: fake)
+    q, k, v = qkv(1, 4, 2, 6, 8)
+    out = sus_attention(q, k, v, c=3, is_causal=True, enable_gqa=True, backend="triton",
+                        generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert torch.equal(out, torch.zeros_like(q))
+    assert calls == [(3.0, True, 1 / math.sqrt(8), True, draw_seed(torch.Generator().manual_seed(5)))]
+    calls.clear()
+    ref = sus_attention(q, k, v, c=3, is_causal=True, enable_gqa=True, variant="systematic")  # reference
+    assert not calls and ref.abs().sum() > 0
+    k7, v7 = k[:, :, :5].detach(), v[:, :, :5].detach()
+    assert not sus_mod._triton_supports(fake, q, k7, v7, True)  # causal with n_q != n_k
+    assert sus_mod._triton_supports(fake, q, k7, v7, False)
+    with pytest.raises(ValueError, match="variant"):
+        sus_attention(q, k, v, variant="systematic", backend="triton", enable_gqa=True)

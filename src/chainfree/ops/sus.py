@@ -33,19 +33,16 @@ def _triton_module() -> Any | None:
 
 
 def _triton_supports(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> bool:
-    """Whether the kernel handles this case (it raises on the others); asks the module if it can say."""
+    """Whether the kernel handles this case (it raises on the others): its own `supports(q, k)` for
+    device, dtype and head dim, plus the shape rules of its input check (v like k; causal needs n_q == n_k)."""
+    if k.shape != v.shape or (is_causal and q.shape[2] != k.shape[2]):
+        return False
     supports = getattr(module, "supports", None)
     if supports is not None:
-        return bool(supports(q, k, v, is_causal))
+        return bool(supports(q, k))
     dtypes = getattr(module, "SUPPORTED_DTYPES", (torch.float16, torch.bfloat16))
     head_dims = getattr(module, "SUPPORTED_HEAD_DIMS", (32, 64, 128))
-    return (
-        q.is_cuda
-        and q.dtype in dtypes
-        and q.shape[-1] in head_dims
-        and k.shape == v.shape
-        and not (is_causal and q.shape[2] != k.shape[2])
-    )
+    return q.is_cuda and q.dtype in dtypes and q.shape[-1] in head_dims
 
 
 def _check_inputs(q, k, v, c, enable_gqa, attn_mask, dropout_p, variant, backend) -> None:
