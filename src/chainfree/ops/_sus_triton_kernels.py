@@ -1,19 +1,20 @@
 """Triton kernels behind `sus_triton.py` (imported lazily: CPU-only installs have no Triton).
 
-Three kernels, all reading [B, H, n, D] tensors through strides (last dim contiguous):
+All read [B, H, n, D] tensors through strides (last dim contiguous); `sus_triton.py` documents the design.
 
 - `_fwd_kernel`: flash attention forward. Program = (BM query rows, one (batch, head)); loops over
   BN-key tiles with an online softmax in fp32; writes O (input dtype) and LSE (natural log, fp32).
   Causal programs split the key loop into unmasked off-diagonal tiles and masked diagonal tiles.
-- `_sample_kernel`: backward step 1. Same tiling; recomputes S = QK^T once per tile (one n^2 D
-  matmul), W = exp(S*scale - LSE), draws u with the contract hash, keeps u < min(1, cW) (or q >= 1),
-  and compacts each row's kept (key, W~ = max(W, 1/c)) pairs into a CAP-slot row buffer with an
-  in-tile prefix sum. The row count is stored un-clipped, so the next kernel can detect overflow.
-- `_sparse_bwd_kernel`: backward step 2. Program = one query row. Gathers K_j, V_j of the kept
-  pairs (CHUNK at a time): dP = dO.V_j, dS = W~(dP - D_i), dQ += dS K_j (registers, fp32); dK_j,
-  dV_j get dS Q_i and W~ dO_i by fp32 atomics (GQA heads of a group add into one K/V head). A row
-  whose count exceeds CAP (probability < 1e-15 per row at the default CAP) is redone exactly by a
-  dense scan of its keys that re-draws the same hashes: no host synchronisation, no bias.
+- `_sample_kernel`: backward step 1. Same tiling; recomputes S = QK^T once per tile, cW = c exp(S scale
+  - LSE), the contract hash u, keep = u < cW; then either writes each row's kept key indices at in-row
+  prefix counts (SAMPLER 1, "prefix") or 16-key bit words (SAMPLER 0, "bitmask", expanded by
+  `_expand_kernel`); SAMPLER 2 only counts (a timing probe). Both prefix counts and bit words are
+  products of the 0/1 keep tile with a constant matrix on the tensor cores.
+- `_sparse_bwd_kernel`: backward step 2. Program = one query row. Gathers K_j, V_j of the kept keys
+  (CHUNK at a time), recomputes W~ = max(W, 1/c), dP = dO.V_j, dS = W~(dP - D_i), dQ += dS K_j
+  (registers, fp32); dK_j, dV_j get dS Q_i and W~ dO_i by fp32 atomics (GQA heads of a group add into
+  one K/V head). A row whose count exceeds CAP is redone exactly by a dense scan of its keys that
+  re-draws the same hashes: no host synchronisation, no bias.
 """
 
 from __future__ import annotations

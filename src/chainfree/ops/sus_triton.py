@@ -11,13 +11,13 @@ Design (SPEC §2 option (b): the backward recomputes S once):
   log): O(n D) memory, no n x n tensor. Output equals SDPA to bf16/fp16 rounding.
 - Backward step 1, sampler (`_sample_kernel`), same tiling: S = QK^T (the only n^2 D matmul of the
   backward, instead of the four of a flash backward), cW = exp2(S scale log2e - LSE log2e + log2 c), the
-  contract hash u per (i, j), keep iff u < cW. Default output ("bitmask"): the keep tile is multiplied on
-  the tensor cores by a [BN, 16] matrix of powers of two, giving one 16-bit word per 16 keys (n^2/8 bytes
-  per head, transient); `_expand_kernel` (one program per row) pop-counts and prefix-sums the row's words
-  and writes its kept key indices, ascending, into a row buffer of CAP slots (CAP = c + 8 sqrt(c) + 16:
+  contract hash u per (i, j), keep iff u < cW. Output (default "prefix"): the 0/1 keep tile times an
+  upper-triangular matrix of ones on the tensor cores gives in-row prefix counts, and each kept key index
+  is stored at slot (count so far + prefix - 1) of its row's buffer of CAP slots (CAP = c + 8 sqrt(c) + 16:
   a row keeps at most c in expectation with variance <= c, so overflow has probability < 1e-15 per row);
-  the count is stored un-clipped. Variant "prefix" writes the indices from the sampler directly at in-row
-  prefix counts (keep @ triangular ones on the tensor cores): no n^2 bits.
+  the count is stored un-clipped. Variant "bitmask": the keep tile times a [BN, 16] matrix of powers of
+  two gives 16-bit words (n^2/8 bytes per head, transient), and `_expand_kernel` (one program per row)
+  pop-counts and prefix-sums a row's words into the same index buffer; slower on an H100.
 - Backward step 2 (`_sparse_bwd_kernel`), one program per query row: gathers K_j, V_j of its kept keys,
   recomputes W~_ij = max(W_ij, 1/c) (= W/q for kept entries) from q_i.K_j and LSE, dP_ij = dO_i.V_j,
   dS_ij = W~_ij (dP_ij - D_i), D_i = dO_i.O_i; dQ_i in registers; dK_j += dS_ij Q_i scale and
@@ -28,8 +28,9 @@ Numerics: products of bf16/fp16 operands accumulate in fp32; W~, dS, dQ/dK/dV ac
 keep test u < cW equals the contract's (u < min(1, cW)) | (cW >= 1) except when u == cW == 1.0 exactly.
 Kept sets match the reference except where u and cW differ by fp32 rounding of W (~1e-6 relative).
 Atomic accumulation order is not deterministic: dK/dV vary run to run at fp32 rounding level.
-Cost per backward: one n^2 D matmul + one hash and one exp per (i, j) of the causal triangle + n^2/8
-bytes of bit words per head + O(n c D) gathers and atomics; docs/sus_kernel.md has measured numbers.
+Cost per backward: one n^2 D matmul + one hash and one exp per (i, j) of the causal triangle + O(n c D)
+gathers and atomics (+ n^2/8 bytes of bit words per head with the bitmask sampler); docs/sus_kernel.md
+has the measured numbers and what limits them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from chainfree.ops.sus_random import draw_seed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SAMPLER = "bitmask"  # backward step 1 variant; benchmarks/sus_probe.py times both
+SAMPLER = "prefix"  # faster than "bitmask" on an H100 (benchmarks/sus_probe.py; docs/sus_kernel.md)
 
 
 def row_capacity(c: float, n_k: int) -> int:
