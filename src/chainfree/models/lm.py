@@ -45,6 +45,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (it comes from the tokenizer)")
+        cfg.validate()  # models built in code get the same clear errors as the CLI
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(block_class(kind)(cfg, i) for i, kind in enumerate(block_kinds(cfg)))
