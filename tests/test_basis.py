@@ -3,7 +3,9 @@ norm preservation, exact dX/db, what autograd really saves, autocast, tied heads
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -383,3 +385,49 @@ def test_fused_mlp_same_draw_per_layer_and_unbiased(monkeypatch):
     assert torch.equal(down_fwd.perm, down_bwd.perm) and torch.equal(down_fwd.signs, down_bwd.signs)
     _assert_unbiased(torch.stack(samples["up"]), ref.up.weight.grad)
     _assert_unbiased(torch.stack(samples["down"]), ref.down.weight.grad)
+
+
+triton_runs = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+)
+
+
+@pytest.mark.skipif(not triton_runs, reason="needs triton with CUDA (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("rows,width,rank", [(300, 200, 7), (64, 64, 64), (1000, 130, 1), (37, 5, 100)])
+def test_triton_sketch_matches_reference(rows, width, rank):
+    from chainfree.ops.basis_sketch_triton import signed_segment_sum
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(rows + width + rank)
+    plan = draw_plan(rows, rank, "cpu", torch.float32, generator=gen)
+    m = torch.randn(rows, width, generator=gen)
+    ref = sketch_rows_reference(m.double(), plan)
+    for dtype in (torch.float32, torch.bfloat16):
+        md = m.to(dtype)
+        sketch, sumsq, colsum = signed_segment_sum(md.to(device), plan.perm.to(device), plan.signs.to(device, dtype),
+                                                   plan.rank, with_colsum=True)
+        exact = sketch_rows_reference(md.double(), plan)  # float32 accumulation vs float64
+        torch.testing.assert_close(sketch.cpu().double(), exact, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        torch.testing.assert_close(sumsq.cpu().double(), md.double().pow(2).sum(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(colsum.cpu().double(), md.double().sum(0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not triton_runs, reason="needs triton with CUDA (or TRITON_INTERPRET=1)")
+def test_triton_path_full_rank_exact():
+    """Through the autograd Functions on the Triton path: R = B, shrink 0 gives exact dW and db."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, b, dy = (t.detach().float().to(device) for t in _problem(rows=40, n_in=9, n_out=6))
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    basis_linear(x, w, b, rank=40, shrink=0.0, scalars=False).backward(dy)
+    torch.testing.assert_close(w.grad, dy.T @ x.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, dy.sum(0), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    mlp = MLP(9, 12).to(device)
+    ref = MLP(9, 12).to(device)
+    ref.load_state_dict(mlp.state_dict())
+    fused = BasisMLP(mlp, rank=40, shrink=0.0, scalars=False)
+    dy_mlp = torch.randn(40, 9, device=device)
+    fused(x).backward(dy_mlp)
+    ref(x.detach()).backward(dy_mlp)
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)

@@ -77,7 +77,19 @@ def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def run_case(name: str, overrides: list[str], device: torch.device, steps: int, measure_step: int) -> dict[str, Any]:
+def run_case(name: str, overrides: list[str], device: torch.device, steps: int, measure_step: int,
+             torch_sketch: bool = False) -> dict[str, Any]:
+    """Train one case from scratch; torch_sketch=True disables the fused Triton sketch for this case."""
+    import chainfree.ops.basis_linear as basis_ops
+
+    basis_ops._TRITON = False if torch_sketch else None
+    try:
+        return _run_case(name, overrides, device, steps, measure_step)
+    finally:
+        basis_ops._TRITON = None
+
+
+def _run_case(name: str, overrides: list[str], device: torch.device, steps: int, measure_step: int) -> dict[str, Any]:
     cfg = load_config(None, overrides)
     tc = cfg.train
     data, model, method = build_run(cfg, device)
@@ -133,6 +145,7 @@ def run_case(name: str, overrides: list[str], device: torch.device, steps: int, 
 
 def sketch_microbench(device: torch.device, rows: int, width: int, rank: int, reps: int = 20) -> dict[str, float]:
     """Time (ms) of the sketch of a (rows x width) bf16 matrix vs the dW GEMM it replaces (d_model = width/4)."""
+    import chainfree.ops.basis_linear as basis_ops
     from chainfree.ops.basis_linear import draw_plan, scaled_sketch, sketch_rows_reference
 
     m = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
@@ -149,14 +162,50 @@ def sketch_microbench(device: torch.device, rows: int, width: int, rank: int, re
         return 1000 * (time.perf_counter() - t0) / reps
 
     plan = draw_plan(rows, rank, device, torch.bfloat16)
+    triton_sketch_ms = {}
+    if basis_ops._triton_kernel() is not None:
+        kernel = basis_ops._triton_kernel()
+        triton_sketch_ms["triton_sketch_norm_colsum_ms"] = timed(
+            lambda: kernel(m, plan.perm, plan.signs, rank, with_colsum=True))
     return {
         "rows": rows, "width": width, "rank": rank,
         "dw_gemm_ms": timed(lambda: m.T @ other),
         "draw_plan_ms": timed(lambda: draw_plan(rows, rank, device, torch.bfloat16)),
-        "sketch_with_scalar_ms": timed(lambda: scaled_sketch(m, plan, True, 0.01)),
+        "sketch_with_scalar_ms": timed(lambda: scaled_sketch(m, plan, True, 0.01)),  # Triton path if available
         "gather_sketch_ms": timed(lambda: sketch_rows_reference(m, plan)),
         "norm_only_ms": timed(lambda: torch.linalg.vector_norm(m, dtype=torch.float32)),
+        "randperm_ms": timed(lambda: torch.randperm(rows, device=device)),
+        "argsort_2_perms_ms": timed(lambda: torch.rand(2, rows, device=device).argsort(dim=1)),
+        **triton_sketch_ms,
     }
+
+
+def profile_case(overrides: list[str], device: torch.device) -> str:
+    """torch.profiler table of 3 training steps after 4 warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = load_config(None, overrides)
+    tc = cfg.train
+    data, model, method = build_run(cfg, device)
+    sampler = BatchSampler(data, tc.batch_size, cfg.model.seq_len, tc.seed)
+    optimizer = build_optimizer(model, tc, device)
+
+    def step(i: int) -> None:
+        x, y = (t.to(device) for t in sampler.batch("train", i))
+        with autocast_context(tc, device):
+            loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(4):
+        step(i)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(4, 7):
+            step(i)
+        torch.cuda.synchronize(device)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
 
 
 COLUMNS = [("case", "case"), ("peak_gib", "peak (GiB)"), ("activation_gib", "activation (GiB)"),
@@ -172,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", default="1,8,32,128")
     ap.add_argument("--attn-rank", type=int, default=32, help="rank of the all-Linears case (0 = skip it)")
     ap.add_argument("--spec-rank", type=int, default=32, help="rank of the unfused-MLP case (0 = skip it)")
+    ap.add_argument("--torch-sketch-rank", type=int, default=0,
+                    help="rank of a case with the PyTorch sketch instead of the Triton kernel (0 = skip it)")
+    ap.add_argument("--profile", action="store_true", help="also profile 3 steps of exact and BASIS R=32")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override section.key=value")
     args = ap.parse_args(argv)
@@ -183,12 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.spec_rank:  # the MLP as two BasisLinear layers (SPEC §1.6 structure: h stays saved)
         cases[f"basis R={args.spec_rank} unfused MLP"] = [
             "method.name=basis", f"method.rank={args.spec_rank}", "method.fuse_mlp=false"]
+    if args.torch_sketch_rank:  # same as the paper-layer case but with the PyTorch (GEMM) sketch
+        cases[f"basis R={args.torch_sketch_rank} PyTorch sketch"] = [
+            "method.name=basis", f"method.rank={args.torch_sketch_rank}"]
     if args.attn_rank:
         cases[f"basis R={args.attn_rank} all Linears"] = [
             "method.name=basis", f"method.rank={args.attn_rank}", "method.layers=" + ",".join(ALL_LINEARS)]
     results = {}
     for name, extra in cases.items():
-        results[name] = run_case(name, [*base, *extra], device, args.steps, measure_step=3)
+        results[name] = run_case(name, [*base, *extra], device, args.steps, measure_step=3,
+                                 torch_sketch=name.endswith("PyTorch sketch"))
         gc.collect()  # the case's model and optimizer are unreachable now; free them before the next case
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -221,6 +277,11 @@ def main(argv: list[str] | None = None) -> None:
               "MiB": g["bytes"] / 2**20} for g in r["saved_groups"]],
             [("shape", "shape"), ("dtype", "dtype"), ("count", "count"), ("MiB", "MiB")]))
         md.append("")
+    if args.profile and device.type == "cuda":
+        for name in ("exact", "basis R=32"):
+            if name in cases:
+                md += [f"## Profile: {name} (3 steps, top kernels by GPU time)", "", "```",
+                       profile_case([*base, *cases[name]], device), "```", ""]
     if micro:
         md += ["## Sketch cost (ms) vs the dW GEMM it replaces (one MLP down-projection input)", "",
                markdown_table(micro, [(k, k) for k in micro[0]])]

@@ -37,7 +37,9 @@ type chosen at decoration time, and this layer must behave the same on CPU and C
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -127,15 +129,54 @@ def sketch_rows(m: torch.Tensor, plan: SketchPlan) -> torch.Tensor:
     return plan.sign_matrix().to(m.dtype) @ m
 
 
+def _triton_kernel():
+    """chainfree.ops.basis_sketch_triton.signed_segment_sum when it can run here, else None."""
+    global _TRITON
+    if _TRITON is None:
+        _TRITON = False
+        if os.environ.get("CHAINFREE_BASIS_TRITON", "1") != "0" and importlib.util.find_spec("triton"):
+            try:
+                from chainfree.ops.basis_sketch_triton import signed_segment_sum
+
+                _TRITON = signed_segment_sum
+            except ImportError:  # a triton without a usable backend
+                pass
+    return _TRITON or None
+
+
+_TRITON = None
+
+
+def scaled_sketch_and_colsum(
+    m: torch.Tensor, plan: SketchPlan, scalars: bool, shrink: float, with_colsum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((1 - shrink) * gamma * S m, column sums of m or None), float32 (float64 for float64 input).
+
+    gamma = ||m||_F / (||S m||_F + 1e-8), or 1 without scalars. On CUDA (bf16/fp16/fp32) one fused
+    Triton pass produces S m, ||m||^2 and the column sums (the bias gradient); elsewhere the sketch is
+    `sketch_rows` and the norm and column sums are separate reductions.
+    """
+    acc = torch.float64 if m.dtype == torch.float64 else torch.float32
+    on_triton_device = m.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # interpreter: CPU tensors
+    kernel = _triton_kernel() if on_triton_device and acc == torch.float32 else None
+    if kernel is not None:
+        sketch, sumsq, colsum = kernel(m, plan.perm, plan.signs, plan.rank, with_colsum)
+        norm = sumsq.sqrt() if scalars else None
+    else:
+        sketch = sketch_rows(m, plan).to(acc)
+        norm = torch.linalg.vector_norm(m, dtype=acc) if scalars else None
+        colsum = m.sum(0, dtype=acc) if with_colsum else None
+    factor = 1.0 - shrink
+    if norm is not None:
+        sketch = sketch * (norm / (torch.linalg.vector_norm(sketch) + GAMMA_EPS) * factor)
+    elif factor != 1.0:
+        sketch = sketch * factor
+    return sketch, colsum
+
+
 def scaled_sketch(m: torch.Tensor, plan: SketchPlan, scalars: bool, shrink: float) -> torch.Tensor:
     """(1 - shrink) * gamma * S m in float32 (float64 for float64 input); gamma = 1 without scalars."""
-    acc = torch.float64 if m.dtype == torch.float64 else torch.float32
-    sketch = sketch_rows(m, plan).to(acc)
-    factor = 1.0 - shrink
-    if not scalars:
-        return sketch * factor if factor != 1.0 else sketch
-    gamma = torch.linalg.vector_norm(m, dtype=acc) / (torch.linalg.vector_norm(sketch) + GAMMA_EPS)
-    return sketch * (gamma * factor)
+    return scaled_sketch_and_colsum(m, plan, scalars, shrink)[0]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -171,13 +212,15 @@ class BasisLinearFunction(torch.autograd.Function):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
             if need_dx:
                 dx = (dy2 @ weight.to(dtype)).view(x_shape).to(x_dtype)
+            want_db = has_bias and need_db
             if need_dw:
                 plan = SketchPlan(perm=perm, signs=signs, rank=rank)
-                dy_hat = scaled_sketch(dy2, plan, scalars, shrink)
+                dy_hat, colsum = scaled_sketch_and_colsum(dy2, plan, scalars, shrink, with_colsum=want_db)
                 dw = (dy_hat.t() @ x_hat).to(weight.dtype)
-            if has_bias and need_db:
-                acc = torch.float64 if dtype == torch.float64 else torch.float32
-                db = dy2.sum(0, dtype=acc).to(weight.dtype)
+                if want_db:
+                    db = colsum.to(weight.dtype)
+            elif want_db:
+                db = dy2.sum(0, dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(weight.dtype)
         return dx, dw, db, None, None, None
 
 
@@ -227,15 +270,20 @@ class BasisMLPFunction(torch.autograd.Function):
             del hidden
             du = (d_hidden @ w1c).view(u_shape).to(u_dtype) if need[0] else None
             dw1 = dw2 = db1 = db2 = None
+            want_db1, want_db2 = b1 is not None and need[2], has_b2 and need[4]
             if need[1]:
                 plan_up = SketchPlan(perm=perm_up, signs=signs_up, rank=rank)
-                dw1 = (scaled_sketch(d_hidden, plan_up, scalars, shrink).t() @ u_hat).to(w1.dtype)
-            if b1 is not None and need[2]:
+                dh_hat, colsum = scaled_sketch_and_colsum(d_hidden, plan_up, scalars, shrink, want_db1)
+                dw1 = (dh_hat.t() @ u_hat).to(w1.dtype)
+                db1 = colsum.to(b1.dtype) if want_db1 else None
+            elif want_db1:
                 db1 = d_hidden.sum(0, dtype=acc).to(b1.dtype)
             if need[3]:
                 plan_down = SketchPlan(perm=perm_down, signs=signs_down, rank=rank)
-                dw2 = (scaled_sketch(dy2, plan_down, scalars, shrink).t() @ act_hat).to(w2.dtype)
-            if has_b2 and need[4]:
+                dy_hat, colsum = scaled_sketch_and_colsum(dy2, plan_down, scalars, shrink, want_db2)
+                dw2 = (dy_hat.t() @ act_hat).to(w2.dtype)
+                db2 = colsum.to(w2.dtype) if want_db2 else None
+            elif want_db2:
                 db2 = dy2.sum(0, dtype=acc).to(w2.dtype)
         return du, dw1, db1, dw2, db2, None, None, None, None
 
