@@ -71,3 +71,13 @@ def test_row_capacity_bound():
         t = cap - c  # P(count >= c + t) <= exp(-t^2 / (2 (c + t/3))) for variance <= c
         assert math.exp(-t * t / (2 * (c + t / 3))) < 1e-15
     assert row_capacity(32.0, 10) == 10
+
+
+def test_attention_bench_needs_cuda(tmp_path):
+    """The speed benchmark refuses to run without a GPU instead of timing something meaningless."""
+    from chainfree.bench.attention import run_attention_bench
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        run_attention_bench([256], [64], [8.0], out_dir=tmp_path)
