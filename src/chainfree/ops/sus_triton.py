@@ -103,8 +103,11 @@ def _check_inputs(
         raise ValueError(f"is_causal needs equal query and key lengths; got {n_q} and {k.shape[2]}")
     if n_q == 0 or k.shape[2] == 0:
         raise ValueError("empty sequence")
-    if not c > 0:
-        raise ValueError(f"c must be > 0, got {c}")
+    if not (c > 0 and math.isfinite(c)):
+        raise ValueError(
+            f"c must be a positive finite number (expected kept entries per row), got {c}; "
+            "for exact gradients use a huge c such as 1e30, or F.scaled_dot_product_attention"
+        )
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, variant: str = "bernoulli") -> bool:
