@@ -158,6 +158,7 @@ class HBLLTree(nn.Module):
             for lv, k in self.nodes
         )
         own = cfg.aux_head == "linear" or (cfg.aux_head == "auto" and model.head.out_features <= 1024)
+        self.own_linear = own
         self.aux = nn.ModuleList(AuxHead(model, own) for _ in range(m - 1))  # boundaries 1..M-1
 
     # ---------------------------------------------------------------------------------------- primitives
@@ -177,6 +178,29 @@ class HBLLTree(nn.Module):
         head, norm = self.model.head, self.model.norm
         bias = head.bias.detach() if head.bias is not None else None
         return readout_ce(z, _frozen(norm), head.weight.detach(), bias, targets)
+
+    def readout_ce_many(self, boundaries: Sequence[int], zs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over items of the readout CE of zs[i] at boundary boundaries[i], as ONE batched call: the
+        norms' parameters are stacked; own linears are stacked (einsum), a shared head is one fused CE."""
+        n, d, M = len(boundaries), zs.shape[-1], self.n_leaves
+        _frozen(self.model.norm)  # validates the norm type
+        norms = [self.aux[b - 1].norm if b < M else self.model.norm for b in boundaries]
+        w = torch.stack([nm.weight if b < M else nm.weight.detach() for b, nm in zip(boundaries, norms, strict=True)])
+        bias = torch.stack([nm.bias if b < M else nm.bias.detach() for b, nm in zip(boundaries, norms, strict=True)])
+        view = (n,) + (1,) * (zs.dim() - 2) + (d,)
+        h = F.layer_norm(zs, (d,), eps=self.model.norm.eps) * w.view(view) + bias.view(view)
+        rep = targets.unsqueeze(0).expand(n, *targets.shape).reshape(-1)
+        head = self.model.head
+        if not self.own_linear:
+            hb = head.bias.detach() if head.bias is not None else None
+            return linear_cross_entropy(h, head.weight.detach(), hb, rep)
+        lin = [self.aux[b - 1].linear if b < M else None for b in boundaries]
+        W = torch.stack([ln.weight if ln is not None else head.weight.detach() for ln in lin])  # [n, C, d]
+        logits = torch.einsum("n...d,ncd->n...c", h, W.to(h.dtype))
+        if head.bias is not None:
+            Bc = torch.stack([ln.bias if ln is not None else head.bias.detach() for ln in lin])
+            logits = logits + Bc.view((n,) + (1,) * (zs.dim() - 2) + (-1,)).to(logits.dtype)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), rep)
 
     def shortcut(self, node: tuple[int, int]) -> nn.Module:
         return self.shortcuts[self.node_index[node]]
@@ -346,38 +370,35 @@ class HBLL(Method):
                     dd[j] = max(dd[(k + 1) << lv], sc_in_depth[(lv, k)] + sl) + sl
 
         # -- local objectives, one backward (all parts independent: inputs detached) ------------------------
-        terms = []
-        aux_sum = 0.0
+        # leaves: surrogate <F_i(m_i), delta_{i+1}> (= gradient of the Gaussian match to the posterior mean)
+        outs = torch.stack(leaf_out)
+        weights = [cfg.global_weight] * (m - 1) + [1.0]
+        if cfg.global_weight > 0:
+            deltas = torch.stack([delta[i + 1] * w for i, w in enumerate(weights)])
+        else:
+            deltas = torch.zeros_like(outs)
+            deltas[-1] = delta[m]
+        loss = (outs * deltas.to(outs.dtype)).sum()
         for i in range(m):
             b = i + 1
-            out = leaf_out[i]
-            if b == m:
-                terms.append((out * delta[m]).sum())
-                depth[f"leaf{i}"] = max(ld[i], dd[m]) + bs
-                continue
-            local = out.new_zeros(())
-            if cfg.aux_weight > 0:
-                ce = tree.readout_ce(b, out, targets)
-                aux_sum += float(ce.detach())
-                local = local + cfg.aux_weight * ce
-            dep = ld[i]
-            if cfg.global_weight > 0:
-                local = local + cfg.global_weight * (out * delta[b]).sum()
-                dep = max(dep, dd[b])
-            terms.append(local)
+            dep = max(ld[i], dd[b]) if (cfg.global_weight > 0 or b == m) else ld[i]
             depth[f"leaf{i}"] = dep + bs
-        sc_mse = 0.0
-        for (lv, k), out in sc_out.items():
-            b = (k + 1) << lv
-            target = leaf_out[b - 1].detach()
-            mse = (out - target).pow(2).mean()
-            sc_mse += float(mse.detach())
-            local = cfg.shortcut_weight * mse
-            if cfg.shortcut_aux_weight > 0:
-                local = local + cfg.shortcut_aux_weight * tree.readout_ce(b, out, targets)
-            terms.append(local)
+        aux_ce = torch.zeros((), device=outs.device)
+        if cfg.aux_weight > 0:  # local likelihood: readout CE at boundaries 1..M-1
+            aux_ce = tree.readout_ce_many(list(range(1, m)), outs[:-1], targets)
+            loss = loss + cfg.aux_weight * (m - 1) * aux_ce
+        # shortcuts: distillation onto the span's last leaf output (+ readout CE)
+        nodes = list(sc_out)
+        sc = torch.stack([sc_out[v] for v in nodes])
+        sc_bound = [(k + 1) << lv for lv, k in nodes]
+        target = torch.stack([leaf_out[b - 1] for b in sc_bound]).detach()
+        mse = (sc - target).float().pow(2).flatten(1).mean(1)
+        loss = loss + cfg.shortcut_weight * mse.sum()
+        if cfg.shortcut_aux_weight > 0:
+            loss = loss + cfg.shortcut_aux_weight * len(nodes) * tree.readout_ce_many(sc_bound, sc, targets)
+        for (lv, k), b in zip(nodes, sc_bound, strict=True):
             depth[f"node{lv}.{k}"] = max(sc_in_depth[(lv, k)] + sl, ld[b - 1]) + sl
-        torch.stack(terms).sum().backward()
+        loss.backward()
 
         critical = max(depth.values())
         return StepStats(
@@ -385,8 +406,8 @@ class HBLL(Method):
             tokens=targets.numel(),
             extra={
                 "critical_path": float(critical),
-                "aux_ce_mean": aux_sum / max(m - 1, 1),
-                "shortcut_mse_mean": sc_mse / len(sc_out),
+                "aux_ce_mean": float(aux_ce.detach()),
+                "shortcut_mse_mean": float(mse.detach().mean()),
             },
         )
 

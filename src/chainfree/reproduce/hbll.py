@@ -1,0 +1,443 @@
+"""Reproduce HBLL's claims (SPEC section 4) at our scale: exact backprop vs HBLL vs flat block-local.
+
+Parts (select with `--set hbll.parts=speed,vision,lm,rnn`; all by default):
+  speed   critical path (counted by the step) and wall time per step vs depth N, exact vs HBLL
+          (GPT blocks and residual-MLP blocks); on CUDA the tree's rounds run as batched vmap calls.
+  vision  Fashion-MNIST (Debian `dataset-fashion-mnist`), residual MLP: exact, flat block-local, HBLL;
+          test accuracy, and HBLL's accuracy for every sub-network depth (flat: every block's readout).
+  lm      GPT on the bundled Shakespeare corpus through chainfree.train.train (THE loop): exact vs HBLL.
+  rnn     character GRU: full BPTT vs truncated BPTT vs the time-tree, same batches and steps.
+Vision and RNN use `fit` below (a minimal loop around the same `Method.step`) because chainfree.train is
+built around token batches; AdamW, warmup + cosine and clipping match the main loop's defaults.
+
+Scales: small (CPU, minutes; tiny models, few steps: checks the pipeline, not the claims) and full (one
+GPU). Other `--set hbll.<key>=value` override the scale's knobs (e.g. hbll.vision_steps=300).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chainfree.bench.report import markdown_table, write_result
+from chainfree.methods.base import Method
+from chainfree.methods.exact import Exact
+from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig, HBLLTree, count_exact_critical_path
+
+# HBLL with the top-down message (default) and without it (leaves trained by their readout CE only)
+HBLL_VARIANTS = {"hbll": HBLLConfig(), "hbll_local": HBLLConfig(global_weight=0.0)}
+
+SCALES: dict[str, dict[str, Any]] = {
+    "small": {
+        "parts": "speed,vision,lm,rnn",
+        "speed_layers": "4,8,16",
+        "speed_d": 64,
+        "speed_batch": 8,
+        "speed_seq": 32,
+        "speed_steps": 3,
+        "vision_d": 64,
+        "vision_layers": 4,
+        "vision_steps": 150,
+        "vision_batch": 128,
+        "vision_lr": 3e-3,
+        "vision_test": 2000,
+        "lm_overrides": "model.d_model=64,model.n_layers=4,model.n_heads=4,model.seq_len=64,data.tokenizer=bytes,"
+        "data.max_chars=400000,train.steps=100,train.batch_size=16,train.lr=3e-3,train.warmup_steps=10,"
+        "train.eval_every=50,train.eval_batches=4,train.ckpt_every=100",
+        "rnn_d": 64,
+        "rnn_seq": 128,
+        "rnn_chunk": 16,
+        "rnn_window": 8,
+        "rnn_steps": 100,
+        "rnn_batch": 16,
+        "rnn_lr": 3e-3,
+    },
+    "full": {
+        "parts": "speed,vision,lm,rnn",
+        "speed_layers": "8,16,32,64",
+        "speed_d": 256,
+        "speed_batch": 16,
+        "speed_seq": 128,
+        "speed_steps": 10,
+        "vision_d": 256,
+        "vision_layers": 8,
+        "vision_steps": 2000,
+        "vision_batch": 128,
+        "vision_lr": 1e-3,
+        "vision_test": 10000,
+        "lm_overrides": "model.d_model=256,model.n_layers=8,model.n_heads=4,model.seq_len=128,data.tokenizer=bpe,"
+        "data.bpe_vocab_size=4096,train.steps=800,train.batch_size=32,train.lr=1e-3,train.warmup_steps=50,"
+        "train.eval_every=200,train.eval_batches=16,train.ckpt_every=800",
+        "rnn_d": 256,
+        "rnn_seq": 256,
+        "rnn_chunk": 32,
+        "rnn_window": 16,
+        "rnn_steps": 800,
+        "rnn_batch": 32,
+        "rnn_lr": 2e-3,
+    },
+}
+
+
+def _knobs(scale: str, overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    if scale not in SCALES:
+        raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    knobs, rest = dict(SCALES[scale]), []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("hbll."):
+            name = key.removeprefix("hbll.")
+            if name not in knobs:
+                raise ValueError(f"--set {key}: unknown knob; choose from {', '.join('hbll.' + k for k in knobs)}")
+            default = knobs[name]
+            knobs[name] = type(default)(value) if not isinstance(default, str) else value
+        else:
+            rest.append(item)
+    return knobs, rest
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def speed_sweep(knobs: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """Wall time of one `method.step` (forward + backward, no optimizer) and the counted critical path."""
+    from chainfree.config import ModelConfig
+    from chainfree.models.lm import LanguageModel
+    from chainfree.models.vision import VisionNet
+
+    rows = []
+    d, B, T = knobs["speed_d"], knobs["speed_batch"], knobs["speed_seq"]
+    for arch in ("gpt", "mlp"):
+        for n in (int(v) for v in knobs["speed_layers"].split(",")):
+            for name, method in (("exact", Exact()), ("hbll", HBLL(HBLLConfig()))):
+                torch.manual_seed(0)
+                if arch == "gpt":
+                    cfg = ModelConfig(vocab_size=4096, seq_len=T, d_model=d, n_layers=n, n_heads=max(d // 64, 1))
+                    base = LanguageModel(cfg).to(device)
+                    x = torch.randint(0, 4096, (B, T), device=device)
+                    y = torch.randint(0, 4096, (B, T), device=device)
+                else:
+                    base = VisionNet(784, 10, d=d, n_layers=n).to(device)
+                    x, y = torch.randn(B * 16, 784, device=device), torch.randint(0, 10, (B * 16,), device=device)
+                model = method.prepare(base)
+                times, crit = [], 0.0
+                for i in range(knobs["speed_steps"] + 2):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    with _autocast(device):
+                        stats = method.step(model, x, y)
+                    _sync(device)
+                    if i >= 2:
+                        times.append(time.perf_counter() - t0)
+                    model.zero_grad(set_to_none=True)
+                    crit = stats.extra.get("critical_path", 0.0)
+                if name == "exact":
+                    with _autocast(device):
+                        crit = count_exact_critical_path(model, x, y)
+                    model.zero_grad(set_to_none=True)
+                rows.append({"arch": arch, "layers": n, "method": name, "critical_path": crit,
+                             "step_ms": 1000 * sorted(times)[len(times) // 2]})
+                del model, base
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    for row in rows:
+        ref = next(r for r in rows if (r["arch"], r["layers"], r["method"]) == (row["arch"], row["layers"], "exact"))
+        row["time_vs_exact"] = row["step_ms"] / ref["step_ms"]
+    return rows
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA, as in the main loop; nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------------------- fit (vision)
+def fit(method: Method, model: torch.nn.Module, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        steps: int, lr: float, device: torch.device, step_fn: Callable | None = None) -> dict[str, float]:
+    """AdamW, linear warmup (5%) + cosine to 10%, grad clip 1.0: the main loop's defaults."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    times, losses, crit = [], [], 0.0
+    for step in range(steps):
+        f = (step + 1) / warm if step < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
+        for g in opt.param_groups:
+            g["lr"] = lr * f
+        x, y = batches(step)
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            if step_fn is not None:
+                stats = step_fn(x, y)
+                loss, crit = stats["loss"], stats["critical_path"]
+            else:
+                st = method.step(model, x, y)
+                loss, crit = st.loss, st.extra.get("critical_path", crit)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    timed = sorted(times[2:] or times)
+    return {"final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "step_ms": 1000 * timed[len(timed) // 2],
+            "critical_path": crit, "losses": losses}
+
+
+@torch.no_grad()
+def _accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    correct = 0
+    for s in range(0, len(x), 1000):
+        correct += int((logits_fn(x[s : s + 1000]).argmax(-1) == y[s : s + 1000]).sum())
+    return correct / len(x)
+
+
+def vision_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from chainfree.data.vision import load_fashion_mnist
+    from chainfree.models.vision import VisionNet
+
+    data = load_fashion_mnist()
+    tx, ty, vx, vy = data.to_tensors(device)
+    vx, vy = vx[: knobs["vision_test"]], vy[: knobs["vision_test"]]
+    n_layers = knobs["vision_layers"]
+
+    def batches(step: int):
+        g = torch.Generator().manual_seed(10_000 + step)
+        idx = torch.randint(0, len(tx), (knobs["vision_batch"],), generator=g).to(device)
+        return tx[idx], ty[idx]
+
+    rows, subs, curves = [], [], {}
+    methods: list[tuple[str, Method]] = [("exact", Exact()), ("flat_bll", FlatBlockLocal())]
+    methods += [(name, HBLL(cfg)) for name, cfg in HBLL_VARIANTS.items()]
+    for name, method in methods:
+        torch.manual_seed(0)
+        model = method.prepare(VisionNet(784, 10, d=knobs["vision_d"], n_layers=n_layers).to(device))
+        res = fit(method, model, batches, knobs["vision_steps"], knobs["vision_lr"], device)
+        curves[name] = res.pop("losses")
+        if name == "exact":  # counted with hooks on one more step (gradients discarded)
+            res["critical_path"] = count_exact_critical_path(model, *batches(0))
+            model.zero_grad(set_to_none=True)
+        model.eval()
+        acc = _accuracy(model, vx, vy)
+        rows.append({"method": name, "test_acc": acc, **res})
+        if isinstance(model, HBLLTree):
+            for sub, depth in model.subnetworks():
+                def sub_logits(x, s=sub, tree=model):
+                    return tree.model.head(tree.model.norm(tree.subnetwork_hidden(x, s)))
+                a = _accuracy(sub_logits, vx, vy)
+                subs.append({"method": name, "subnetwork": sub, "depth": depth, "test_acc": a})
+        elif name == "flat_bll":
+            for i in range(n_layers - 1):  # flat sub-networks: the first i+1 blocks and block i's readout
+                def logits(x, i=i, flat=model):
+                    z = flat.model.embed(x)
+                    for leaf in flat.leaves[: i + 1]:
+                        z = leaf(z)
+                    aux = flat.aux[i]
+                    return aux.linear(aux.norm(z))
+                subs.append({"method": "flat_bll", "subnetwork": f"block{i}", "depth": i + 1,
+                             "test_acc": _accuracy(logits, vx, vy)})
+            subs.append({"method": "flat_bll", "subnetwork": "chain", "depth": n_layers, "test_acc": acc})
+    exact = next(r for r in rows if r["method"] == "exact")
+    for r in rows:
+        r["acc_vs_exact"] = r["test_acc"] - exact["test_acc"]
+    return {"rows": rows, "subnetworks": subs, "curves": curves, "source": data.source}
+
+
+# ---------------------------------------------------------------------------------------------------- lm
+def lm_part(knobs: dict[str, Any], device: torch.device, out: Path, rest: list[str]) -> dict[str, Any]:
+    from chainfree.config import load_config
+    from chainfree.logging import read_metrics
+    from chainfree.train import train
+
+    base = [s for s in knobs["lm_overrides"].split(",") if s] + rest + [f"train.device={device.type}"]
+    rows, curves = [], {}
+    for name in ("exact", *HBLL_VARIANTS):
+        extra = [] if name == "exact" else [f"method.global_weight={HBLL_VARIANTS[name].global_weight}"]
+        cfg = load_config(None, base + extra, model="gpt", method="exact" if name == "exact" else "hbll")
+        summary = train(cfg, out / f"lm_{name}", progress=False)
+        metrics = read_metrics(out / f"lm_{name}" / "metrics.jsonl")
+        curves[name] = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
+        crit = next((r["critical_path"] for r in reversed(metrics) if "critical_path" in r), None)
+        rows.append({"method": name, "val_loss": summary["final_val_loss"], "train_loss": summary["final_train_loss"],
+                     "step_ms": 1000 * summary["step_time_s"], "critical_path": crit,
+                     "unigram": summary["unigram_entropy"]})
+    exact = rows[0]
+    from chainfree.models.lm import LanguageModel
+
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 9))
+    exact["critical_path"] = count_exact_critical_path(LanguageModel(cfg.model), ids[:, :-1], ids[:, 1:])
+    for r in rows:
+        r["ce_vs_exact"] = r["val_loss"] - exact["val_loss"]
+    return {"rows": rows, "curves": curves}
+
+
+# --------------------------------------------------------------------------------------------------- rnn
+def rnn_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from chainfree.config import DataConfig
+    from chainfree.data import BatchSampler, load_tokens
+    from chainfree.methods.hbll_rnn import CharGRU, TimeTree, TimeTreeConfig, bptt_step, tbptt_step
+
+    data = load_tokens(DataConfig(tokenizer="bytes", max_chars=2_000_000))
+    T, B = knobs["rnn_seq"], knobs["rnn_batch"]
+    sampler = BatchSampler(data, B, T, seed=0)
+
+    def batches(step: int):
+        x, y = sampler.batch("train", step)
+        return x.to(device), y.to(device)
+
+    rows, curves = [], {}
+    chunk = knobs["rnn_chunk"]
+    for name in ("bptt", "tbptt", "hbll_time"):
+        torch.manual_seed(0)
+        model = CharGRU(256, knobs["rnn_d"]).to(device)
+        trained: torch.nn.Module = model
+        if name == "bptt":
+            fn = functools.partial(bptt_step, model)
+        elif name == "tbptt":
+            fn = functools.partial(tbptt_step, model, chunk=chunk)
+        else:
+            trained = TimeTree(model, TimeTreeConfig(chunk=chunk, window=knobs["rnn_window"]), T).to(device)
+            fn = trained.step
+        res = fit(Exact(), trained, batches, knobs["rnn_steps"], knobs["rnn_lr"], device, step_fn=fn)
+        curves[name] = res.pop("losses")
+        with torch.no_grad():
+            val = sum(float(model(*(t.to(device) for t in sampler.batch("val", i)))) for i in range(8)) / 8
+        rows.append({"method": name, "val_loss": val, **res})
+    ref = rows[0]
+    for r in rows:
+        r["ce_vs_bptt"] = r["val_loss"] - ref["val_loss"]
+    return {"rows": rows, "curves": curves, "seq_len": T, "chunk": chunk}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _plots(out: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "speed" in results:
+        rows = results["speed"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for arch, style in (("gpt", "-"), ("mlp", "--")):
+            for method in ("exact", "hbll"):
+                rs = [r for r in rows if r["arch"] == arch and r["method"] == method]
+                ns = [r["layers"] for r in rs]
+                axes[0].plot(ns, [r["critical_path"] for r in rs], style, marker="o", label=f"{arch} {method}")
+                axes[1].plot(ns, [r["step_ms"] for r in rs], style, marker="o", label=f"{arch} {method}")
+        for ax, ylabel in zip(axes, ("critical path (sequential layer evals)", "step wall time (ms)"), strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_xlabel("layers N")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "hbll_speed.png", dpi=120)
+        plt.close(fig)
+    if "vision" in results:
+        subs = results["vision"]["subnetworks"]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for method in (*HBLL_VARIANTS, "flat_bll"):
+            rs = sorted((r for r in subs if r["method"] == method and r["subnetwork"] != "tree"),
+                        key=lambda r: r["depth"])
+            ax.plot([r["depth"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=method)
+        exact = next(r for r in results["vision"]["rows"] if r["method"] == "exact")
+        ax.axhline(exact["test_acc"], color="k", ls=":", label="exact (full depth)")
+        ax.set_xlabel("effective depth (layers)")
+        ax.set_ylabel("test accuracy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "hbll_subnetworks.png", dpi=120)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, part, title in zip(axes, ("vision", "lm", "rnn"), ("vision train CE", "LM val CE", "char-GRU train CE"),
+                               strict=True):
+        if part not in results:
+            ax.set_visible(False)
+            continue
+        for name, curve in results[part]["curves"].items():
+            if curve and isinstance(curve[0], (list, tuple)):
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=name)
+            else:
+                k = max(1, len(curve) // 100)
+                ax.plot(range(0, len(curve), k), [sum(curve[i : i + k]) / len(curve[i : i + k])
+                                                  for i in range(0, len(curve), k)], label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "hbll_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def _markdown(results: dict[str, Any], scale: str) -> str:
+    parts = [f"# HBLL reproduction ({scale} scale)\n"]
+    if "speed" in results:
+        parts.append("## Critical path and step wall time vs depth\n")
+        parts.append(markdown_table(results["speed"], [("arch", "arch"), ("layers", "N"), ("method", "method"),
+                                                       ("critical_path", "critical path"), ("step_ms", "step ms"),
+                                                       ("time_vs_exact", "time / exact")]))
+    if "vision" in results:
+        parts.append(f"\n\n## Vision ({results['vision']['source']})\n")
+        parts.append(markdown_table(results["vision"]["rows"], [("method", "method"), ("test_acc", "test acc"),
+                                                                ("acc_vs_exact", "acc - exact"),
+                                                                ("final_train_loss", "train CE"),
+                                                                ("critical_path", "critical path"),
+                                                                ("step_ms", "step ms")]))
+        parts.append("\n\n### Sub-networks (accuracy vs effective depth)\n")
+        parts.append(markdown_table(results["vision"]["subnetworks"], [("method", "method"),
+                                                                       ("subnetwork", "sub-network"),
+                                                                       ("depth", "depth"), ("test_acc", "test acc")]))
+    if "lm" in results:
+        parts.append("\n\n## Language model (GPT, Shakespeare)\n")
+        parts.append(markdown_table(results["lm"]["rows"], [("method", "method"), ("val_loss", "val CE"),
+                                                            ("ce_vs_exact", "CE - exact"), ("unigram", "unigram CE"),
+                                                            ("critical_path", "critical path"),
+                                                            ("step_ms", "step ms")]))
+    if "rnn" in results:
+        r = results["rnn"]
+        parts.append(f"\n\n## Recurrent: char GRU, T={r['seq_len']}, chunk={r['chunk']}\n")
+        parts.append(markdown_table(r["rows"], [("method", "method"), ("val_loss", "val CE (full sequence)"),
+                                                ("ce_vs_bptt", "CE - BPTT"), ("critical_path", "critical path"),
+                                                ("step_ms", "step ms")]))
+    return "\n".join(parts)
+
+
+def run(out: Path, scale: str, device: str, overrides: list[str]) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    knobs, rest = _knobs(scale, overrides)
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    parts = [p for p in knobs["parts"].split(",") if p]
+    results: dict[str, Any] = {}
+    for part in parts:
+        t0 = time.perf_counter()
+        if part == "speed":
+            results["speed"] = speed_sweep(knobs, dev)
+        elif part == "vision":
+            results["vision"] = vision_part(knobs, dev)
+        elif part == "lm":
+            results["lm"] = lm_part(knobs, dev, out, rest)
+        elif part == "rnn":
+            results["rnn"] = rnn_part(knobs, dev)
+        else:
+            raise ValueError(f"hbll.parts: unknown part {part!r}; choose from speed, vision, lm, rnn")
+        print(f"[hbll] {part} done in {time.perf_counter() - t0:.1f}s", flush=True)
+        (out / "hbll_partial.json").write_text(json.dumps(results, default=str))
+    _plots(out, results)
+    payload = {"scale": scale, "device": str(dev), "knobs": knobs, "results": results,
+               "command": f"chainfree reproduce hbll --scale {scale} --device {dev.type} "
+               + " ".join(f"--set {o}" for o in overrides)}
+    write_result(out, "hbll", payload, _markdown(results, scale))
