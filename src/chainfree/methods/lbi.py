@@ -101,9 +101,10 @@ class _Bridge(nn.Module):
 def prefix_chunk_mean(x: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """[B, T, d] -> [B, C, d]: entry c is the mean of all tokens in chunks 0..c (causal at chunk level)."""
     b, t, d = x.shape
-    sums = x.reshape(b, n_chunks, t // n_chunks, d).sum(2).cumsum(1)
-    counts = torch.arange(1, n_chunks + 1, device=x.device, dtype=x.dtype) * (t // n_chunks)
-    return sums / counts.view(1, n_chunks, 1)
+    acc = torch.promote_types(x.dtype, torch.float32)  # bf16 sums over 1000s of tokens would lose digits
+    sums = x.reshape(b, n_chunks, t // n_chunks, d).to(acc).sum(2).cumsum(1)
+    counts = torch.arange(1, n_chunks + 1, device=x.device, dtype=acc) * (t // n_chunks)
+    return (sums / counts.view(1, n_chunks, 1)).to(x.dtype)
 
 
 class LBIModel(nn.Module):
