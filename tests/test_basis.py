@@ -413,8 +413,11 @@ def test_triton_sketch_matches_reference(rows, width, rank):
 
 
 @pytest.mark.skipif(not triton_runs, reason="needs triton with CUDA (or TRITON_INTERPRET=1)")
-def test_triton_path_full_rank_exact():
-    """Through the autograd Functions on the Triton path: R = B, shrink 0 gives exact dW and db."""
+def test_triton_path_full_rank_exact(monkeypatch):
+    """Through the autograd Functions on the (opt-in) Triton path: R = B, shrink 0 gives exact dW and db."""
+    monkeypatch.setenv("CHAINFREE_BASIS_TRITON", "1")
+    monkeypatch.setattr(bl, "_TRITON", None)
+    assert bl._triton_kernel() is not None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, w, b, dy = (t.detach().float().to(device) for t in _problem(rows=40, n_in=9, n_out=6))
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()

@@ -130,11 +130,15 @@ def sketch_rows(m: torch.Tensor, plan: SketchPlan) -> torch.Tensor:
 
 
 def _triton_kernel():
-    """chainfree.ops.basis_sketch_triton.signed_segment_sum when it can run here, else None."""
+    """chainfree.ops.basis_sketch_triton.signed_segment_sum if opted in (CHAINFREE_BASIS_TRITON=1), else None.
+
+    Opt-in because, as written, the kernel measured slower than the GEMM sketch on an H100 (0.20 ms vs
+    0.167 ms for a 16384 x 3072 bf16 matrix incl. the norm; benchmarks/results/basis_bench.md).
+    """
     global _TRITON
     if _TRITON is None:
         _TRITON = False
-        if os.environ.get("CHAINFREE_BASIS_TRITON", "1") != "0" and importlib.util.find_spec("triton"):
+        if os.environ.get("CHAINFREE_BASIS_TRITON") == "1" and importlib.util.find_spec("triton"):
             try:
                 from chainfree.ops.basis_sketch_triton import signed_segment_sum
 
@@ -152,9 +156,9 @@ def scaled_sketch_and_colsum(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """((1 - shrink) * gamma * S m, column sums of m or None), float32 (float64 for float64 input).
 
-    gamma = ||m||_F / (||S m||_F + 1e-8), or 1 without scalars. On CUDA (bf16/fp16/fp32) one fused
-    Triton pass produces S m, ||m||^2 and the column sums (the bias gradient); elsewhere the sketch is
-    `sketch_rows` and the norm and column sums are separate reductions.
+    gamma = ||m||_F / (||S m||_F + 1e-8), or 1 without scalars. By default the sketch is `sketch_rows`
+    and the norm and column sums are separate reductions; with the opt-in Triton kernel one pass over
+    m produces all three.
     """
     acc = torch.float64 if m.dtype == torch.float64 else torch.float32
     on_triton_device = m.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # interpreter: CPU tensors

@@ -1,10 +1,13 @@
 """Fused BASIS sketch on the GPU (Triton): one read of M gives S M, ||M||_F^2 and optionally M's column sums.
 
-Why: in PyTorch the sketch is a GEMM of a dense (R x B) sign matrix with M (B x N). With R <= 128 that
-GEMM is badly shaped (tiny M dimension, huge K) and reaches about a third of the memory bandwidth on an
-H100, the invariant scalar needs a second full read of M for ||M||, and the bias gradient a third for
-the column sums. Measured on an H100 for M = 16384 x 3072 bf16 (benchmarks/results/basis_bench.md):
-sketch + norm 0.148 ms, *more* than the 0.108 ms dW GEMM that BASIS removes. This kernel reads M once.
+Status: opt-in (CHAINFREE_BASIS_TRITON=1), because as written it is *slower* than the PyTorch path it
+was meant to replace. Measured on an H100 for M = 16384 x 3072 bf16, R = 32
+(benchmarks/results/basis_bench.md): this kernel with norm and column sums 0.20 ms (100 us average
+per call over a training step's mixed shapes), the PyTorch path (sign-matrix GEMM + a norm) 0.167 ms,
+the dW GEMM that BASIS removes 0.108 ms. Reading M once should take ~0.035 ms at HBM bandwidth, so
+the kernel is far from its bound: each loop iteration issues a dependent load (perm, then the gathered
+rows) with no software pipelining, and the launch goes through Triton's Python launcher. Kept, with
+its tests (CPU interpreter and CUDA), as the harness for that tuning.
 
 Tiling: program (r, c, s) owns bucket r, columns [c * BLOCK_N, (c + 1) * BLOCK_N) and the s-th of
 `splits` slices of the bucket's rows. Bucket r holds gathered positions i = g * R + r (g = 0..G-1,
