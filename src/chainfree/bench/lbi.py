@@ -254,7 +254,7 @@ def main() -> None:
         },
         {
             "name": f"K{k}_causal_jvp",
-            "lbi": dict(region_size=rs, rank=r, n_chunks=c, jacobian="jvp"),
+            "lbi": dict(region_size=rs, rank=r, n_chunks=c, jacobian="jvp", jacobian_chunk=16),
             "autograd": False,
         },
     ]

@@ -64,6 +64,7 @@ class LBIConfig:
     n_chunks: int = 4  # C for causal_chunk (ignored when chunk_len > 0)
     chunk_len: int = 0  # > 0: C = seq_len / chunk_len
     jacobian: str = "vjp"  # 'vjp' | 'jvp' | 'replicate' | 'loop'
+    jacobian_chunk: int = 0  # > 0: at most this many Jacobian directions per pass (less memory); 0 = all
     backward: str = "scan"  # 'scan' (Jacobians + suffix scan + per-region VJPs) | 'autograd' (same grads)
     alpha_init: float = 0.5  # tanh(alpha) gates each region's message update (authors' init 0.5)
     check_separator: bool = True  # prepare() walks the autograd graph of a probe batch (see verify_separator)
@@ -80,6 +81,7 @@ class LBIConfig:
         need(self.chunk_len >= 0, "chunk_len", f"must be >= 0 (0 = use n_chunks), got {self.chunk_len}")
         need(self.jacobian in JACOBIANS, "jacobian", f"must be one of {JACOBIANS}, got {self.jacobian!r}")
         need(self.backward in BACKWARDS, "backward", f"must be one of {BACKWARDS}, got {self.backward!r}")
+        need(self.jacobian_chunk >= 0, "jacobian_chunk", f"must be >= 0 (0 = all at once), got {self.jacobian_chunk}")
 
 
 class _Bridge(nn.Module):
@@ -296,25 +298,34 @@ def region_jacobian_t(
     token_local = model.interface == "token"
     n = m_in.shape[-1] if token_local else m_in.shape[1] * m_in.shape[2]
     basis = _basis(n, m_in, token_local)
+    step = model.config.jacobian_chunk or n  # directions per pass: bounds the memory of vjp/replicate/jvp
+    pieces = [basis[i : i + step] for i in range(0, n, step)]
     if how == "vjp":
-        (rows,) = torch.autograd.grad(m_out, m_in, basis.to(m_out.dtype), retain_graph=True, is_grads_batched=True)
-        return _transpose_rows(rows, token_local)
+        rows = [
+            torch.autograd.grad(m_out, m_in, e.to(m_out.dtype), retain_graph=True, is_grads_batched=True)[0]
+            for e in pieces
+        ]
+        return _transpose_rows(torch.cat(rows), token_local)
     if how == "loop":
         rows = [torch.autograd.grad(m_out, m_in, e.to(m_out.dtype), retain_graph=True)[0] for e in basis]
         return _transpose_rows(torch.stack(rows), token_local)
     canvas = canvas.detach()
     if how == "replicate":
         b = m_in.shape[0]
-        m_rep = m_in.detach().repeat(n, 1, 1).requires_grad_(True)
-        out = model.region(k, m_rep, canvas.repeat(n, 1, 1))
-        (rows,) = torch.autograd.grad(out, m_rep, basis.reshape(n * b, *m_in.shape[1:]).to(out.dtype))
-        return _transpose_rows(rows.view(n, *m_in.shape), token_local)
+        rows = []
+        for e in pieces:
+            m_rep = m_in.detach().repeat(len(e), 1, 1).requires_grad_(True)
+            out = model.region(k, m_rep, canvas.repeat(len(e), 1, 1))
+            (g,) = torch.autograd.grad(out, m_rep, e.reshape(len(e) * b, *m_in.shape[1:]).to(out.dtype))
+            rows.append(g.view(len(e), *m_in.shape))
+        return _transpose_rows(torch.cat(rows), token_local)
     if how == "jvp":
         fn: Callable[[torch.Tensor], torch.Tensor] = lambda m: model.region(k, m, canvas)
         m0 = m_in.detach()
         # Fused SDPA kernels have no forward-mode derivative; the math backend (plain matmuls) has one.
         with sdpa_kernel(SDPBackend.MATH):
-            cols = torch.func.vmap(lambda t: torch.func.jvp(fn, (m0,), (t,))[1])(basis.contiguous())
+            jvp_cols = torch.func.vmap(lambda t: torch.func.jvp(fn, (m0,), (t,))[1], chunk_size=step)
+            cols = jvp_cols(basis.contiguous())
         return _transpose_cols(cols, token_local)
     raise ConfigError(f"method.jacobian must be one of {JACOBIANS}, got {how!r}")
 
