@@ -273,3 +273,18 @@ def test_lbi_trains_and_resumes_through_the_one_loop(tiny, tmp_path):
     full, split = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "split"))
     assert [r["train_loss"] for r in full] == [r["train_loss"] for r in split]
     assert full[-1]["train_loss"] < full[0]["train_loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("interface", ["causal_chunk", "token"])
+def test_scan_backward_on_cuda_matches_autograd(interface):
+    """The GPU path is the same code (batched VJPs through SDPA's CUDA kernels); float32, so 1e-4."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="gpt", vocab_size=V, seq_len=64, d_model=64, n_layers=4, n_heads=4)
+    model = LBIModel(LanguageModel(cfg).cuda(), LBIConfig(region_size=1, rank=4, interface=interface, n_chunks=4))
+    g = torch.Generator().manual_seed(3)
+    ids, tgt = (torch.randint(0, V, (2, 64), generator=g).cuda() for _ in range(2))
+    _, ref = autograd_grads(model, ids, tgt)
+    scan_backward(model, ids, tgt, "vjp")
+    assert max_rel_err(model, ref) <= 1e-4
