@@ -132,8 +132,9 @@ def sketch_rows(m: torch.Tensor, plan: SketchPlan) -> torch.Tensor:
 def _triton_kernel():
     """chainfree.ops.basis_sketch_triton.signed_segment_sum if opted in (CHAINFREE_BASIS_TRITON=1), else None.
 
-    Opt-in because, as written, the kernel measured slower than the GEMM sketch on an H100 (0.20 ms vs
-    0.167 ms for a 16384 x 3072 bf16 matrix incl. the norm; benchmarks/results/basis_bench.md).
+    Opt-in because, as written, the kernel measured slower than the GEMM sketch on an H100 for a
+    16384 x 3072 bf16 matrix at R = 32: 0.167 ms (0.20 ms with column sums) vs 0.148 ms for GEMM + norm
+    (benchmarks/results/basis_bench*.md).
     """
     global _TRITON
     if _TRITON is None:

@@ -2,10 +2,10 @@
 
 Status: opt-in (CHAINFREE_BASIS_TRITON=1), because as written it is *slower* than the PyTorch path it
 was meant to replace. Measured on an H100 for M = 16384 x 3072 bf16, R = 32
-(benchmarks/results/basis_bench.md): this kernel with norm and column sums 0.20 ms (100 us average
-per call over a training step's mixed shapes), the PyTorch path (sign-matrix GEMM + a norm) 0.167 ms,
-the dW GEMM that BASIS removes 0.108 ms. Reading M once should take ~0.035 ms at HBM bandwidth, so
-the kernel is far from its bound: each loop iteration issues a dependent load (perm, then the gathered
+(benchmarks/results/basis_bench*.md): this kernel 0.167 ms with the norm, 0.20 ms with column sums too
+(100 us average per call over a training step's mixed shapes), the PyTorch path (sign-matrix GEMM + a
+norm) 0.148 ms, the dW GEMM that BASIS removes 0.108 ms. Reading M once should take ~0.035 ms at HBM
+bandwidth, so the kernel is far from its bound: each loop iteration issues a dependent load (perm, then the gathered
 rows) with no software pipelining, and the launch goes through Triton's Python launcher. Kept, with
 its tests (CPU interpreter and CUDA), as the harness for that tuning.
 
