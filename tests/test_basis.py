@@ -434,3 +434,17 @@ def test_triton_path_full_rank_exact(monkeypatch):
     ref(x.detach()).backward(dy_mlp)
     for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_language_model_bf16_autocast_smoke():
+    """Whole LM (fused MLP + sketched chunked-CE head, tied) under CPU bf16 autocast: finite fp32 grads."""
+    model, cfg = _tiny_lm(dtype=torch.float32)
+    apply(model, rank=4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, ids)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
