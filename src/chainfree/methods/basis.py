@@ -98,10 +98,10 @@ class BasisConfig:
     fuse_mlp: bool = True
 
     def validate(self) -> None:
-        try:
-            check_params(self.rank, self.shrink)
-        except ConfigError as e:
-            raise ConfigError(f"method.{'rank' if 'rank' in str(e) else 'shrink'}: {e}") from None
+        if self.rank < 1:
+            raise ConfigError(f"method.rank must be >= 1 (sketch rows per layer, e.g. 32), got {self.rank}")
+        if not 0.0 <= self.shrink < 1.0:
+            raise ConfigError(f"method.shrink must be in [0, 1) (the paper's code uses 0.01), got {self.shrink}")
         if self.layers is not None and not self.layers:
             raise ConfigError("method.layers must be a non-empty list of patterns (or unset for the paper's set)")
 
