@@ -24,3 +24,14 @@ def tiny_overrides(**extra: object) -> list[str]:
 @pytest.fixture
 def tiny():
     return tiny_overrides
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to oversubscribed CI machines."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ from chainfree.models.lm import LanguageModel
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to oversubscribed CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 V = 40
 
 KINDS = {

@@ -17,13 +17,7 @@ from chainfree.ops.ssd import ssd_sequential
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to oversubscribed CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def core_inputs(b=2, l=19, R=1, h=3, p=4, n=6, seed=0):

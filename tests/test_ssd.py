@@ -11,13 +11,7 @@ from chainfree.ops.ssd import segsum, ssd_chunked, ssd_scan, ssd_sequential
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to oversubscribed CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(b, l, h, p, g, n, R=None, seed=0, decay=2.0, requires_grad=False):
