@@ -85,7 +85,7 @@ def test_two_leaf_tree_is_exact_backprop_at_init():
     assert abs(stats.loss - float(exact_model(x, y).detach())) < 1e-12
 
 
-@pytest.mark.parametrize("n_layers", [2, 4, 8, 16, 32, 64])
+@pytest.mark.parametrize("n_layers", [2, 4, 8, 16, 32])
 def test_critical_path_is_logarithmic(n_layers):
     """Counted from the step's data dependencies: 2 log2 N + 2 layer evaluations (block_size = shortcut
     layers = 1), against 2 N counted by hooks for exact backprop."""
@@ -149,11 +149,11 @@ def clusters(n, seed, dim=12, classes=5):
 
 @pytest.mark.parametrize("method", [HBLL(HBLLConfig()), FlatBlockLocal(), Exact()])
 def test_training_beats_chance(method):
-    """Gaussian clusters, 5 classes (chance 0.2); held-out accuracy after 60 steps must exceed 0.6."""
+    """Gaussian clusters, 5 classes (chance 0.2); held-out accuracy after 25 steps must exceed 0.6."""
     torch.manual_seed(0)
-    model = method.prepare(tiny(n_layers=4, d=32))
+    model = method.prepare(tiny(n_layers=4, d=16))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for step in range(25):
         x, y = clusters(64, seed=step)
         opt.zero_grad()
         method.step(model, x, y)
@@ -161,6 +161,7 @@ def test_training_beats_chance(method):
     x, y = clusters(500, seed=999)
     with torch.no_grad():
         acc = (model(x).argmax(-1) == y).float().mean().item()
+    print(f"{method.name}: held-out accuracy {acc:.3f}")
     assert acc > 0.6
 
 
@@ -182,17 +183,39 @@ def test_language_model_step():
 
 def test_time_tree_trains_and_is_shorter_than_bptt():
     torch.manual_seed(0)
-    text = torch.tensor(list(b"abcdefgh" * 40), dtype=torch.long)
-    ids, tgt = text[:128].view(1, 128).repeat(4, 1), text[1:129].view(1, 128).repeat(4, 1)
+    text = torch.tensor(list(b"abcdefgh" * 20), dtype=torch.long)
+    ids, tgt = text[:64].view(1, 64).repeat(4, 1), text[1:65].view(1, 64).repeat(4, 1)
     model = CharGRU(d=32)
-    tree = TimeTree(model, TimeTreeConfig(chunk=16, window=8), seq_len=128)
+    tree = TimeTree(model, TimeTreeConfig(chunk=16, window=8), seq_len=64)
     opt = torch.optim.AdamW(tree.parameters(), lr=1e-2)
     first = None
-    for _ in range(30):
+    for _ in range(25):
         opt.zero_grad()
         stats = tree.step(ids, tgt)
         first = first if first is not None else stats["loss"]
         opt.step()
     assert stats["loss"] < 0.5 * first
-    assert stats["critical_path"] == 3 * 8 + 16 + 16 < bptt_step(CharGRU(d=8), ids, tgt)["critical_path"]
-    assert tbptt_step(CharGRU(d=8), ids, tgt, chunk=16)["critical_path"] == 128 + 16
+    # 2 prefix rounds of 8 steps + 16 forward + 16 backward, against 2 * 64 (BPTT) and 64 + 16 (TBPTT)
+    assert stats["critical_path"] == 2 * 8 + 16 + 16 < bptt_step(CharGRU(d=8), ids, tgt)["critical_path"]
+    assert tbptt_step(CharGRU(d=8), ids, tgt, chunk=16)["critical_path"] == 64 + 16
+    with pytest.raises(ConfigError, match="power of two"):
+        TimeTree(CharGRU(d=8), TimeTreeConfig(chunk=16, window=8), seq_len=48)
+
+
+def test_vmap_matches_loop_for_gpt_blocks():
+    """The batched path (math attention under vmap) against the loop path (SDPA), float64."""
+    from chainfree.config import ModelConfig
+    from chainfree.models.lm import LanguageModel
+
+    cfg = ModelConfig(vocab_size=32, seq_len=16, d_model=16, n_layers=4, n_heads=2)
+    ids = torch.randint(0, 32, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for mode in ("loop", "vmap"):
+        torch.manual_seed(0)
+        method = HBLL(HBLLConfig(parallel=mode))
+        tree = method.prepare(LanguageModel(cfg).double())
+        stats = method.step(tree, ids[:, :-1], ids[:, 1:])
+        results.append((stats.loss, grads(tree)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-9, atol=1e-12, msg=name)

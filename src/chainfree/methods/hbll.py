@@ -34,7 +34,9 @@ Locality is therefore exact for a given q; everything rests on how cheaply good 
   * The label term p(y | z_b) is also estimated directly by the local readout A_b: leaf i adds
     CE(A_{i+1}(F_i(m_i)), y) (weight `aux_weight`), the local term of flat block-local learning.
   * Shortcut nodes fit their own Gaussian q(z_b | z_a) = N(S_v(z_a), s^2 I) to the chain's transition over
-    the span, i.e. minimise E|S_v(m_a) - F_{b-1}(m_{b-1})|^2 (`shortcut_weight`): distillation onto the
+    the span, i.e. minimise E|S_v(m_a) - F_{b-1}(m_{b-1})|^2 (`shortcut_weight`; we divide by the target's
+    mean square, i.e. s^2 scales with the state, so the term stays O(1) as residual streams grow; without
+    this the shortcuts' gradients dominated the loop's global clip norm in LM runs): distillation onto the
     output of the span's last leaf evaluated on ITS tree input -- a fixed-point consistency condition that
     holds exactly when every shortcut equals its span's composition. They also add a readout CE
     (`shortcut_aux_weight`) so that every cut through the tree is itself a classifier (sub-networks).
@@ -278,17 +280,43 @@ def _frozen(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return apply
 
 
+def math_attention(q, k, v, is_causal: bool = True, scale: float | None = None, enable_gqa: bool = False):
+    """Causal attention from matmul + softmax (SDPA calling convention). Used inside vmap: every op has a
+    batching rule, whereas the fused SDPA kernels fall back to a per-sample loop (CPU) or, on CUDA with
+    bf16, gave non-finite gradients under vmap in our GPU run. Softmax in fp32."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    if is_causal:
+        T, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
 def stacked_apply(modules: Sequence[nn.Module], xs: torch.Tensor) -> torch.Tensor:
     """vmap of same-shape modules over stacked inputs xs [n, ...]. Parameters are stacked with torch.stack
-    (differentiable), so gradients land in each module's own parameters."""
-    names = [name for name, _ in modules[0].named_parameters()]
+    (differentiable), so gradients land in each module's own parameters. Attention layers of the template
+    module run `math_attention` during the call (see there)."""
+    template = modules[0]
+    names = [name for name, _ in template.named_parameters()]
     per_module = [dict(mod.named_parameters()) for mod in modules]
     params = {name: torch.stack([p[name] for p in per_module]) for name in names}
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(modules[0], p, (x,))
+        return functional_call(template, p, (x,))
 
-    return vmap(one)(params, xs)
+    attn = [m for m in template.modules() if hasattr(m, "attn_fn")]
+    saved = [m.attn_fn for m in attn]
+    try:
+        for m in attn:
+            m.attn_fn = math_attention
+        return vmap(one)(params, xs)
+    finally:
+        for m, fn in zip(attn, saved, strict=True):
+            m.attn_fn = fn
 
 
 # ------------------------------------------------------------------------------------------------- method
@@ -392,7 +420,9 @@ class HBLL(Method):
         sc = torch.stack([sc_out[v] for v in nodes])
         sc_bound = [(k + 1) << lv for lv, k in nodes]
         target = torch.stack([leaf_out[b - 1] for b in sc_bound]).detach()
-        mse = (sc - target).float().pow(2).flatten(1).mean(1)
+        # relative squared error: scale-free, so growing residual streams (LMs) do not let the shortcuts'
+        # gradients swamp the blocks' under the loop's global gradient clipping
+        mse = (sc - target).float().pow(2).flatten(1).mean(1) / (target.float().pow(2).flatten(1).mean(1) + 1e-6)
         loss = loss + cfg.shortcut_weight * mse.sum()
         if cfg.shortcut_aux_weight > 0:
             loss = loss + cfg.shortcut_aux_weight * len(nodes) * tree.readout_ce_many(sc_bound, sc, targets)
