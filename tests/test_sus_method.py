@@ -74,11 +74,13 @@ def test_variance_grid_zero_when_nothing_is_cut_and_positive_otherwise():
                          log=lambda _: None)  # fmt: skip
     assert len(rows) == 2 * 2 + 2
     for r in rows:
+        assert 0 < r["kept_fraction"] <= 1 and r["kept_per_row"] <= min(r["c"], r["n"]) + 1e-9 + 3 * r["c"] ** 0.5
         if r["c"] == 10**9:
             assert r["variance_increase"] == 0.0  # every q = 1: SUS gradients are the exact ones
+            assert r["kept_fraction"] == 1.0
         else:
             assert r["variance_increase"] > 0 and r["kinds"]["blocks.*.attn"]["variance_increase"] > 0
             assert r["kinds"]["norm"]["variance_increase"] == 0.0  # nothing downstream of the last attention
     md = variance_markdown(rows, {"model": "tiny", "pretrain_steps": 0, "pretrain_val_loss": float("nan"),
                                   "batches": 3, "draws": 2})  # fmt: skip
-    assert "| c \\ n | 8 | 16 |" in md and "systematic" in md
+    assert "| c \\ n | 8 | 16 |" in md and "systematic" in md and "carried gradient" in md

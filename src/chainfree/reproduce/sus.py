@@ -137,7 +137,8 @@ def variance_grid(
 ) -> list[dict[str, Any]]:
     """Relative gradient variance increase of SUS for every (n, c) (and variant), via bench.fidelity.
 
-    One row per (variant, n, c): overall and per parameter kind, with jackknife standard errors.
+    One row per (variant, n, c): overall and per parameter kind, with jackknife standard errors, and the
+    share of (causally visible) attention entries that carried gradient in the last SUS step.
     """
     from chainfree.bench.fidelity import measure_fidelity
     from chainfree.methods.sus import Sus, SusConfig
@@ -147,7 +148,7 @@ def variance_grid(
         for variant in (variants or {}).get(n, ("bernoulli",)):
             for c in cs:
                 t0 = time.perf_counter()
-                method = Sus(SusConfig(c=c, variant=variant, stats=False))
+                method = Sus(SusConfig(c=c, variant=variant, stats=True))
                 report = measure_fidelity(model, method, batches, k=draws, seed=seed)
                 o = report.overall
                 row = {
@@ -161,6 +162,9 @@ def variance_grid(
                                      "variance_increase_se": v["variance_increase_noise_se"]}
                               for kind, v in report.kinds.items()},
                     "seconds": time.perf_counter() - t0,
+                    # kept-entry counts of the last SUS step (last minibatch, last draw; reference backend)
+                    "kept_fraction": method.stats.kept_fraction if method.stats.rows else float("nan"),
+                    "kept_per_row": method.stats.mean_kept_per_row if method.stats.rows else float("nan"),
                 }  # fmt: skip
                 rows.append(row)
                 log(
@@ -215,6 +219,15 @@ def variance_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             r = next((r for r in rows if r["n"] == n and r["c"] == c and r["variant"] == "bernoulli"), None)
             cells.append(f"{100 * r['variance_increase']:.3g}% ± {100 * r['variance_increase_se']:.2g}" if r else "-")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    kept_lines, any_kept = [], False
+    for c in cs:
+        cells = []
+        for n in ns:
+            r = next((r for r in rows if r["n"] == n and r["c"] == c and r["variant"] == "bernoulli"), None)
+            ok = r is not None and r.get("kept_fraction") == r.get("kept_fraction")  # not NaN
+            any_kept = any_kept or ok
+            cells.append(f"{100 * r['kept_fraction']:.2f}% ({r['kept_per_row']:.1f}/row)" if ok else "-")
+        kept_lines.append(f"| {c} | " + " | ".join(cells) + " |")
     sys_rows = [r for r in rows if r["variant"] == "systematic"]
     md = (
         f"## Relative gradient variance increase of SUS (Bernoulli, SPEC default)\n\n"
@@ -225,6 +238,16 @@ def variance_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + f"\n\nPaper: ~{100 * PAPER['variance_increase']:.0f}% at c {PAPER['c']}, n {PAPER['n']} "
         f"({PAPER['model']}), decreasing with n.\n"
     )
+    if any_kept:
+        md += (
+            "\n## Share of causally visible attention entries that carried gradient (last SUS step)\n\n"
+            + lines[0]
+            + "\n"
+            + lines[1]
+            + "\n"
+            + "\n".join(kept_lines)
+            + "\n"
+        )
     if sys_rows:
         cmp_rows = []
         for r in sys_rows:
