@@ -191,7 +191,9 @@ class LBIModel(nn.Module):
         return list({id(p): p for m in (self.lm.embed, self.enc_in) for p in m.parameters()}.values())
 
     def _check_regions_disjoint(self) -> None:
-        """A parameter object used by two regions would be a second channel between them: reject it."""
+        """Reject a parameter object used by two regions. The scan gradients would still be exact (the VJPs
+        add up), but region-parallel training gives each region's parameters to one rank, so a shared one
+        would silently diverge between ranks; the embedding (stem, canvas) is the one shared input."""
         owner: dict[int, int] = {}
         stem = {id(p) for p in self.stem_parameters()}
         for k in range(self.n_regions):
@@ -201,8 +203,8 @@ class LBIModel(nn.Module):
                 if owner.setdefault(id(p), k) != k:
                     raise ConfigError(
                         f"a parameter of shape {tuple(p.shape)} is shared by LBI regions {owner[id(p)]} and {k}: "
-                        f"regions may only communicate through the latent interface; untie it or choose a "
-                        f"method.region_size that keeps the sharing blocks in one region"
+                        f"each region's parameters belong to one rank in region-parallel training; untie it or "
+                        f"choose a method.region_size that keeps the sharing blocks in one region"
                     )
 
     # ---- forward pieces (the scan backward calls them one region at a time) ------------------------------
@@ -423,7 +425,8 @@ def scan_backward(
         grads = torch.autograd.grad(loss, [*params, m_ins[-1], canvas_leaf], allow_unused=True)
         accumulate_grads(params, grads[: len(params)])
         lambdas[-1] = grads[-2]
-        canvas_cot += grads[-1]
+        if grads[-1] is not None:
+            canvas_cot += grads[-1]
     # Jacobians of the middle regions (region 0's and the last region's are never needed).
     mats = []
     for k in range(1, k_total - 1):
