@@ -287,3 +287,24 @@ def test_scan_backward_on_cuda_matches_autograd(interface):
     _, ref = autograd_grads(model, ids, tgt)
     scan_backward(model, ids, tgt, "vjp")
     assert max_rel_err(model, ref) <= 1e-4
+
+
+def test_speed_bench_runs_on_cpu_and_reports_ratios():
+    from chainfree.bench.lbi import bench_single, to_markdown
+
+    model_cfg = dict(kind="gpt", vocab_size=V, seq_len=T, d_model=16, n_layers=4, n_heads=2)
+    variants = [{"name": "K4", "lbi": dict(region_size=1, rank=2, n_chunks=2)}]
+    single = bench_single(model_cfg, 2, variants, torch.device("cpu"), warmup=0, steps=1)
+    rec = single["K4"]
+    assert "error" not in rec and rec["n_regions"] == 4
+    assert rec["scan_over_dense"] == rec["scan"]["median_s"] / single["dense"]["median_s"]
+    assert len(rec["breakdown_s"]["jacobian"]) == 3
+    md = to_markdown(
+        {
+            "env": {"device": "cpu", "torch": torch.__version__, "git_commit": ""},
+            "model": model_cfg,
+            "batch_size": 2,
+            "single": single,
+        }
+    )
+    assert "| K4 | 4 | causal_chunk | 2 | 2 | vjp |" in md
