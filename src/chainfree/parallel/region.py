@@ -2,8 +2,9 @@
 
 Every rank holds a replica of the LBI model but computes, and owns the gradients of, only its region k.
 One step (W = K ranks):
-  forward   rank 0 computes the canvas and m_0; rank k receives m_k [B, C, r] from rank k-1, runs its region
-            and sends m_{k+1} on (the forward is a chain: it cannot start before its message arrives).
+  forward   every rank embeds the batch (shared='allreduce') or receives the canvas from its owner
+            (shared='owner'); rank 0 computes m_0; rank k receives m_k [B, C, r] from rank k-1, runs its
+            region and sends m_{k+1} on (a chain: a region cannot start before its message arrives).
   seed      rank K-1 computes the loss and lambda_{K-1} = dL/dm_{K-1} first (one input-only VJP), so the scan
             can start while it computes its parameter gradients.
   Jacobian  ranks 1..K-2 compute A_k = J_kᵀ right after sending their message, i.e. while the later ranks
@@ -13,7 +14,8 @@ One step (W = K ranks):
             Jacobian is never needed), so rank 0 ends with lambda_1; every other rank ends with lambda_k
             and hands it one rank down (one more hop) so that rank k-1 gets its cotangent lambda_k.
             A partial composition that already contains the seed map has A = 0 (only b travels); one
-            that does not has b = 0 (only A travels) -- so each message is either r'x r' or r' wide.
+            that does not has b = 0 (only A travels) -- so each message is either an n x n block or an
+            n-vector per sample (n = C r; per token n = r for the token interface).
   VJP       every rank: one VJP of its region with cotangent lambda_{k+1}, all ranks at once.
   shared    the token embedding (read by every region through the canvas; tied to the head) gets
             contributions on every rank: either one all-reduce of its gradient (shared='allreduce', V x d),
@@ -34,7 +36,7 @@ import socket
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +305,6 @@ class RegionRunSpec:
     out_dir: str = ""
     save_grads: bool = True
     shared: str = "allreduce"  # 'allreduce' | 'owner' (see region_parallel_step)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_replica(spec: RegionRunSpec, device: torch.device) -> LBIModel:
