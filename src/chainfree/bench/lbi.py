@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=0, help="region-parallel ranks (0 = skip)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--n-layers", type=int, default=0, help="override the preset's layer count (0 = keep)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--n-chunks", type=int, default=4)
     ap.add_argument(
@@ -231,8 +232,15 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset]
-    model_cfg, bs = preset["model"], preset["batch_size"]
+    model_cfg, bs = dict(preset["model"]), preset["batch_size"]
+    if args.n_layers:
+        model_cfg["n_layers"] = args.n_layers
     n_layers = model_cfg["n_layers"]
+    if args.world and n_layers % args.world:
+        raise SystemExit(
+            f"--world {args.world} needs one region per rank, but n_layers={n_layers} is not a multiple of it; "
+            f"pass --n-layers (e.g. {args.world * max(1, round(n_layers / args.world))})"
+        )
     r, c = args.rank, args.n_chunks
     k_par = args.world or 2
     variants = [
