@@ -141,7 +141,7 @@ def _max_change_before(model: nn.Module, t: int) -> float:
 
 
 @pytest.mark.parametrize("kind", ARCHS)
-@pytest.mark.parametrize("t", [0, 5, 8, 13])
+@pytest.mark.parametrize("t", [5, 8, 13])
 def test_causal_interfaces_do_not_see_the_future(kind, t):
     lm = tiny_lm(kind, 4)
     assert _max_change_before(lm, t) <= 1e-12  # dense reference
