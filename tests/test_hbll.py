@@ -105,6 +105,18 @@ def test_critical_path_with_wider_blocks():
     assert stats.extra["critical_path"] == 20
 
 
+def test_corrections_cost_at_most_one_block_each():
+    """A Jacobi sweep after the tree feeds leaf j+1 with F_j(m_j): +0 or +1 block on the critical path."""
+    x, y = batch(n=4)
+    paths = []
+    for c in (0, 1, 2, 3):
+        method = HBLL(HBLLConfig(parallel="loop", corrections=c))
+        paths.append(method.step(method.prepare(tiny(n_layers=16, d=8)), x, y).extra["critical_path"])
+    assert paths[0] == 10  # 2 log2 16 + 2
+    assert all(0 <= b - a <= 1 for a, b in zip(paths, paths[1:], strict=False))
+    assert paths[-1] > paths[0]
+
+
 def test_vmap_matches_loop_reference():
     x, y = batch(dtype=torch.float64)
     results = []

@@ -49,6 +49,11 @@ log2 M prefix rounds + 1 leaf round + log2 M suffix (VJP) rounds + 1 local backw
 (`parallel='vmap'`: parameters of same-shape modules stacked with torch.stack, the module applied with
 torch.func.functional_call under torch.func.vmap); `parallel='loop'` is the plain reference.
 
+Optional fixed-point corrections (`corrections=c`, default 0): after the tree, c Jacobi sweeps
+m_{j+1} <- F_j(m_j) (all leaves at once, no graph) move every leaf input one true block closer to the
+chain's state; each sweep adds at most block_size to the critical path (the sweep's inputs are never the
+deepest prefix state).
+
 Sub-networks: cutting the tree at level l (compose the M / 2^l shortcuts of that level) gives a network of
 depth (M / 2^l) * shortcut_layers; `subnetwork_logits` evaluates every level, the leaf chain and the tree path.
 """
@@ -80,6 +85,7 @@ class HBLLConfig:
     global_weight: float = 1.0  # top-down posterior target (suffix message through shortcuts)
     shortcut_weight: float = 1.0  # shortcut distillation onto its span's last leaf output
     shortcut_aux_weight: float = 0.1  # readout CE of each shortcut output (keeps sub-networks usable)
+    corrections: int = 0  # Jacobi sweeps m_{j+1} <- F_j(m_j) after the tree (each adds block_size)
     aux_head: str = "auto"  # 'linear' (own Linear per boundary), 'shared' (detached model head), 'auto'
     parallel: str = "auto"  # 'vmap' (one batched call per round), 'loop' (reference), 'auto' (vmap on GPU)
     eval_path: str = "chain"  # inference: 'chain' (all leaves in order) or 'tree' (log-depth path)
@@ -362,6 +368,13 @@ class HBLL(Method):
                 j = (k + 1) << lv
                 sc_out[(lv, k)], sc_in_depth[(lv, k)] = out, hd[k << lv]
                 h[j], hd[j] = out.detach(), hd[k << lv] + sl
+
+        # -- optional fixed-point (Jacobi) corrections: m_{j+1} <- F_j(m_j), all j at once, no graph ------
+        for _ in range(cfg.corrections):
+            with torch.no_grad():
+                outs = tree.apply(tree._leaves[:-1], h[:-1])
+            h = [h[0]] + [o.detach() for o in outs]
+            hd = [0] + [hd[i] + bs for i in range(m - 1)]
 
         # -- leaf round: every leaf on its tree input; also the shortcuts not on a prefix path ----------
         leaf_in = [z0] + h[1:]  # leaf 0 keeps the stem in its graph: the stem is part of leaf 0

@@ -32,7 +32,11 @@ from chainfree.methods.exact import Exact
 from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig, HBLLTree, count_exact_critical_path
 
 # HBLL with the top-down message (default) and without it (leaves trained by their readout CE only)
-HBLL_VARIANTS = {"hbll": HBLLConfig(), "hbll_local": HBLLConfig(global_weight=0.0)}
+HBLL_VARIANTS = {
+    "hbll": HBLLConfig(),
+    "hbll_local": HBLLConfig(global_weight=0.0),
+    "hbll_fix1": HBLLConfig(corrections=1),  # one fixed-point (Jacobi) sweep after the tree
+}
 
 SCALES: dict[str, dict[str, Any]] = {
     "small": {
@@ -44,18 +48,18 @@ SCALES: dict[str, dict[str, Any]] = {
         "speed_steps": 3,
         "vision_d": 64,
         "vision_layers": 4,
-        "vision_steps": 150,
+        "vision_steps": 300,
         "vision_batch": 128,
         "vision_lr": 3e-3,
         "vision_test": 2000,
         "lm_overrides": "model.d_model=64,model.n_layers=4,model.n_heads=4,model.seq_len=64,data.tokenizer=bytes,"
-        "data.max_chars=400000,train.steps=100,train.batch_size=16,train.lr=3e-3,train.warmup_steps=10,"
-        "train.eval_every=50,train.eval_batches=4,train.ckpt_every=100",
+        "data.max_chars=400000,train.steps=300,train.batch_size=16,train.lr=3e-3,train.warmup_steps=20,"
+        "train.eval_every=100,train.eval_batches=8,train.ckpt_every=300",
         "rnn_d": 64,
         "rnn_seq": 128,
         "rnn_chunk": 16,
         "rnn_window": 8,
-        "rnn_steps": 100,
+        "rnn_steps": 300,
         "rnn_batch": 16,
         "rnn_lr": 3e-3,
     },
@@ -264,7 +268,8 @@ def lm_part(knobs: dict[str, Any], device: torch.device, out: Path, rest: list[s
     base = [s for s in knobs["lm_overrides"].split(",") if s] + rest + [f"train.device={device.type}"]
     rows, curves = [], {}
     for name in ("exact", *HBLL_VARIANTS):
-        extra = [] if name == "exact" else [f"method.global_weight={HBLL_VARIANTS[name].global_weight}"]
+        extra = [] if name == "exact" else [f"method.global_weight={HBLL_VARIANTS[name].global_weight}",
+                                            f"method.corrections={HBLL_VARIANTS[name].corrections}"]
         cfg = load_config(None, base + extra, model="gpt", method="exact" if name == "exact" else "hbll")
         summary = train(cfg, out / f"lm_{name}", progress=False)
         metrics = read_metrics(out / f"lm_{name}" / "metrics.jsonl")
