@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from chainfree.ops.basis_linear import GAMMA_EPS, SIGN_MATRIX_MAX_RANK, SketchPlan, draw_plan
-from chainfree.ops.cross_entropy import IGNORE_INDEX, LinearCrossEntropy, _accum_dtype, _chunk_rows
+from chainfree.ops.cross_entropy import LinearCrossEntropy, _accum_dtype, _chunk_rows, logit_grad_chunks
 
 
 def _block_sketcher(plan: SketchPlan):
@@ -70,17 +70,7 @@ class BasisLinearCrossEntropy(torch.autograd.Function):
             h_sketch = torch.zeros(plan.rank, weight.shape[1], device=h.device, dtype=acc)
             g_sq = torch.zeros((), device=h.device, dtype=acc)
             h_sq = torch.zeros((), device=h.device, dtype=acc)
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            hc = h[start:stop].to(cd)
-            logits = (hc @ w.T).to(acc)
-            if b is not None:
-                logits = logits + b
-            t = targets[start:stop]
-            valid = (t != IGNORE_INDEX).to(acc).unsqueeze(1)
-            g = torch.exp(logits - lse[start:stop, None])
-            g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch.ones_like(g[:, :1]))
-            g = g * valid * scale
+        for start, stop, hc, g in logit_grad_chunks(h, w, b, targets, lse, scale, rows, cd, acc):
             gc = g.to(cd)
             if dh is not None:
                 dh[start:stop] = (gc @ w).to(h.dtype)

@@ -31,6 +31,24 @@ def _chunk_rows(vocab: int, budget_elems: int = 1 << 24) -> int:
     return max(1, budget_elems // max(vocab, 1))
 
 
+def logit_grad_chunks(h, w, b, targets, lse, scale, rows, cd, acc):
+    """Yield (start, stop, h_chunk, dlogits_chunk) with dlogits = scale * (softmax - onehot) per row chunk,
+    recomputing each chunk's logits from h (cast to `cd`) and the saved log-sum-exp. Shared by every
+    chunked-CE backward (exact here, sketched in basis_cross_entropy) so they differ only in what they
+    do with each chunk's gradient."""
+    for start in range(0, h.shape[0], rows):
+        stop = min(start + rows, h.shape[0])
+        hc = h[start:stop].to(cd)
+        logits = (hc @ w.T).to(acc)
+        if b is not None:
+            logits = logits + b
+        t = targets[start:stop]
+        valid = (t != IGNORE_INDEX).to(acc).unsqueeze(1)
+        g = torch.exp(logits - lse[start:stop, None])
+        g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch.ones_like(g[:, :1]))
+        yield start, stop, hc, g * valid * scale
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_rows):
@@ -69,17 +87,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
         db = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if ctx.has_bias else None
-        for start in range(0, h.shape[0], rows):
-            stop = min(start + rows, h.shape[0])
-            hc = h[start:stop].to(cd)
-            logits = (hc @ w.T).to(acc)
-            if b is not None:
-                logits = logits + b
-            t = targets[start:stop]
-            valid = (t != IGNORE_INDEX).to(acc).unsqueeze(1)
-            g = torch.exp(logits - lse[start:stop, None])
-            g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch.ones_like(g[:, :1]))
-            g = g * valid * scale
+        for start, stop, hc, g in logit_grad_chunks(h, w, b, targets, lse, scale, rows, cd, acc):
             if dh is not None:
                 dh[start:stop] = (g.to(cd) @ w).to(h.dtype)
             if dw is not None:
