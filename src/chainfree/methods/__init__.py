@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "sus": "chainfree.methods.sus:Sus",
     "lbi": "chainfree.methods.lbi:LBI",
     "hbll": "chainfree.methods.hbll:HBLL",
+    "flat_bll": "chainfree.methods.hbll:FlatBlockLocal",  # HBLL's baseline: block-local, no tree
 }
 
 
