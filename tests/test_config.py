@@ -66,3 +66,13 @@ def test_seq_longer_than_data_is_a_clear_error(tiny, tmp_path):
     cfg = load_config(overrides=tiny(**{"model.seq_len": 10_000_000}))
     with pytest.raises(DataError, match="model.seq_len"):
         train(cfg, tmp_path, progress=False)
+
+
+def test_compare_routes_method_settings_to_the_methods_that_have_them():
+    from chainfree.cli import _method_overrides
+
+    sets = ["method.rank=16", "train.lr=0.01"]
+    assert _method_overrides(sets, "exact", ["exact", "lbi"]) == ["train.lr=0.01"]
+    assert _method_overrides(sets, "lbi", ["exact", "lbi"]) == sets
+    with pytest.raises(ConfigError, match="method.rnak"):
+        _method_overrides(["method.rnak=16"], "lbi", ["exact", "lbi"])

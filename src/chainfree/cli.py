@@ -52,7 +52,8 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option("--methods", help=
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if "exact" not in names:
         names.insert(0, "exact")  # every comparison carries its own exact baseline
-    cfgs = {name: load_config(config, set_, model=model, method=name, steps=steps, device=device) for name in names}
+    cfgs = {name: load_config(config, _method_overrides(set_ or [], name, names), model=model, method=name,
+                              steps=steps, device=device) for name in names}
     summaries = {}
     for name, cfg in cfgs.items():
         summaries[name] = run_train(cfg, out / name)
@@ -63,6 +64,30 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option("--methods", help=
         notes=f"Unigram entropy of the corpus (context-free baseline): {first['unigram_entropy']:.4f} nats/token.",
         command="chainfree " + " ".join(sys.argv[1:]))
     typer.echo(md)
+
+
+def _method_overrides(overrides: list[str], name: str, names: list[str]) -> list[str]:
+    """`--set method.key=v` in a comparison goes to the methods that have `key` (exact has none); a key that no
+    compared method knows is still an error, so typos are not silently dropped."""
+    import dataclasses
+
+    from chainfree.config import parse_set
+    from chainfree.errors import ConfigError
+    from chainfree.methods import method_class
+
+    def knows(method: str, key: str) -> bool:
+        return key in {f.name for f in dataclasses.fields(method_class(method).Config)}
+
+    kept = []
+    for item in overrides:
+        section, key, _ = parse_set(item)
+        if section == "method":
+            if not any(knows(m, key) for m in names):
+                raise ConfigError(f"method.{key} is not a setting of any compared method ({', '.join(names)})")
+            if not knows(name, key):
+                continue
+        kept.append(item)
+    return kept
 
 
 @app.command()
