@@ -269,7 +269,7 @@ def test_apply_swaps_paper_layers_and_keeps_state_dict_and_tie():
     model.load_state_dict(exact_state)  # checkpoints load either way
     assert model.head.weight is model.embed.weight
     apply(model, rank=2, layers=["*.attn.*_proj"])
-    assert isinstance(model.blocks[1].attn.q_proj, BasisLinear) and model.blocks[1].attn.q_proj.rank == 2
+    assert isinstance(model.blocks[1].attn.qkv_proj, BasisLinear) and model.blocks[1].attn.qkv_proj.rank == 2
     with pytest.raises(ConfigError, match="fused BasisMLP"):
         apply(model, layers=["*.mlp.up"], fuse_mlp=False)
     unfused, _ = _tiny_lm()
@@ -323,7 +323,7 @@ def test_errors():
         apply(model, rank=0)
     with pytest.raises(ConfigError, match="shrink"):
         apply(model, rank=4, shrink=1.0)
-    with pytest.raises(ConfigError, match="no nn.Linear layer matches.*blocks.0.attn.q_proj"):
+    with pytest.raises(ConfigError, match="no nn.Linear layer matches.*blocks.0.attn.qkv_proj"):
         apply(model, layers=["*.conv"])
     with pytest.raises(ConfigError, match="non-empty"):
         apply(model, layers=[])

@@ -59,7 +59,7 @@ def setup():
 
 
 def test_param_group():
-    assert param_group("blocks.3.attn.q_proj.weight") == "blocks.3.attn"
+    assert param_group("blocks.3.attn.qkv_proj.weight") == "blocks.3.attn"
     assert param_group("embed.weight") == "embed"
     assert param_group("lm.blocks.0.mlp.up.bias") == "lm.blocks.0.mlp"
     assert param_group("enc.2.net.0.weight") == "enc.2"

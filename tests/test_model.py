@@ -63,3 +63,21 @@ def test_injected_attention_function_is_used():
 def test_hybrid_block_pattern():
     cfg = ModelConfig(kind="hybrid", n_layers=8, attn_every=4, hybrid_mixer="mamba2")
     assert block_kinds(cfg) == ["mamba2"] * 3 + ["attn"] + ["mamba2"] * 3 + ["attn"]
+
+
+def test_attention_input_is_saved_once_under_autocast():
+    """The fused q/k/v projection keeps one low-precision copy of the normalised input for backward, not
+    three (one per projection)."""
+    from chainfree.models.attention import CausalSelfAttention
+
+    cfg = ModelConfig(vocab_size=97, seq_len=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)
+    attn = CausalSelfAttention(cfg)
+    x = torch.randn(3, 16, 32, requires_grad=True) * 1.0  # non-leaf, like a LayerNorm output (autocast caches leaves)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        attn(x)
+    # Linear inputs are saved flattened, [B*T, d]: the q/k/v input and the output projection's input.
+    # Separate q/k/v Linears would make this 4.
+    linear_inputs = {t.data_ptr() for t in saved if t.dtype == torch.bfloat16 and t.shape == (48, 32)}
+    assert len(linear_inputs) == 2

@@ -45,7 +45,7 @@ def test_sus_method_small_c_is_stochastic_and_reports_stats():
     assert 0 < stats.extra["sus_kept_fraction"] < 1
     a = grads(model, sus, x, x)
     b = grads(model, sus, x, x)
-    assert not torch.equal(a["blocks.0.attn.q_proj.weight"], b["blocks.0.attn.q_proj.weight"])
+    assert not torch.equal(a["blocks.0.attn.qkv_proj.weight"], b["blocks.0.attn.qkv_proj.weight"])
     # The forward is exact and no attention lies downstream of the last MLP and the final norm, so their
     # gradients do not depend on the draws.
     assert torch.equal(a["blocks.1.mlp.down.weight"], b["blocks.1.mlp.down.weight"])

@@ -68,7 +68,7 @@ FIDELITY_COLUMNS = [
 
 
 def param_group(name: str) -> str:
-    """Group of a parameter by module path: 'blocks.3.attn.q_proj.weight' -> 'blocks.3.attn',
+    """Group of a parameter by module path: 'blocks.3.attn.qkv_proj.weight' -> 'blocks.3.attn',
     'embed.weight' -> 'embed', 'lm.blocks.0.mlp.up.bias' -> 'lm.blocks.0.mlp', 'enc.2.net.0.weight' -> 'enc.2'."""
     parts = name.split(".")[:-1] or name.split(".")
     for i in range(len(parts) - 1):

@@ -40,9 +40,10 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.rope_base = cfg.rope_base
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        # One fused q/k/v projection: under autocast three separate Linears would each save their own
+        # low-precision copy of the (shared) input for backward; one Linear saves it once.
+        self.qkv_split = [cfg.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.attn_fn = attn_fn
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -53,11 +54,17 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self._rope
         return cos[:seq_len], sin[:seq_len]
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,H,T,D], k and v [B,Hkv,T,D] (before RoPE) from x [B,T,d]."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        return (q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
         cos, sin = self.rope(T, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
@@ -69,9 +76,7 @@ class CausalSelfAttention(nn.Module):
         the prompt on an empty cache; step: one token). Plain SDPA, since methods only change training."""
         B, T, _ = x.shape
         pos = cache["k"].shape[2]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
         cos, sin = self.rope(pos + T, x.device)
         q, k = apply_rope(q, cos[pos:], sin[pos:]), apply_rope(k, cos[pos:], sin[pos:])
         k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
