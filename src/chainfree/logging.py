@@ -48,14 +48,26 @@ def progress_bar(disable: bool = False) -> Progress:
     )
 
 
-def plot_losses(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
-    """Train (thin) and val (markers) loss vs step, one colour per run."""
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (headless machines, CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG and free a figure: the one way every chainfree plot is saved."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def plot_losses(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Train (thin) and val (markers) loss vs step, one colour per run."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i}"
         train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
@@ -69,6 +81,4 @@ def plot_losses(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from chainfree.bench.report import markdown_table, write_result
+from chainfree.logging import pyplot, save_figure
 from chainfree.ops.sus_triton import SAMPLER
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -211,10 +212,7 @@ def run_attention_bench(
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, causal: bool, dtype: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     keys = [
@@ -237,9 +235,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, causal: bool, dtype: str) -> N
         f"SUS attention vs SDPA flash ({'causal' if causal else 'non-causal'}, {dtype}, "
         f"{torch.cuda.get_device_name(0)})"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _ints(s: str) -> list[int]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from chainfree.logging import plot_losses, pyplot, save_figure
+
 
 def environment() -> dict[str, Any]:
     env: dict[str, Any] = {
@@ -125,24 +127,14 @@ def write_compare_report(out: Path, summaries: dict[str, dict[str, Any]], runs: 
     md += "\n\n![loss curves](loss.png)"
     write_result(out, "report", {"summaries": summaries, "rows": rows, "command": command}, md)
     (out / "summary.json").write_text(json.dumps({"summaries": summaries, "rows": rows}, indent=1, default=str))
-    from chainfree.logging import plot_losses
 
     plot_losses(runs, out / "loss.png", title=title)
     return md
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_ratio_vs_seq_len(rows: list[dict[str, Any]], keys: list[tuple[str, str]], path: Path, title: str) -> None:
     """One line per (method, key) of `key` (a ratio vs exact) against `seq_len`; 1 = as fast/small as exact."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "exact"]
     for i, method in enumerate(methods):
@@ -158,14 +150,12 @@ def plot_ratio_vs_seq_len(rows: list[dict[str, Any]], keys: list[tuple[str, str]
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_variance_by_group(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Relative variance and 1 − cosine per parameter group (log scale, jackknife error bars)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in rows if r.get("variance") is not None and math.isfinite(r.get("variance", float("nan")))]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.5))
     if not rows:
@@ -189,6 +179,4 @@ def plot_variance_by_group(rows: list[dict[str, Any]], path: Path, title: str) -
         ax.legend(fontsize=8)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from chainfree.bench.report import markdown_table, write_result
+from chainfree.logging import pyplot, save_figure
 from chainfree.methods.base import Method
 from chainfree.methods.exact import Exact
 from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig, HBLLTree, count_exact_critical_path
@@ -328,10 +329,7 @@ def rnn_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- report
 def _plots(out: Path, results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if "speed" in results:
         rows = results["speed"]
@@ -348,9 +346,7 @@ def _plots(out: Path, results: dict[str, Any]) -> None:
             ax.set_xlabel("layers N")
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "hbll_speed.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "hbll_speed.png")
     if "vision" in results:
         subs = results["vision"]["subnetworks"]
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -363,9 +359,7 @@ def _plots(out: Path, results: dict[str, Any]) -> None:
         ax.set_xlabel("effective depth (layers)")
         ax.set_ylabel("test accuracy")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "hbll_subnetworks.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "hbll_subnetworks.png")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, part, title in zip(axes, ("vision", "lm", "rnn"), ("vision train CE", "LM val CE", "char-GRU train CE"),
                                strict=True):
@@ -382,9 +376,7 @@ def _plots(out: Path, results: dict[str, Any]) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "hbll_curves.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "hbll_curves.png")
 
 
 def _markdown(results: dict[str, Any], scale: str) -> str:

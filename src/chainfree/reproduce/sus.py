@@ -31,6 +31,7 @@ import torch
 
 from chainfree.bench.report import environment, markdown_table, write_result
 from chainfree.config import RunConfig, load_config
+from chainfree.logging import pyplot, save_figure
 
 PAPER = {"c": "25-30", "n": "~2000", "variance_increase": 0.01, "model": "pretrained OPT-125m"}
 
@@ -175,10 +176,7 @@ def variance_grid(
 
 
 def _plot_variance(rows: list[dict[str, Any]], x_key: str, line_key: str, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for line in sorted({r[line_key] for r in rows if r["variant"] == "bernoulli"}):
@@ -201,9 +199,7 @@ def _plot_variance(rows: list[dict[str, Any]], x_key: str, line_key: str, path: 
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def variance_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
