@@ -162,7 +162,9 @@ def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress
     if device.type == "cuda":
         torch.cuda.set_device(device)
     data, model, method = build_run(cfg, device)
-    sampler = BatchSampler(data, tc.batch_size, cfg.model.seq_len, tc.seed, info.rank, info.world_size)
+    # a model-parallel method (HBLL's tree-parallel rounds) wants the whole global batch on every rank
+    shard = (0, 1) if getattr(method, "replicates_batch", False) else (info.rank, info.world_size)
+    sampler = BatchSampler(data, tc.batch_size, cfg.model.seq_len, tc.seed, *shard)
     optimizer = build_optimizer(model, tc, device)
     config_dict = cfg.to_dict()
     ckpt_dir = out_dir / "checkpoint"
@@ -201,7 +203,7 @@ def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress
                 with autocast_context(tc, device):
                     stats = method.step(step_model, x, y)
                 if info.world_size > 1:
-                    if not method.uses_autograd_step:
+                    if not method.uses_autograd_step and not getattr(method, "syncs_gradients", False):
                         allreduce_grads(model, info.world_size)
                     stats.loss = global_mean(stats.loss, device)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0

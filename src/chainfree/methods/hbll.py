@@ -89,6 +89,9 @@ class HBLLConfig:
     aux_head: str = "auto"  # 'linear' (own Linear per boundary), 'shared' (detached model head), 'auto'
     parallel: str = "auto"  # 'vmap' (one batched call per round), 'loop' (reference), 'auto' (vmap on GPU)
     eval_path: str = "chain"  # inference: 'chain' (all leaves in order) or 'tree' (log-depth path)
+    # under torchrun (world > 1): 'tree' splits every round's members across ranks (chainfree.parallel.hbll_tree;
+    # all ranks one batch), 'data' runs the whole tree per rank on its shard (data parallel); 'auto' = 'tree'
+    distributed: str = "auto"
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -104,6 +107,8 @@ class HBLLConfig:
             raise ConfigError("method.parallel must be 'auto', 'vmap' or 'loop'")
         if self.eval_path not in ("chain", "tree"):
             raise ConfigError("method.eval_path must be 'chain' or 'tree'")
+        if self.distributed not in ("auto", "tree", "data"):
+            raise ConfigError(f"method.distributed must be 'auto', 'tree' or 'data', got {self.distributed!r}")
 
 
 # ------------------------------------------------------------------------------------------------ model glue
@@ -138,6 +143,103 @@ class AuxHead(nn.Module):
         return readout_ce(z, self.norm, weight, bias, targets)
 
 
+def _split_name(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(owning submodule, attribute) of a dotted parameter name."""
+    owner, _, attr = name.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), attr
+
+
+class StackedParams(nn.Module):
+    """n same-structure modules stored as ONE parameter per tensor name, shape [n, ...].
+
+    Why: a tree round applies many same-shape modules at once. With one parameter per module, every round
+    had to torch.stack their parameters (a copy per tensor) and its backward had to unbind and accumulate
+    into n separate .grad tensors (n small kernels per tensor per round; ~3k extra kernel launches per step
+    at N = 64), and the optimizer walked 3N small tensors. Stacked, a round takes a slice of each parameter
+    (a view, no copy; `rows`), and gradients accumulate in place into slices of the stacked .grad.
+
+    The member modules keep working as ordinary modules (inference, sub-networks, hooks): their parameter
+    attributes are replaced by detached views (aliases) of their row, re-bound after .to()/.double() and
+    deepcopy. Gradients never flow through the aliases: training goes through `rows()`.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        first = modules[0]
+        self.names = [name for name, _ in first.named_parameters()]
+        for mod in modules[1:]:
+            shapes = [(n, p.shape) for n, p in mod.named_parameters()]
+            if shapes != [(n, first.get_parameter(n).shape) for n in self.names]:
+                raise ConfigError(f"stacked modules must have one structure; {type(mod).__name__} differs")
+        self.stacked = nn.ParameterDict({
+            n.replace(".", "__"): nn.Parameter(torch.stack([mod.get_parameter(n).detach() for mod in modules]))
+            for n in self.names
+        })
+        self._members = list(modules)  # plain list: the members are registered where they live
+        self._index = {id(mod): i for i, mod in enumerate(modules)}
+        for mod in modules:
+            for n in self.names:
+                owner, attr = _split_name(mod, n)
+                del owner._parameters[attr]
+        self.rebind()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def param(self, name: str) -> nn.Parameter:
+        """The stacked parameter [n, ...] of a member parameter name (e.g. 'mlp.up.weight')."""
+        return self.stacked[name.replace(".", "__")]
+
+    def rebind(self) -> None:
+        """Point every member's parameter attributes at (detached) views of its row of the stacked tensors."""
+        for i, mod in enumerate(self._members):
+            for n in self.names:
+                owner, attr = _split_name(mod, n)
+                setattr(owner, attr, self.param(n).detach()[i])
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda(): new storage -> new aliases
+        out = super()._apply(fn, recurse)
+        self.rebind()
+        return out
+
+    def __setstate__(self, state: dict) -> None:  # deepcopy / unpickle: aliases must follow the copy
+        super().__setstate__(state)
+        if "_members" in state:
+            self.rebind()
+
+    def member(self, row: int) -> nn.Module:
+        return self._members[row]
+
+    def member_rows(self, modules: Sequence[nn.Module]) -> list[int] | None:
+        """Rows of `modules` in this stack, or None if one of them is not a member."""
+        rows = [self._index.get(id(mod)) for mod in modules]
+        return None if any(r is None for r in rows) else rows  # type: ignore[return-value]
+
+    def rows(self, index: int | slice | list[int]) -> dict[str, torch.Tensor]:
+        """Parameters of the members at `index` for ONE training call: a row (int) or a [k, ...] block.
+
+        int and slice: fresh autograd leaves over a view of the stacked parameter whose .grad is the
+        matching view of the stacked .grad (allocated as zeros if absent), so backward accumulates in place
+        -- no stack, no unbind, no per-member accumulation. A list (non-contiguous rows) gathers with
+        differentiable indexing (one gather and one index_add per tensor). Without grad mode: plain views."""
+        out: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            p = self.param(n)
+            if isinstance(index, list):
+                idx = torch.tensor(index, device=p.device)
+                out[n] = p.index_select(0, idx) if torch.is_grad_enabled() else p.detach().index_select(0, idx)
+                continue
+            if not (torch.is_grad_enabled() and p.requires_grad):
+                out[n] = p.detach()[index]
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            q = p.detach()[index].requires_grad_(True)
+            q.grad = p.grad[index]
+            out[n] = q
+        return out
+
+
 class HBLLTree(nn.Module):
     """The model plus the tree's shortcuts and readouts. Forward = inference of the trained model."""
 
@@ -158,8 +260,11 @@ class HBLLTree(nn.Module):
         bs = cfg.block_size
         # leaves are views of the model's own blocks (kept in a list: no duplicate registration)
         self._leaves = [nn.Sequential(*model.blocks[i * bs : (i + 1) * bs]) for i in range(m)]
-        # node (l, k): shortcut initialised as a copy of the first layers it covers
-        self.nodes = [(lv, k) for lv in range(self.levels + 1) for k in range(m >> lv)]
+        # node (l, k): shortcut initialised as a copy of the first layers it covers. Order: per level the left
+        # children (even k: the prefix round of that level), then the right children (odd k: its VJP round),
+        # the root last -- so every round's shortcuts are one contiguous slice of the stacked parameters
+        self.nodes = [(lv, k) for lv in range(self.levels) for par in (0, 1) for k in range(par, m >> lv, 2)]
+        self.nodes.append((self.levels, 0))
         self.node_index = {node: i for i, node in enumerate(self.nodes)}
         self.shortcuts = nn.ModuleList(
             nn.Sequential(*(copy.deepcopy(model.blocks[(k << lv) * bs + t]) for t in range(cfg.shortcut_layers)))
@@ -168,6 +273,13 @@ class HBLLTree(nn.Module):
         own = cfg.aux_head == "linear" or (cfg.aux_head == "auto" and model.head.out_features <= 1024)
         self.own_linear = own
         self.aux = nn.ModuleList(AuxHead(model, own) for _ in range(m - 1))  # boundaries 1..M-1
+        # persistent [n, ...] parameters (see StackedParams): leaves, shortcuts and readouts each one tensor
+        # per parameter name; the modules above stay usable through aliases of their rows
+        # leaf rows: even leaves, then odd ones (rounds run all leaves, or the evens and then the odds)
+        self.leaf_stack = StackedParams([self._leaves[i] for i in [*range(0, m, 2), *range(1, m, 2)]])
+        self.shortcut_stack = StackedParams(list(self.shortcuts))
+        self.aux_stack = StackedParams(list(self.aux))
+        self.partition = None  # set by chainfree.parallel.hbll_tree.partitioned: this rank's share of each round
 
     # ---------------------------------------------------------------------------------------- primitives
     def stem(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -181,46 +293,95 @@ class HBLLTree(nn.Module):
 
     def readout_ce(self, boundary: int, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """CE of boundary state z_b; b = M uses the model head with detached weights (a local readout)."""
-        if boundary < self.n_leaves:
-            return self.aux[boundary - 1].ce(z, targets)
+        if boundary < self.n_leaves:  # through the stack: the aux modules' own attributes are detached aliases
+            return self.readout_ce_many([boundary], z.unsqueeze(0), targets)
         head, norm = self.model.head, self.model.norm
         bias = head.bias.detach() if head.bias is not None else None
         return readout_ce(z, _frozen(norm), head.weight.detach(), bias, targets)
 
     def readout_ce_many(self, boundaries: Sequence[int], zs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean over items of the readout CE of zs[i] at boundary boundaries[i], as ONE batched call: the
-        norms' parameters are stacked; own linears are stacked (einsum), a shared head is one fused CE."""
+        """Mean over items of the readout CE of zs[i] at boundary boundaries[i], as ONE batched call. The
+        readouts' parameters come from the persistent stack (boundary b < M is row b - 1; b = M is the
+        model's frozen norm/head): one slice per tensor for consecutive boundaries, else one gather. Own
+        linears run as one einsum; a shared head is one fused chunked CE."""
         n, d, M = len(boundaries), zs.shape[-1], self.n_leaves
         _frozen(self.model.norm)  # validates the norm type
-        norms = [self.aux[b - 1].norm if b < M else self.model.norm for b in boundaries]
-        w = torch.stack([nm.weight if b < M else nm.weight.detach() for b, nm in zip(boundaries, norms, strict=True)])
-        bias = torch.stack([nm.bias if b < M else nm.bias.detach() for b, nm in zip(boundaries, norms, strict=True)])
+        head, norm = self.model.head, self.model.norm
+        idx = [b - 1 for b in boundaries]
+        if M not in boundaries and idx == list(range(idx[0], idx[0] + n)):
+            P = self.aux_stack.rows(slice(idx[0], idx[0] + n))
+        else:
+            frozen = {"norm.weight": norm.weight, "norm.bias": norm.bias, "linear.weight": head.weight,
+                      "linear.bias": head.bias}
+            rows = torch.tensor(idx, device=zs.device)
+            P = {name: torch.cat([self.aux_stack.param(name), frozen[name].detach().unsqueeze(0)]).index_select(0, rows)
+                 for name in self.aux_stack.names}
         view = (n,) + (1,) * (zs.dim() - 2) + (d,)
-        h = F.layer_norm(zs, (d,), eps=self.model.norm.eps) * w.view(view) + bias.view(view)
+        h = F.layer_norm(zs, (d,), eps=norm.eps) * P["norm.weight"].view(view)
+        if "norm.bias" in P:
+            h = h + P["norm.bias"].view(view)
         rep = targets.unsqueeze(0).expand(n, *targets.shape).reshape(-1)
-        head = self.model.head
         if not self.own_linear:
             hb = head.bias.detach() if head.bias is not None else None
             return linear_cross_entropy(h, head.weight.detach(), hb, rep)
-        lin = [self.aux[b - 1].linear if b < M else None for b in boundaries]
-        W = torch.stack([ln.weight if ln is not None else head.weight.detach() for ln in lin])  # [n, C, d]
-        logits = torch.einsum("n...d,ncd->n...c", h, W.to(h.dtype))
-        if head.bias is not None:
-            Bc = torch.stack([ln.bias if ln is not None else head.bias.detach() for ln in lin])
-            logits = logits + Bc.view((n,) + (1,) * (zs.dim() - 2) + (-1,)).to(logits.dtype)
+        logits = torch.einsum("n...d,ncd->n...c", h, P["linear.weight"].to(h.dtype))  # [n, ..., C]
+        if "linear.bias" in P:
+            logits = logits + P["linear.bias"].view((n,) + (1,) * (zs.dim() - 2) + (-1,)).to(logits.dtype)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), rep)
 
     def shortcut(self, node: tuple[int, int]) -> nn.Module:
         return self.shortcuts[self.node_index[node]]
 
     def apply(self, modules: Sequence[nn.Module], xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Evaluate modules[i](xs[i]) for all i as ONE parallel call (same-shape modules)."""
+        """Evaluate modules[i](xs[i]) for all i as ONE parallel call (same-shape leaves or shortcuts).
+
+        Parameters come from the persistent stack (`StackedParams.rows`): a round of consecutive members is
+        one slice per tensor (the node order makes every tree round consecutive). 'vmap' runs the first
+        module functionally over the [k, ...] slice; 'loop' (the reference) calls each module on its row."""
+        stack = next((st for st in (self.leaf_stack, self.shortcut_stack) if st.member_rows(modules) is not None),
+                     None)
+        if stack is None:
+            raise ValueError("HBLLTree.apply takes the tree's leaves or shortcuts")
+        rows = stack.member_rows(modules)
         mode = self.cfg.parallel
         if mode == "auto":  # on CPU the batched call saves no latency and vmap's overhead dominates
             mode = "vmap" if xs[0].is_cuda else "loop"
-        if mode == "loop" or len(modules) == 1:
-            return [mod(x) for mod, x in zip(modules, xs, strict=True)]
-        return list(stacked_apply(modules, torch.stack(list(xs))).unbind(0))
+        if self.partition is None and (mode == "loop" or len(modules) == 1):
+            return [functional_call(mod, stack.rows(r), (x,)) for mod, r, x in zip(modules, rows, xs, strict=True)]
+        # the call's order is free: run the members in row order, so a round is one slice when its rows are
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+        srt = [rows[i] for i in order]
+
+        def run(rs: list[int], x: torch.Tensor) -> torch.Tensor:  # members at stack rows rs on inputs x [n, ...]
+            if mode == "loop" or len(rs) == 1:
+                return torch.stack([functional_call(stack.member(r), stack.rows(r), (xi,)) for r, xi in zip(rs, x)])
+            consecutive = rs == list(range(rs[0], rs[0] + len(rs)))
+            params = stack.rows(slice(rs[0], rs[0] + len(rs)) if consecutive else rs)
+            return stacked_apply(stack.member(rs[0]), params, x)
+
+        if self.partition is not None:  # tree-parallel over ranks (chainfree.parallel.hbll_tree)
+            outs = self.partition.apply(srt, [xs[i] for i in order], run)
+        else:
+            outs = run(srt, torch.stack([xs[i] for i in order])).unbind(0)
+        result: list[torch.Tensor] = [outs[0]] * len(rows)
+        for pos, i in enumerate(order):
+            result[i] = outs[pos]
+        return result
+
+    def named_model_grads(self) -> dict[str, torch.Tensor]:
+        """Gradients under the plain model's parameter names ('blocks.3.mlp.up.weight', 'embed.weight', ...):
+        the stacked leaf gradients split back into per-block rows (views). For comparisons with exact
+        backprop on the unprepared model."""
+        out = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
+        bs = self.cfg.block_size
+        for name in self.leaf_stack.names:
+            g = self.leaf_stack.param(name).grad
+            if g is None:
+                continue
+            t, _, rest = name.partition(".")  # leaf i = Sequential of block_size blocks: 't.rest'
+            for i, row in enumerate(self.leaf_stack.member_rows(self._leaves) or []):
+                out[f"blocks.{i * bs + int(t)}.{rest}"] = g[row]
+        return out
 
     # ------------------------------------------------------------------------------------------ inference
     def chain_hidden(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -302,14 +463,11 @@ def math_attention(q, k, v, is_causal: bool = True, scale: float | None = None, 
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-def stacked_apply(modules: Sequence[nn.Module], xs: torch.Tensor) -> torch.Tensor:
-    """vmap of same-shape modules over stacked inputs xs [n, ...]. Parameters are stacked with torch.stack
-    (differentiable), so gradients land in each module's own parameters. Attention layers of the template
-    module run `math_attention` during the call (see there)."""
-    template = modules[0]
-    names = [name for name, _ in template.named_parameters()]
-    per_module = [dict(mod.named_parameters()) for mod in modules]
-    params = {name: torch.stack([p[name] for p in per_module]) for name in names}
+def stacked_apply(template: nn.Module, params: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+    """vmap of `template` over stacked parameters params[name] [n, ...] and inputs xs [n, ...]: n same-shape
+    modules in one call (every op one batched kernel). Gradients reach whatever `params` are views of (the
+    persistent stacks of `StackedParams.rows`). Attention layers of the template run `math_attention` during
+    the call (see there)."""
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, p, (x,))
@@ -347,10 +505,25 @@ class HBLL(Method):
         with torch.no_grad():
             return model(inputs, targets)
 
+    @property
+    def tree_parallel(self) -> bool:
+        """True when the tree's rounds are split across the ranks of torch.distributed (world > 1)."""
+        from chainfree.parallel.hbll_tree import tree_parallel_world
+
+        return self.config.distributed != "data" and tree_parallel_world() > 1
+
+    # the loop reads these two: every rank gets the full batch, and the step syncs gradients itself
+    replicates_batch = tree_parallel
+    syncs_gradients = tree_parallel
+
     def step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         tree = model if isinstance(model, HBLLTree) else None
         if tree is None:
             raise ConfigError("HBLL.step needs the model returned by HBLL.prepare (an HBLLTree)")
+        if tree.partition is None and self.tree_parallel:  # rounds split across ranks; the same step inside
+            from chainfree.parallel.hbll_tree import tree_parallel_step
+
+            return tree_parallel_step(lambda x, y: self.step(tree, x, y), tree, inputs, targets)
         cfg, m, levels = self.config, tree.n_leaves, tree.levels
         bs, sl = cfg.block_size, cfg.shortcut_layers
         depth: dict[str, int] = {}  # critical-path bookkeeping, in sequential layer evaluations
@@ -383,7 +556,7 @@ class HBLL(Method):
         right: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         for lv in range(levels - 1, -1, -1):  # right children, per level (their VJPs form the suffix rounds)
             ks = list(range(1, m >> lv, 2))
-            ins = [h[k << lv].clone().requires_grad_(True) for k in ks]
+            ins = [h[k << lv].detach().requires_grad_(True) for k in ks]  # an alias, not a copy
             outs = tree.apply([tree.shortcut((lv, k)) for k in ks], ins)
             right[lv] = (ks, ins, outs)
             for k, out in zip(ks, outs, strict=True):

@@ -1,0 +1,178 @@
+"""Tree-parallel HBLL over torch.distributed: the members of every tree round split across ranks.
+
+HBLL's step (chainfree.methods.hbll) is a sequence of *rounds*; each round applies k same-shape modules
+(leaves or shortcuts) to k independent inputs. Single-process, a round is one batched (vmap) call. Here,
+with W ranks (NCCL on GPU, gloo on CPU; one process per GPU, started by torchrun), a round's k members are
+split into W contiguous chunks of ceil(k / W) rows of the persistent parameter stack, and rank r evaluates
+only its chunk. Every rank holds a full replica of the parameters and runs the same control flow of
+`HBLL.step` on the same batch; only `HBLLTree.apply` changes (it calls `TreePartition.apply`):
+
+  forward   rank r evaluates its rows; the outputs are all-gathered (`_GatherRows`), so every rank holds
+            every boundary state and the next round can start on any rank. One all_gather per round.
+  backward  the cotangent of a gathered output is the same on every rank (everything after a round is
+            computed redundantly), so `_GatherRows.backward` keeps its own rows, no communication. The
+            input side (`_OwnRows`) all-gathers the input cotangents of the members, so the top-down
+            messages delta (VJP rounds through the shortcuts) and the stem's gradient (leaf 0 keeps the stem
+            in its graph) reach every rank: one all_gather per round that has inputs requiring grad.
+  gradients a stacked leaf/shortcut row gets its gradient only on the rank that evaluated it; everything
+            computed redundantly (readouts, head, final norm, stem) gets the same gradient on every rank.
+            `sync_gradients` sums the stacked gradients (disjoint rows) and averages the rest (identical up
+            to floating-point order) -- afterwards every rank holds the single-process gradient, so
+            identical optimizer steps keep the replicas identical. The loop does not average again
+            (`HBLL.syncs_gradients`).
+
+What runs concurrently: the rounds' block evaluations (leaves, shortcuts, and their backward). The local
+losses after the tree (readout CEs, distillation, head) run redundantly on every rank: simple and exact,
+but it bounds the speedup by that share of the step (measured in docs/hbll.md).
+
+The batch: tree parallelism is model parallelism, so all ranks need the same batch. The loop gives every
+rank the full global batch (`HBLL.replicates_batch`), and `tree_parallel_step` broadcasts rank 0's batch
+anyway so that a caller passing per-rank batches still gets one consistent step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def tree_parallel_world() -> int:
+    """World size of the initialised default process group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _chunk(k: int, rank: int, world: int) -> tuple[int, int, int]:
+    """(start, stop, rows per rank) of rank's contiguous chunk of k rows; ranks past the end get none."""
+    per = -(-k // world)
+    start = min(rank * per, k)
+    return start, min(start + per, k), per
+
+
+def _all_gather_rows(own: torch.Tensor, k: int, per: int, world: int, group) -> torch.Tensor:
+    """Concatenate every rank's rows (padded to `per` rows for the collective) and keep the first k."""
+    if own.shape[0] < per:
+        own = torch.cat([own, own.new_zeros((per - own.shape[0], *own.shape[1:]))])
+    out = own.new_empty((world * per, *own.shape[1:]))
+    dist.all_gather_into_tensor(out, own.contiguous(), group=group)
+    return out[:k]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: all-gather every rank's output rows. Backward: this rank's rows of the (replicated)
+    cotangent -- no communication, see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, own: torch.Tensor, k: int, start: int, per: int, world: int, group) -> torch.Tensor:
+        ctx.start, ctx.n = start, own.shape[0]
+        return _all_gather_rows(own.detach(), k, per, world, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.start : ctx.start + ctx.n], None, None, None, None, None
+
+
+class _OwnRows(torch.autograd.Function):
+    """Forward: stack this rank's inputs out of all k. Backward: all-gather the input cotangents so every
+    rank gets the gradient of every member's input (messages delta, the stem's gradient)."""
+
+    @staticmethod
+    def forward(ctx, meta: tuple, *xs: torch.Tensor) -> torch.Tensor:
+        start, stop, per, world, group = meta
+        ctx.meta = (len(xs), per, world, group)
+        own = xs[start:stop]
+        if own:
+            return torch.stack(own)
+        return xs[0].new_empty((0, *xs[0].shape))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k, per, world, group = ctx.meta
+        full = _all_gather_rows(grad, k, per, world, group)
+        return (None, *full.unbind(0))
+
+
+@dataclass
+class TreePartition:
+    """This rank's share of every round; installed on an HBLLTree for one step (`partitioned`)."""
+
+    rank: int
+    world: int
+    group: object = None
+
+    def apply(
+        self, rows: list[int], xs: Sequence[torch.Tensor], run: Callable[[list[int], torch.Tensor], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Evaluate the members at stack rows `rows` (sorted, one per input) on inputs xs, this rank's chunk
+        only: run(own_rows, own_inputs [n, ...]) -> own outputs [n, ...]. Returns all k outputs, gathered."""
+        k = len(rows)
+        start, stop, per = _chunk(k, self.rank, self.world)
+        meta = (start, stop, per, self.world, self.group)
+        own_in = _OwnRows.apply(meta, *xs)
+        if stop > start:
+            own_out = run(rows[start:stop], own_in)
+        else:  # no rows here this round: the shape of one output, without evaluating anything
+            with torch.no_grad():
+                probe = run(rows[:1], torch.stack([xs[0].detach()]))
+            own_out = probe.new_empty((0, *probe.shape[1:])) + 0 * own_in.sum()
+        return list(_GatherRows.apply(own_out, k, start, per, self.world, self.group).unbind(0))
+
+
+@contextlib.contextmanager
+def partitioned(tree: nn.Module, group=None) -> Iterator[TreePartition]:
+    """Within the block, `tree.apply` evaluates only this rank's members of each round."""
+    part = TreePartition(dist.get_rank(group), dist.get_world_size(group), group)
+    tree.partition = part
+    try:
+        yield part
+    finally:
+        tree.partition = None
+
+
+def sync_gradients(tree: nn.Module, group=None) -> None:
+    """Sum the stacked leaf/shortcut gradients over ranks (each row was computed on one rank), average the
+    others (computed redundantly). A gradient absent on every rank stays absent (as in one process)."""
+    world = dist.get_world_size(group)
+    summed = {id(p) for st in (tree.leaf_stack, tree.shortcut_stack) for p in st.parameters()}
+    params = [p for p in tree.parameters() if p.requires_grad]
+    device = params[0].device
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
+    for p, has in zip(params, present.tolist(), strict=True):
+        if has and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for want_sum in (True, False):
+        grads = [p.grad for p in params if p.grad is not None and (id(p) in summed) == want_sum]
+        for dtype in {g.dtype for g in grads}:
+            same = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat, group=group)
+            if not want_sum:
+                flat /= world
+            offset = 0
+            for g in same:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def tree_parallel_step(
+    step: Callable[[torch.Tensor, torch.Tensor], object],
+    tree: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    group=None,
+):
+    """One HBLL step with the tree's rounds split across the ranks of `group`: rank 0's batch is
+    broadcast, `step(inputs, targets)` (the single-process HBLL step) runs with `tree.apply` partitioned,
+    and gradients are synchronised so that every rank ends with the single-process gradient."""
+    inputs, targets = inputs.contiguous(), targets.contiguous()
+    dist.broadcast(inputs, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast(targets, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    with partitioned(tree, group):
+        stats = step(inputs, targets)
+    sync_gradients(tree, group)
+    return stats

@@ -1,0 +1,182 @@
+"""HBLL's parallel execution: the persistent stacked parameter layout (aliases, .to(), deepcopy, state dict,
+checkpoint resume) and the tree-parallel step over torch.distributed (2 gloo ranks, float64) against the
+single-process step, directly and through the one training loop under torchrun."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from chainfree.config import ModelConfig, load_config
+from chainfree.logging import read_metrics
+from chainfree.methods.hbll import HBLL, HBLLConfig
+from chainfree.models.lm import LanguageModel
+from chainfree.models.vision import VisionNet
+from chainfree.parallel import hbll_tree
+from chainfree.train import train
+
+# (name, model kind, n_layers, HBLL config): vmap and loop rounds, wider blocks, no message, corrections
+CASES = [
+    ("mlp_loop", "mlp", 8, {"parallel": "loop"}),
+    ("mlp_vmap_bs2", "mlp", 8, {"parallel": "vmap", "block_size": 2, "corrections": 1}),
+    ("mlp_local", "mlp", 8, {"parallel": "vmap", "global_weight": 0.0}),
+    ("gpt_vmap", "gpt", 4, {"parallel": "vmap"}),
+]
+
+
+def build(kind: str, n_layers: int, cfg: dict) -> tuple[HBLL, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "mlp":
+        base = VisionNet(12, 5, d=16, n_layers=n_layers)
+        x, y = torch.randn(16, 12, generator=g, dtype=torch.float64), torch.randint(0, 5, (16,), generator=g)
+    else:
+        base = LanguageModel(ModelConfig(vocab_size=32, seq_len=16, d_model=16, n_layers=n_layers, n_heads=2))
+        ids = torch.randint(0, 32, (2, 17), generator=g)
+        x, y = ids[:, :-1], ids[:, 1:]
+    method = HBLL(HBLLConfig(**cfg))
+    return method, method.prepare(base.double()), x, y
+
+
+def step_and_update(method, tree, x, y) -> dict[str, torch.Tensor]:
+    """Gradients of one step and the parameters after one AdamW update, by name."""
+    opt = torch.optim.AdamW(tree.parameters(), lr=1e-2)
+    stats = method.step(tree, x, y)
+    out = {f"grad/{n}": p.grad.clone() for n, p in tree.named_parameters() if p.grad is not None}
+    out["loss"] = torch.tensor(stats.loss, dtype=torch.float64)
+    out["critical_path"] = torch.tensor(stats.extra["critical_path"])
+    opt.step()
+    out.update({f"param/{n}": p.detach().clone() for n, p in tree.named_parameters()})
+    return out
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, kind, n, cfg in CASES:
+            method, tree, x, y = build(kind, n, cfg)
+            if rank:  # the step must use rank 0's batch: give the other rank a different one
+                x = x.flip(0)
+            assert method.tree_parallel
+            results[name] = step_and_update(method, tree, x, y)
+        # work split, not replicated: before the sync every stacked row has a gradient on one rank only
+        method, tree, x, y = build("mlp", 8, {"parallel": "vmap"})
+        with mock.patch.object(hbll_tree, "sync_gradients", lambda *a, **k: None):
+            method.step(tree, x, y)
+        results["rows"] = {
+            st: (getattr(tree, st).param("0.mlp.up.weight").grad.flatten(1).abs().sum(1) > 0)
+            for st in ("leaf_stack", "shortcut_stack")
+        }
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tree_parallel_step_equals_single_process(tmp_path):
+    """2 gloo ranks split every round: every rank ends with the single-process gradients and update."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for st, own0 in ranks[0]["rows"].items():
+        own1 = ranks[1]["rows"][st]
+        assert own0.any() and own1.any() and not (own0 & own1).any() and (own0 | own1).all(), st
+    for name, kind, n, cfg in CASES:
+        method, tree, x, y = build(kind, n, cfg)
+        assert not method.tree_parallel
+        ref = step_and_update(method, tree, x, y)
+        for r, got in enumerate(ranks):
+            assert set(got[name]) == set(ref), f"{name} rank {r}"
+            for key, val in ref.items():
+                torch.testing.assert_close(got[name][key], val, rtol=1e-9, atol=1e-12, msg=f"{name} rank {r} {key}")
+
+
+def test_tree_parallel_in_the_training_loop(tiny, tmp_path):
+    """torchrun, 2 CPU ranks, method hbll: tree-parallel rounds inside chainfree.train follow the
+    single-process run (same global batch on every rank, gradients synced by the method, not averaged
+    twice by the loop)."""
+    over = tiny(
+        **{"model.n_layers": 4, "train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2, "train.dtype": '"fp64"'}
+    )
+    args = [a for kv in over for a in ("--set", kv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "chainfree.cli",
+        "train",
+        "--method",
+        "hbll",
+        "--out",
+        str(tmp_path / "tree"),
+        *args,
+    ]
+    # single process first: it also fills the token cache the two ranks would otherwise both write
+    train(load_config(overrides=over, method="hbll"), tmp_path / "single", progress=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    par, single = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("tree", "single"))
+    assert [r["step"] for r in par] == [r["step"] for r in single] == [1, 2]
+    for a, b in zip(par, single, strict=True):
+        for key in ("train_loss", "grad_norm", "critical_path"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    assert par[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-9)
+
+
+def test_stacked_layout_aliases_follow_conversions_and_copies():
+    """Leaves and shortcuts live in one [n, ...] parameter per tensor; the modules read aliases of their
+    rows, which must follow .to(dtype), deepcopy and load_state_dict."""
+    method, tree, x, _ = build("mlp", 8, {"parallel": "loop"})
+    stacked = tree.leaf_stack.param("0.mlp.up.weight")
+    assert stacked.shape[0] == 8 and not any(n.startswith("model.blocks") for n, _ in tree.named_parameters())
+    assert (
+        tree.model.blocks[5].mlp.up.weight.data_ptr()
+        == stacked[tree.leaf_stack.member_rows([tree._leaves[5]])[0]].data_ptr()
+    )
+    ref = tree(x)
+    torch.testing.assert_close(ref, tree.model(x))  # the plain model reads the stacked weights
+    half = copy.deepcopy(tree).float()
+    torch.testing.assert_close(half(x.float()), ref.float(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        half.leaf_stack.param("0.mlp.up.weight").zero_()
+    assert half.model.blocks[0].mlp.up.weight.abs().sum() == 0  # aliases of the copy, not of the original
+    assert tree.model.blocks[0].mlp.up.weight.abs().sum() > 0
+    fresh = build("mlp", 8, {"parallel": "loop"})[1]
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(tree.state_dict())
+    torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
+
+
+def test_checkpoint_resume_with_stacked_parameters(tiny, tmp_path):
+    """An HBLL run interrupted and resumed from its checkpoint (stacked parameters and their AdamW state)
+    reproduces the uninterrupted run exactly."""
+    over = tiny(**{"model.n_layers": 4, "train.steps": 4, "train.eval_every": 2, "train.ckpt_every": 2})
+    train(load_config(overrides=over, method="hbll"), tmp_path / "full", progress=False)
+    train(load_config(overrides=over, method="hbll"), tmp_path / "split", stop_at=2, progress=False)
+    train(load_config(overrides=over, method="hbll"), tmp_path / "split", progress=False)
+    full, split = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "split"))
+    assert [(r["step"], r["train_loss"]) for r in full] == [(r["step"], r["train_loss"]) for r in split]
