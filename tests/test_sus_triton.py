@@ -75,7 +75,7 @@ def test_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype, ca
 
 
 @cuda
-@pytest.mark.parametrize("sampler", ["bitmask", "prefix"])
+@pytest.mark.parametrize("sampler", ["bitmask", "prefix", "words"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_kept_pairs_match_reference_draws(sampler, causal):
     """The sampler's compacted pairs equal the PyTorch port's (same layout, same hashes)."""
@@ -89,7 +89,7 @@ def test_kept_pairs_match_reference_draws(sampler, causal):
     cap = row_capacity(c, n)
     idx, cnt = st.sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, sampler=sampler)
     idx_r, cnt_r = sus_sparse.sample_kept_pairs(
-        q.float().cpu(), k.float().cpu(), lse.cpu(), c, causal, scale, seed, cap
+        q.float().cpu(), k.float().cpu(), lse.cpu(), c, causal, scale, seed, cap, words=sampler == "words"
     )
     same = cnt.cpu() == cnt_r
     assert (~same).sum() <= 2  # see the rounding argument above

@@ -100,7 +100,7 @@ def _bench_shape(
         t_sparse = _time_ms(
             partial(st.sparse_backward, q, k, v, o, do, lse, *pairs, c, causal, scale, seed), warmup, reps
         )
-        cnt = pairs[1].float()
+        kept = st.kept_per_row(*pairs)
         row = {
             "D": d,
             "H": H,
@@ -118,10 +118,11 @@ def _bench_shape(
             "fwd_ratio": t["fwd_ms"] / base["fwd_ms"],
             "bwd_speedup": base["bwd_ms"] / t["bwd_ms"],
             "fwd_bwd_speedup": base["fwd_bwd_ms"] / t["fwd_bwd_ms"],
-            "kept_per_row": cnt.mean().item(),
-            "max_kept_row": int(cnt.max().item()),
+            "kept_per_row": kept.mean().item(),
+            "max_kept_row": int(kept.max().item()),
             "row_capacity": cap,
-            "overflow_rows": int((cnt > cap).sum().item()),
+            "overflow_rows": int((pairs[1] > cap).sum().item()),
+            "sampler": st.SAMPLER,
         }
         rows.append(row)
         print(

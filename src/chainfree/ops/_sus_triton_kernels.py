@@ -275,6 +275,62 @@ def _sample_tiles(
 
 
 @triton.jit
+def _word_tiles(
+    cnt,
+    wacc,
+    q,
+    k_base,
+    skn,
+    out_rows,
+    tri16,
+    row_term,
+    lse2c,
+    offs_m,
+    offs_n,
+    offs_d,
+    start,
+    end,
+    N_K,
+    qk_scale,
+    CAP,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """SAMPLER 3 ("words"): the keep tiles of 256 keys are packed into 16 words of 16 bits on the tensor cores
+    (keep @ a [BN, 16] matrix of powers of two, shifted to the tile's 4 columns of the group), then only the
+    [BM, 16] words are compacted: nonzero words go to the row's buffer as (word index << 16 | bits), slot =
+    in-row prefix count of nonzero words (a [BM,16] x [16,16] tensor-core product). 1/16 of the per-pair
+    compaction work of SAMPLER 1; the sparse pass unpacks the bits."""
+    offs_w = tl.arange(0, 16)
+    for s0 in range(start, end, BN):
+        kn = s0 + offs_n
+        if MASKED:
+            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=(kn < N_K)[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
+        cw = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2c[:, None])
+        keep = _uniform(row_term, kn.to(tl.uint32) * 0x85EBCA77) < cw
+        if MASKED:
+            valid = kn[None, :] < N_K
+            if CAUSAL:
+                valid = valid & (kn[None, :] <= offs_m[:, None])
+            keep = keep & valid
+        shift = (s0 % 256) // 16
+        pw = tl.where(offs_n[:, None] // 16 + shift == offs_w[None, :], (1 << (offs_n % 16))[:, None], 0)
+        wacc = tl.dot(keep.to(tl.float16), pw.to(tl.float16), wacc)  # exact: sums of distinct powers < 2^16
+        if ((s0 + BN) % 256 == 0) | (s0 + BN >= end):
+            words = wacc.to(tl.int32)
+            nz = words != 0
+            pos = (cnt[:, None] + tl.dot(nz.to(tl.float16), tri16) - 1.0).to(tl.int32)
+            entry = (((s0 // 256) * 16 + offs_w) << 16)[None, :] | words
+            tl.store(out_rows[:, None] + pos, entry, mask=nz & (pos < CAP))
+            cnt += tl.sum(nz.to(tl.float32), 1)
+            wacc = tl.zeros_like(wacc)
+    return cnt, wacc
+
+
+@triton.jit
 def row_ok_of(lse2c):
     return lse2c < float("inf")
 
@@ -308,7 +364,8 @@ def _sample_kernel(
     SAMPLER: tl.constexpr,
 ):
     """SAMPLER 0: OUT = bit words int16 [rows, NW] (CNT unused); 1: OUT = key slots int32 [rows, CAP] and
-    CNT = counts; 2: CNT = counts only (timing probe)."""
+    CNT = counts; 2: CNT = counts only (timing probe); 3: OUT = nonzero 16-key words int32 [rows, CAP] as
+    (word index << 16 | bits), CNT = number of nonzero words."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -323,109 +380,35 @@ def _sample_kernel(
     k_base = K + b * skb + hk * skh
     row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + offs_m.to(tl.uint32) * 0x9E3779B1
     rows = (bh * N_Q + offs_m).to(tl.int64)
-    if SAMPLER == 0:
-        out_rows = OUT + rows * NW
-        pw = tl.arange(0, 16)
-        ones = tl.where(offs_n[:, None] // 16 == pw[None, :], (1 << (offs_n % 16))[:, None], 0).to(tl.float16)
+    # key range [0, mid) needs no mask; [mid, hi) does (causal: the diagonal block; else: the ragged tail)
+    if CAUSAL:  # N_Q == N_K; BM % BN == 0
+        mid = pid_m * BM
+        hi = tl.minimum((pid_m + 1) * BM, N_K)
     else:
-        out_rows = OUT + rows * CAP
-        ones = (offs_n[:, None] <= offs_n[None, :]).to(tl.float16)
+        mid = (N_K // BN) * BN
+        hi = N_K
     cnt = tl.zeros([BM], tl.float32)  # exact: counts < 2^24
-    if CAUSAL:
-        cnt = _sample_tiles(
-            cnt,
-            q,
-            k_base,
-            skn,
-            out_rows,
-            ones,
-            row_term,
-            lse2c,
-            offs_m,
-            offs_n,
-            offs_d,
-            0,
-            pid_m * BM,
-            N_K,
-            NW,
-            qk_scale,
-            CAP,
-            False,
-            CAUSAL,
-            BN,
-            SAMPLER,
-        )
-        cnt = _sample_tiles(
-            cnt,
-            q,
-            k_base,
-            skn,
-            out_rows,
-            ones,
-            row_term,
-            lse2c,
-            offs_m,
-            offs_n,
-            offs_d,
-            pid_m * BM,
-            tl.minimum((pid_m + 1) * BM, N_K),
-            N_K,
-            NW,
-            qk_scale,
-            CAP,
-            True,
-            CAUSAL,
-            BN,
-            SAMPLER,
-        )
+    if SAMPLER == 3:
+        out_rows = OUT + rows * CAP
+        offs_w = tl.arange(0, 16)
+        tri16 = (offs_w[:, None] <= offs_w[None, :]).to(tl.float16)
+        wacc = tl.zeros([BM, 16], tl.float32)
+        cnt, wacc = _word_tiles(cnt, wacc, q, k_base, skn, out_rows, tri16, row_term, lse2c, offs_m, offs_n, offs_d,
+                                0, mid, N_K, qk_scale, CAP, False, CAUSAL, BN)
+        cnt, wacc = _word_tiles(cnt, wacc, q, k_base, skn, out_rows, tri16, row_term, lse2c, offs_m, offs_n, offs_d,
+                                mid, hi, N_K, qk_scale, CAP, True, CAUSAL, BN)
     else:
-        full_end = (N_K // BN) * BN
-        cnt = _sample_tiles(
-            cnt,
-            q,
-            k_base,
-            skn,
-            out_rows,
-            ones,
-            row_term,
-            lse2c,
-            offs_m,
-            offs_n,
-            offs_d,
-            0,
-            full_end,
-            N_K,
-            NW,
-            qk_scale,
-            CAP,
-            False,
-            CAUSAL,
-            BN,
-            SAMPLER,
-        )
-        cnt = _sample_tiles(
-            cnt,
-            q,
-            k_base,
-            skn,
-            out_rows,
-            ones,
-            row_term,
-            lse2c,
-            offs_m,
-            offs_n,
-            offs_d,
-            full_end,
-            N_K,
-            N_K,
-            NW,
-            qk_scale,
-            CAP,
-            True,
-            CAUSAL,
-            BN,
-            SAMPLER,
-        )
+        if SAMPLER == 0:
+            out_rows = OUT + rows * NW
+            pw = tl.arange(0, 16)
+            ones = tl.where(offs_n[:, None] // 16 == pw[None, :], (1 << (offs_n % 16))[:, None], 0).to(tl.float16)
+        else:
+            out_rows = OUT + rows * CAP
+            ones = (offs_n[:, None] <= offs_n[None, :]).to(tl.float16)
+        cnt = _sample_tiles(cnt, q, k_base, skn, out_rows, ones, row_term, lse2c, offs_m, offs_n, offs_d,
+                            0, mid, N_K, NW, qk_scale, CAP, False, CAUSAL, BN, SAMPLER)
+        cnt = _sample_tiles(cnt, q, k_base, skn, out_rows, ones, row_term, lse2c, offs_m, offs_n, offs_d,
+                            mid, hi, N_K, NW, qk_scale, CAP, True, CAUSAL, BN, SAMPLER)
     if SAMPLER != 0:
         tl.store(CNT + bh * N_Q + offs_m, cnt.to(tl.int32), mask=row_ok)
 
@@ -558,7 +541,11 @@ def _sparse_bwd_kernel(
     CHUNK: tl.constexpr,
     D: tl.constexpr,
     ATOMICS: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
+    """WORDS: IDX holds (word index << 16 | bits) entries of SAMPLER 3 and CNT their number; each pass over a
+    chunk of entries takes the lowest set bit of every word (almost always the only one), so a chunk costs
+    max(popcount) passes of CHUNK keys. Else IDX holds key indices."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -585,30 +572,61 @@ def _sparse_bwd_kernel(
             offs = s0 + offs_c
             m = offs < cnt
             j = tl.load(IDX + row * CAP + offs, mask=m, other=0)
-            dq = _pair_update(
-                dq,
-                j,
-                m,
-                qrow,
-                dorow,
-                Di,
-                lse2c,
-                inv_c,
-                row_term,
-                k_base,
-                skn,
-                v_base,
-                svn,
-                dk_base,
-                dv_base,
-                offs_d,
-                qk_scale,
-                scale,
-                D,
-                CHUNK,
-                False,
-                ATOMICS,
-            )
+            if WORDS:
+                base = (j >> 16) * 16
+                bits = j & 0xFFFF
+                for _ in range(0, tl.max(_popc16(bits), 0)):
+                    low = bits & (0 - bits)
+                    dq = _pair_update(
+                        dq,
+                        base + _popc16((low - 1) & 0xFFFF),
+                        bits != 0,
+                        qrow,
+                        dorow,
+                        Di,
+                        lse2c,
+                        inv_c,
+                        row_term,
+                        k_base,
+                        skn,
+                        v_base,
+                        svn,
+                        dk_base,
+                        dv_base,
+                        offs_d,
+                        qk_scale,
+                        scale,
+                        D,
+                        CHUNK,
+                        False,
+                        ATOMICS,
+                    )
+                    bits = bits & (bits - 1)
+            else:
+                dq = _pair_update(
+                    dq,
+                    j,
+                    m,
+                    qrow,
+                    dorow,
+                    Di,
+                    lse2c,
+                    inv_c,
+                    row_term,
+                    k_base,
+                    skn,
+                    v_base,
+                    svn,
+                    dk_base,
+                    dv_base,
+                    offs_d,
+                    qk_scale,
+                    scale,
+                    D,
+                    CHUNK,
+                    False,
+                    ATOMICS,
+                )
     else:  # overflowed row buffer: scan all keys of the row, re-draw the same hashes
         hi = N_K
         if CAUSAL:

@@ -31,6 +31,38 @@ def compact_kept_pairs(keep: torch.Tensor, cap: int) -> tuple[torch.Tensor, torc
     return idx, cnt
 
 
+def compact_kept_words(keep: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "words" layout: each row's nonzero 16-key words as int32 entries (word index << 16) | bits, in
+    ascending order, at most `cap` per row, and the un-clipped number of nonzero words (> cap: overflow)."""
+    rows, n_k = keep.shape
+    n_words = (n_k + 15) // 16
+    padded = torch.zeros(rows, n_words * 16, dtype=torch.int64, device=keep.device)
+    padded[:, :n_k] = keep.long()
+    bits = (padded.reshape(rows, n_words, 16) << torch.arange(16, device=keep.device)).sum(-1)
+    entries, cnt = compact_kept_pairs(bits != 0, cap)
+    word_bits = torch.gather(bits, 1, entries.long())
+    packed = torch.where(
+        torch.arange(cap, device=keep.device)[None, :] < cnt[:, None].clamp(max=cap),
+        (entries.long() << 16) | word_bits,
+        0,
+    )
+    return packed.to(torch.int32), cnt
+
+
+def words_to_keep(entries: torch.Tensor, cnt: torch.Tensor, n_k: int) -> torch.Tensor:
+    """Dense [rows, n_k] keep mask of the entries of non-overflowed rows ("words" layout)."""
+    rows, cap = entries.shape
+    live = (torch.arange(cap, device=entries.device)[None, :] < cnt[:, None]) & (cnt <= cap)[:, None]
+    e = entries.long()
+    bit = ((e & 0xFFFF)[..., None] >> torch.arange(16, device=e.device)) & 1
+    keys = (e >> 16)[..., None] * 16 + torch.arange(16, device=e.device)
+    on = (bit == 1) & live[..., None]
+    keep = torch.zeros(rows, ((n_k + 15) // 16) * 16, dtype=torch.bool, device=e.device)
+    r = torch.arange(rows, device=e.device)[:, None, None].expand_as(keys)
+    keep[r[on], keys[on]] = True
+    return keep[:, :n_k]
+
+
 def _row_weights(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     """W [B, H, n_q, n_k] from q, k and the forward's LSE [B*H, n_q] (GQA: head h reads kv head h // G)."""
     B, H, n_q, _ = q.shape
@@ -43,14 +75,23 @@ def _row_weights(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, is_causal:
 
 
 def sample_kept_pairs(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, c: float, is_causal: bool, scale: float, seed: int, cap: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    c: float,
+    is_causal: bool,
+    scale: float,
+    seed: int,
+    cap: int,
+    words: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward step 1: the kept keys of every row in the kernel's layout (same draws as the reference)."""
+    """Backward step 1: the kept pairs of every row in the kernel's layout (same draws as the reference):
+    key indices, or with `words` the "words" entries."""
     B, H, n_q, _ = q.shape
     w = _row_weights(q, k, lse, is_causal, scale)
     bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1)
     _, keep, _ = sampled_weights(w, c, seed, bh, torch.arange(n_q, device=q.device), "bernoulli")
-    return compact_kept_pairs(keep.reshape(B * H * n_q, -1), cap)
+    return (compact_kept_words if words else compact_kept_pairs)(keep.reshape(B * H * n_q, -1), cap)
 
 
 def sparse_backward(
@@ -66,12 +107,18 @@ def sparse_backward(
     is_causal: bool,
     scale: float,
     seed: int,
+    words: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward step 2 from the kept keys: W~ = max(W, 1/c) recomputed per pair, dQ by gathers, dK/dV by
     scatter-adds; overflowed rows (count > cap) re-drawn densely. Computes in q's dtype (float64 in tests).
+    `words`: (idx, cnt) are in the "words" layout (unpacked here into key indices first).
     """
     B, H, n_q, D = q.shape
     H_kv, n_k = k.shape[1], k.shape[2]
+    if words:
+        overflow_rows = cnt > idx.shape[1]
+        idx, cnt = compact_kept_pairs(words_to_keep(idx, cnt, n_k), max(1, 16 * idx.shape[1]))
+        cnt = torch.where(overflow_rows, idx.shape[1] + 1, cnt).to(torch.int32)
     G = H // H_kv
     cap = idx.shape[1]
     rows = B * H * n_q
@@ -104,4 +151,4 @@ def sparse_backward(
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-__all__ = ["compact_kept_pairs", "sample_kept_pairs", "sparse_backward"]
+__all__ = ["compact_kept_pairs", "compact_kept_words", "sample_kept_pairs", "sparse_backward", "words_to_keep"]

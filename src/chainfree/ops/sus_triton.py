@@ -43,7 +43,9 @@ from chainfree.ops.sus_random import draw_seed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SAMPLER = "prefix"  # faster than "bitmask" on an H100 (benchmarks/sus_probe.py; docs/sus_kernel.md)
+SAMPLERS = {"bitmask": 0, "prefix": 1, "words": 3}  # the kernel's SAMPLER mode (2: count-only timing probe)
+SAMPLER = "words"  # the default; measured against the others by benchmarks/sus_probe.py (docs/sus_kernel.md)
+MAX_KEYS_WORDS = 2**19  # "words" entries hold the 16-key word index in 15 bits
 
 
 def row_capacity(c: float, n_k: int) -> int:
@@ -220,22 +222,27 @@ def sample_kept_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward step 1 on the GPU: (idx int32 [B*H*n, cap], count int32 [B*H*n]).
 
-    Slots s < min(count, cap) of row r = bh * n + i hold its kept key indices in ascending order; count is
-    un-clipped (count > cap marks an overflowed row). `sampler`: "bitmask" (the sampler writes one bit per
-    (i, j) as 16-key words, n^2/8 bytes, and `_expand_kernel` turns each row's words into indices) or
-    "prefix" (the sampler writes indices directly at in-row prefix counts); None = SAMPLER.
+    Slots s < min(count, cap) of row r = bh * n + i hold its entries in ascending key order; count is
+    un-clipped (count > cap marks an overflowed row). `sampler` (None = SAMPLER): "words" (entries are the
+    row's nonzero 16-key words, (word index << 16) | bits; the keep tiles are packed into words on the tensor
+    cores and only words are compacted), "prefix" (entries are kept key indices, written at in-row prefix
+    counts) or "bitmask" (one bit per (i, j) as 16-key words, n^2/8 bytes, turned into key indices by
+    `_expand_kernel`). `kept_per_row` counts kept keys in either layout.
     `probe=True` only counts (timing probe: matmul + exp + hash without output).
     `chainfree.ops.sus_sparse` is the PyTorch port of this layout.
     """
     kern = _kernels()
     sampler = sampler or SAMPLER
-    if sampler not in ("bitmask", "prefix"):
-        raise ValueError(f"sampler must be 'bitmask' or 'prefix', got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if sampler == "words" and k.shape[2] > MAX_KEYS_WORDS:
+        raise ValueError(f"the 'words' sampler indexes at most {MAX_KEYS_WORDS} keys (got {k.shape[2]}); "
+                         "use sampler='prefix' or split the sequence")
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     idx = torch.empty(B * H * n_q, cap, device=q.device, dtype=torch.int32)
     cnt = torch.empty(B * H * n_q, device=q.device, dtype=torch.int32)
-    mode = 2 if probe else (0 if sampler == "bitmask" else 1)
+    mode = 2 if probe else SAMPLERS[sampler]
     nw = triton_cdiv(n_k, 16)
     out = torch.empty(B * H * n_q, nw, device=q.device, dtype=torch.int16) if mode == 0 else idx
     bm, bn, warps, stages = config or _sample_config(d)
@@ -248,6 +255,15 @@ def sample_kept_pairs(
     if mode == 0:
         kern._expand_kernel[(n_q, B * H)](out, idx, cnt, n_q, n_k, nw, cap, CAUSAL=is_causal, WCHUNK=256, num_warps=4)
     return idx, cnt
+
+
+def kept_per_row(idx: torch.Tensor, cnt: torch.Tensor, sampler: str | None = None) -> torch.Tensor:
+    """Kept keys of every (non-overflowed) row, float32 [rows], from `sample_kept_pairs`'s output."""
+    if (sampler or SAMPLER) != "words":
+        return cnt.float()
+    slots = torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt[:, None]
+    bits = torch.where(slots, idx & 0xFFFF, 0)
+    return sum(((bits >> b) & 1).sum(1) for b in range(16)).float()
 
 
 def sparse_backward(
@@ -265,10 +281,12 @@ def sparse_backward(
     seed: int,
     atomics: bool = True,
     config: tuple[int, int] | None = None,
+    sampler: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward step 2 on the GPU: (dQ, dK, dV) from the kept pairs; overflowed rows are redone densely.
 
-    `atomics=False` skips the dK/dV scatter (a timing probe); `config` = (CHUNK, num_warps) overrides.
+    `sampler` names the layout of (idx, cnt) (that of `sample_kept_pairs` with the same sampler; None =
+    SAMPLER). `atomics=False` skips the dK/dV scatter (a timing probe); `config` = (CHUNK, num_warps).
     """
     kern = _kernels()
     B, H, n_q, d = q.shape
@@ -284,7 +302,7 @@ def sparse_backward(
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         H, h_kv, H // h_kv, n_q, n_k, scale, scale * kern.LOG2E, math.log2(c), 1.0 / c, int(seed), cap,
-        CAUSAL=is_causal, CHUNK=chunk, D=d, ATOMICS=atomics, num_warps=warps,
+        CAUSAL=is_causal, CHUNK=chunk, D=d, ATOMICS=atomics, WORDS=(sampler or SAMPLER) == "words", num_warps=warps,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -351,6 +369,7 @@ def sus_attention_triton(
 __all__ = [
     "SusAttentionTriton",
     "flash_forward",
+    "kept_per_row",
     "row_capacity",
     "sample_kept_pairs",
     "sparse_backward",
