@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -346,14 +347,14 @@ class HBLLTree(nn.Module):
         mode = self.cfg.parallel
         if mode == "auto":  # on CPU the batched call saves no latency and vmap's overhead dominates
             mode = "vmap" if xs[0].is_cuda else "loop"
-        if self.partition is None and (mode == "loop" or len(modules) == 1):
+        if self.partition is None and mode == "loop":
             return [functional_call(mod, stack.rows(r), (x,)) for mod, r, x in zip(modules, rows, xs, strict=True)]
         # the call's order is free: run the members in row order, so a round is one slice when its rows are
         order = sorted(range(len(rows)), key=rows.__getitem__)
         srt = [rows[i] for i in order]
 
         def run(rs: list[int], x: torch.Tensor) -> torch.Tensor:  # members at stack rows rs on inputs x [n, ...]
-            if mode == "loop" or len(rs) == 1:
+            if mode == "loop":
                 return torch.stack([functional_call(stack.member(r), stack.rows(r), (xi,)) for r, xi in zip(rs, x)])
             consecutive = rs == list(range(rs[0], rs[0] + len(rs)))
             params = stack.rows(slice(rs[0], rs[0] + len(rs)) if consecutive else rs)
@@ -463,11 +464,107 @@ def math_attention(q, k, v, is_causal: bool = True, scale: float | None = None, 
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-def stacked_apply(template: nn.Module, params: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
-    """vmap of `template` over stacked parameters params[name] [n, ...] and inputs xs [n, ...]: n same-shape
-    modules in one call (every op one batched kernel). Gradients reach whatever `params` are views of (the
-    persistent stacks of `StackedParams.rows`). Attention layers of the template run `math_attention` during
-    the call (see there)."""
+def _sub(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _linear_k(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """k Linears at once: x [k, ..., in], w [k, out, in], b [k, out] -> [k, ..., out] (one (b)addbmm)."""
+    k = x.shape[0]
+    x2 = x.reshape(k, -1, x.shape[-1])
+    wt = w.transpose(1, 2)
+    y = torch.bmm(x2, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x2, wt)
+    return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _layer_norm_k(norm: nn.LayerNorm, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    y = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    if "weight" in p:
+        y = y * p["weight"].view(shape)
+    return y + p["bias"].view(shape) if "bias" in p else y
+
+
+def _batchable(module: nn.Module) -> bool:
+    """Module types with a hand-batched forward (`_forward_k`): exact types only, so a subclass or a layer
+    swapped in by another method (e.g. BASIS linears) takes the generic vmap path."""
+    known = _BATCHABLE.get(module)
+    if known is None:
+        known = _BATCHABLE[module] = _batchable_uncached(module)
+    return known
+
+
+_BATCHABLE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _batchable_uncached(module: nn.Module) -> bool:
+    from chainfree.models.attention import CausalSelfAttention, TransformerBlock
+    from chainfree.models.mlp import MLP
+    from chainfree.models.vision import ResidualMLPBlock
+
+    if type(module) is nn.Sequential:
+        return all(_batchable(m) for m in module)
+    if type(module) in (ResidualMLPBlock, TransformerBlock, MLP, CausalSelfAttention, nn.Linear, nn.GELU):
+        return all(_batchable(m) for m in module.children())
+    return type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
+
+
+def _forward_k(module: nn.Module, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The forward of k same-structure members at once: x [k, ...], p[name] [k, ...]. Same ops as the
+    module's forward with a leading member dimension; attention runs its own attn_fn on k*B sequences."""
+    from chainfree.models.attention import CausalSelfAttention, TransformerBlock, apply_rope
+    from chainfree.models.mlp import MLP
+    from chainfree.models.vision import ResidualMLPBlock
+
+    kind = type(module)
+    if kind is nn.Sequential:
+        for i, m in enumerate(module):
+            x = _forward_k(m, _sub(p, f"{i}."), x)
+        return x
+    if kind is nn.Linear:
+        return _linear_k(x, p["weight"], p.get("bias"))
+    if kind is nn.LayerNorm:
+        return _layer_norm_k(module, p, x)
+    if kind is nn.GELU:
+        return module(x)
+    if kind is MLP:
+        h = module.act(_forward_k(module.up, _sub(p, "up."), x))
+        return _forward_k(module.down, _sub(p, "down."), h)
+    if kind is ResidualMLPBlock:
+        return x + _forward_k(module.mlp, _sub(p, "mlp."), _forward_k(module.ln, _sub(p, "ln."), x))
+    if kind is TransformerBlock:
+        x = x + _forward_k(module.attn, _sub(p, "attn."), _forward_k(module.ln1, _sub(p, "ln1."), x))
+        return x + _forward_k(module.mlp, _sub(p, "mlp."), _forward_k(module.ln2, _sub(p, "ln2."), x))
+    if kind is CausalSelfAttention:
+        k, B, T = x.shape[:3]
+        qkv = _forward_k(module.qkv_proj, _sub(p, "qkv_proj."), x)
+        q, kk, v = qkv.split(module.qkv_split, dim=-1)
+        H, Hk, D = module.n_heads, module.n_kv_heads, module.head_dim
+        q = q.reshape(k * B, T, H, D).transpose(1, 2)
+        kk = kk.reshape(k * B, T, Hk, D).transpose(1, 2)
+        v = v.reshape(k * B, T, Hk, D).transpose(1, 2)
+        cos, sin = module.rope(T, x.device)
+        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        if Hk != H:
+            y = module.attn_fn(q, kk, v, is_causal=True, enable_gqa=True)
+        else:
+            y = module.attn_fn(q, kk, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(k, B, T, H * D)
+        return _forward_k(module.o_proj, _sub(p, "o_proj."), y)
+    raise TypeError(f"no batched forward for {kind.__name__}")
+
+
+def stacked_apply(
+    template: nn.Module, params: dict[str, torch.Tensor], xs: torch.Tensor, generic: bool = False
+) -> torch.Tensor:
+    """`template`'s forward for k members at once: stacked parameters params[name] [k, ...], inputs xs
+    [k, ...]. Gradients reach whatever `params` are views of (the persistent stacks of
+    `StackedParams.rows`). Known block types (GPT, residual MLP) run a hand-batched forward (`_forward_k`:
+    (b)addbmm linears, the model's own attention function on k*B sequences -- fused SDPA kernels, no
+    per-op vmap dispatch); anything else, or generic=True, runs torch.func.vmap of functional_call, where
+    attention layers use `math_attention` (see there)."""
+    if not generic and _batchable(template):
+        return _forward_k(template, params, xs)
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, p, (x,))

@@ -176,3 +176,100 @@ def tree_parallel_step(
         stats = step(inputs, targets)
     sync_gradients(tree, group)
     return stats
+
+
+def bench_main(argv: list[str] | None = None) -> None:
+    """`torchrun --nproc_per_node W -m chainfree.parallel.hbll_tree --out DIR`: step wall time of the
+    W-rank tree-parallel HBLL against one-GPU HBLL and one-GPU exact backprop (both on rank 0 while the
+    other ranks wait), same models and sizes as `chainfree reproduce hbll`'s speed sweep (full scale)."""
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    from chainfree.bench.report import environment, markdown_table
+    from chainfree.methods.exact import Exact
+    from chainfree.methods.hbll import HBLL, HBLLConfig
+    from chainfree.reproduce.hbll import SCALES, speed_model, time_steps
+
+    ap = argparse.ArgumentParser(description=bench_main.__doc__)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", default="16,64")
+    ap.add_argument("--archs", default="gpt,mlp")
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    knobs = dict(SCALES["full"] if cuda else SCALES["small"])
+    rows = []
+    for arch in args.archs.split(","):
+        for n in (int(v) for v in args.layers.split(",")):
+            runs = [
+                ("hbll_tree", HBLL(HBLLConfig()), True),
+                ("hbll_1gpu", HBLL(HBLLConfig(distributed="data")), False),
+                ("exact_1gpu", Exact(), False),
+            ]
+            for name, method, everyone in runs:
+                if everyone or rank == 0:
+                    base, x, y = speed_model(arch, n, knobs, device)
+                    model = method.prepare(base)
+                    step_ms, _ = time_steps(method, model, x, y, args.steps, device)
+                    train_ms, extra = time_steps(method, model, x, y, args.steps, device, optimizer=True)
+                    rows.append(
+                        {
+                            "arch": arch,
+                            "layers": n,
+                            "method": name,
+                            "gpus": world if everyone else 1,
+                            "step_ms": step_ms,
+                            "train_step_ms": train_ms,
+                            "critical_path": extra.get("critical_path"),
+                        }
+                    )
+                    del model, base
+                    if cuda:
+                        torch.cuda.empty_cache()
+                dist.barrier()
+    if rank == 0:
+        for row in rows:
+            ref = next(
+                r for r in rows if (r["arch"], r["layers"], r["method"]) == (row["arch"], row["layers"], "exact_1gpu")
+            )
+            row["time_vs_exact"] = row["step_ms"] / ref["step_ms"]
+            row["train_time_vs_exact"] = row["train_step_ms"] / ref["train_step_ms"]
+        args.out.mkdir(parents=True, exist_ok=True)
+        env = {**environment(), "world_size": world, "backend": dist.get_backend()}
+        (args.out / "hbll_tree_parallel.json").write_text(
+            json.dumps({"environment": env, "rows": rows}, indent=1, default=str)
+        )
+        table = markdown_table(
+            rows,
+            [
+                (k, k)
+                for k in (
+                    "arch",
+                    "layers",
+                    "method",
+                    "gpus",
+                    "step_ms",
+                    "time_vs_exact",
+                    "train_step_ms",
+                    "train_time_vs_exact",
+                    "critical_path",
+                )
+            ],
+        )
+        (args.out / "hbll_tree_parallel.md").write_text(
+            f"# HBLL tree-parallel over {world} ranks ({env.get('cuda_device') or 'CPU'})\n\n{table}\n\n"
+            f"torch {env['torch']}, commit {env['git_commit']}, backend {env['backend']}\n"
+        )
+        print(table, flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    bench_main()

@@ -114,50 +114,78 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ speed
-def speed_sweep(knobs: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
-    """Wall time of one `method.step` (forward + backward, no optimizer) and the counted critical path."""
+def speed_model(arch: str, n: int, knobs: dict[str, Any], device: torch.device):
+    """(model, inputs, targets) of the speed sweep (seeded): GPT blocks (vocab 4096, batch speed_batch x
+    speed_seq tokens) or residual-MLP blocks (784 -> 10 classes, batch 16 * speed_batch), width speed_d."""
     from chainfree.config import ModelConfig
     from chainfree.models.lm import LanguageModel
     from chainfree.models.vision import VisionNet
 
-    rows = []
     d, B, T = knobs["speed_d"], knobs["speed_batch"], knobs["speed_seq"]
+    torch.manual_seed(0)
+    if arch == "gpt":
+        cfg = ModelConfig(vocab_size=4096, seq_len=T, d_model=d, n_layers=n, n_heads=max(d // 64, 1))
+        base = LanguageModel(cfg).to(device)
+        x = torch.randint(0, 4096, (B, T), device=device)
+        y = torch.randint(0, 4096, (B, T), device=device)
+    else:
+        base = VisionNet(784, 10, d=d, n_layers=n).to(device)
+        x, y = torch.randn(B * 16, 784, device=device), torch.randint(0, 10, (B * 16,), device=device)
+    return base, x, y
+
+
+def time_steps(method: Method, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+               device: torch.device, optimizer: bool = False) -> tuple[float, dict[str, float]]:
+    """Median wall ms of `steps` steps after 2 warm-up steps (synchronised before and after each): the
+    method's step (forward + backward) alone, or with optimizer=True a whole training step as in the loop
+    (+ global-norm clip + AdamW, fused on CUDA). Returns (median ms, the last step's extra stats)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda") if optimizer else None
+    times, extra = [], {}
+    for i in range(steps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            stats = method.step(model, x, y)
+        if opt is not None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        extra = stats.extra
+    return 1000 * sorted(times)[len(times) // 2], extra
+
+
+def speed_sweep(knobs: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """Wall time of one `method.step` (forward + backward, no optimizer: `step_ms`) and of a whole training
+    step (+ clip + AdamW: `train_step_ms`), and the counted critical path, exact vs HBLL."""
+    rows = []
     for arch in ("gpt", "mlp"):
         for n in (int(v) for v in knobs["speed_layers"].split(",")):
             for name, method in (("exact", Exact()), ("hbll", HBLL(HBLLConfig()))):
-                torch.manual_seed(0)
-                if arch == "gpt":
-                    cfg = ModelConfig(vocab_size=4096, seq_len=T, d_model=d, n_layers=n, n_heads=max(d // 64, 1))
-                    base = LanguageModel(cfg).to(device)
-                    x = torch.randint(0, 4096, (B, T), device=device)
-                    y = torch.randint(0, 4096, (B, T), device=device)
-                else:
-                    base = VisionNet(784, 10, d=d, n_layers=n).to(device)
-                    x, y = torch.randn(B * 16, 784, device=device), torch.randint(0, 10, (B * 16,), device=device)
+                base, x, y = speed_model(arch, n, knobs, device)
                 model = method.prepare(base)
-                times, crit = [], 0.0
-                for i in range(knobs["speed_steps"] + 2):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    with _autocast(device):
-                        stats = method.step(model, x, y)
-                    _sync(device)
-                    if i >= 2:
-                        times.append(time.perf_counter() - t0)
-                    model.zero_grad(set_to_none=True)
-                    crit = stats.extra.get("critical_path", 0.0)
+                step_ms, extra = time_steps(method, model, x, y, knobs["speed_steps"], device)
+                train_ms, _ = time_steps(method, model, x, y, knobs["speed_steps"], device, optimizer=True)
+                crit = extra.get("critical_path", 0.0)
                 if name == "exact":
                     with _autocast(device):
                         crit = count_exact_critical_path(model, x, y)
                     model.zero_grad(set_to_none=True)
-                rows.append({"arch": arch, "layers": n, "method": name, "critical_path": crit,
-                             "step_ms": 1000 * sorted(times)[len(times) // 2]})
+                rows.append({"arch": arch, "layers": n, "method": name, "critical_path": crit, "step_ms": step_ms,
+                             "train_step_ms": train_ms,
+                             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                             else None})
                 del model, base
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
     for row in rows:
         ref = next(r for r in rows if (r["arch"], r["layers"], r["method"]) == (row["arch"], row["layers"], "exact"))
         row["time_vs_exact"] = row["step_ms"] / ref["step_ms"]
+        row["train_time_vs_exact"] = row["train_step_ms"] / ref["train_step_ms"]
     return rows
 
 
@@ -385,7 +413,10 @@ def _markdown(results: dict[str, Any], scale: str) -> str:
         parts.append("## Critical path and step wall time vs depth\n")
         parts.append(markdown_table(results["speed"], [("arch", "arch"), ("layers", "N"), ("method", "method"),
                                                        ("critical_path", "critical path"), ("step_ms", "step ms"),
-                                                       ("time_vs_exact", "time / exact")]))
+                                                       ("time_vs_exact", "time / exact"),
+                                                       ("train_step_ms", "train step ms (+clip+AdamW)"),
+                                                       ("train_time_vs_exact", "train / exact"),
+                                                       ("peak_gib", "peak GiB")]))
     if "vision" in results:
         parts.append(f"\n\n## Vision ({results['vision']['source']})\n")
         parts.append(markdown_table(results["vision"]["rows"], [("method", "method"), ("test_acc", "test acc"),
