@@ -304,7 +304,16 @@ class HBLLTree(nn.Module):
         """Mean over items of the readout CE of zs[i] at boundary boundaries[i], as ONE batched call. The
         readouts' parameters come from the persistent stack (boundary b < M is row b - 1; b = M is the
         model's frozen norm/head): one slice per tensor for consecutive boundaries, else one gather. Own
-        linears run as one einsum; a shared head is one fused chunked CE."""
+        linears run as one einsum; a shared head is one fused chunked CE. Tree-parallel: each rank evaluates
+        its share of the items (`TreePartition.split_loss`)."""
+        if self.partition is not None:
+            bl = list(boundaries)
+            return self.partition.split_loss(
+                len(bl), zs, lambda a, b, z: self._readout_ce_local(bl[a:b], z, targets)
+            )
+        return self._readout_ce_local(boundaries, zs, targets)
+
+    def _readout_ce_local(self, boundaries: Sequence[int], zs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n, d, M = len(boundaries), zs.shape[-1], self.n_leaves
         _frozen(self.model.norm)  # validates the norm type
         head, norm = self.model.head, self.model.norm
@@ -328,7 +337,9 @@ class HBLLTree(nn.Module):
         logits = torch.einsum("n...d,ncd->n...c", h, P["linear.weight"].to(h.dtype))  # [n, ..., C]
         if "linear.bias" in P:
             logits = logits + P["linear.bias"].view((n,) + (1,) * (zs.dim() - 2) + (-1,)).to(logits.dtype)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), rep)
+        # fp32 softmax under autocast, float64 stays float64 (exactness tests, tree-parallel == one process)
+        logits = logits.reshape(-1, logits.shape[-1])
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), rep)
 
     def shortcut(self, node: tuple[int, int]) -> nn.Module:
         return self.shortcuts[self.node_index[node]]

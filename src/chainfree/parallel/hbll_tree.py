@@ -14,16 +14,23 @@ only its chunk. Every rank holds a full replica of the parameters and runs the s
             input side (`_OwnRows`) all-gathers the input cotangents of the members, so the top-down
             messages delta (VJP rounds through the shortcuts) and the stem's gradient (leaf 0 keeps the stem
             in its graph) reach every rank: one all_gather per round that has inputs requiring grad.
-  gradients a stacked leaf/shortcut row gets its gradient only on the rank that evaluated it; everything
-            computed redundantly (readouts, head, final norm, stem) gets the same gradient on every rank.
-            `sync_gradients` sums the stacked gradients (disjoint rows) and averages the rest (identical up
-            to floating-point order) -- afterwards every rank holds the single-process gradient, so
-            identical optimizer steps keep the replicas identical. The loop does not average again
-            (`HBLL.syncs_gradients`).
+  readouts  the readout CEs (`HBLLTree.readout_ce_many`: one item per boundary, vocabulary-sized for LMs, the
+            largest GPU cost of a GPT step) are split by item (`TreePartition.split_loss`): rank r evaluates
+            its share, the loss value is summed in the forward, and the cotangent of the readouts' inputs
+            is all-reduced in the backward (`_SumGrad`), so every rank gets every item's gradient.
+  gradients a stacked leaf/shortcut row gets its gradient only on the rank that evaluated it, a readout
+            parameter a part on every rank; both are summed by `sync_gradients`. Everything computed
+            redundantly (distillation MSE, head, final norm, stem) gets the same gradient on every rank and
+            is averaged (identical up to floating-point order). Afterwards every rank holds the
+            single-process gradient, so identical optimizer steps keep the replicas identical. The loop
+            does not average again (`HBLL.syncs_gradients`).
 
-What runs concurrently: the rounds' block evaluations (leaves, shortcuts, and their backward). The local
-losses after the tree (readout CEs, distillation, head) run redundantly on every rank: simple and exact,
-but it bounds the speedup by that share of the step (measured in docs/hbll.md).
+Collectives inside backward (`_OwnRows`, `_SumGrad`) are matched across ranks because every rank builds the
+same graph in the same order and the autograd engine runs nodes in decreasing creation order.
+
+What runs concurrently: the rounds' block evaluations (leaves, shortcuts, their backward and the VJP
+rounds) and the readout CEs. Redundant on every rank: the distillation losses, the head CE and the step's
+Python control flow (its launch overhead is not divided by W).
 
 The batch: tree parallelism is model parallelism, so all ranks need the same batch. The loop gives every
 rank the full global batch (`HBLL.replicates_batch`), and `tree_parallel_step` broadcasts rank 0's batch
@@ -96,6 +103,22 @@ class _OwnRows(torch.autograd.Function):
         return (None, *full.unbind(0))
 
 
+class _SumGrad(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the cotangent over ranks. Put in front of a loss that
+    each rank evaluates on its own share of items: every rank then gets the cotangent of all items."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 @dataclass
 class TreePartition:
     """This rank's share of every round; installed on an HBLLTree for one step (`partitioned`)."""
@@ -121,6 +144,26 @@ class TreePartition:
             own_out = probe.new_empty((0, *probe.shape[1:])) + 0 * own_in.sum()
         return list(_GatherRows.apply(own_out, k, start, per, self.world, self.group).unbind(0))
 
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [start, stop) of n loss items (may be empty)."""
+        start, stop, _ = _chunk(n, self.rank, self.world)
+        return start, stop
+
+    def split_loss(self, n: int, zs: torch.Tensor, loss_of: Callable[[int, int, torch.Tensor], torch.Tensor]):
+        """Mean over n items of a loss, each rank evaluating only its share: loss_of(start, stop, zs[start:stop])
+        is the mean over those items. The cotangent of zs is summed over ranks (`_SumGrad`), so every rank
+        gets the gradient of every item; the returned value is the full mean (summed in the forward), its
+        gradient this rank's part -- parameters read only here (the readouts) need their gradients summed."""
+        start, stop = self.share(n)
+        zs = _SumGrad.apply(zs, self.group)
+        if stop > start:
+            part = loss_of(start, stop, zs[start:stop]) * ((stop - start) / n)
+        else:  # nothing here, but the backward all-reduce must still run on this rank
+            part = (zs.sum() * 0).float()
+        total = part.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return part + (total - part).detach()
+
 
 @contextlib.contextmanager
 def partitioned(tree: nn.Module, group=None) -> Iterator[TreePartition]:
@@ -134,10 +177,11 @@ def partitioned(tree: nn.Module, group=None) -> Iterator[TreePartition]:
 
 
 def sync_gradients(tree: nn.Module, group=None) -> None:
-    """Sum the stacked leaf/shortcut gradients over ranks (each row was computed on one rank), average the
-    others (computed redundantly). A gradient absent on every rank stays absent (as in one process)."""
+    """Sum the stacked leaf/shortcut gradients (each row computed on one rank) and the readouts' (split by
+    item) over ranks, average the others (computed redundantly). A gradient absent on every rank stays
+    absent (as in one process)."""
     world = dist.get_world_size(group)
-    summed = {id(p) for st in (tree.leaf_stack, tree.shortcut_stack) for p in st.parameters()}
+    summed = {id(p) for st in (tree.leaf_stack, tree.shortcut_stack, tree.aux_stack) for p in st.parameters()}
     params = [p for p in tree.parameters() if p.requires_grad]
     device = params[0].device
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
