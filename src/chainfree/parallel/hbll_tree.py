@@ -249,6 +249,23 @@ def bench_main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.set_device(device)
     knobs = dict(SCALES["full"] if cuda else SCALES["small"])
+    # correctness on this backend first: one fp32 step, tree-parallel vs one process, GPT blocks, N = 16
+    grads = []
+    for mode, everyone in (("auto", True), ("data", False)):
+        if everyone or rank == 0:
+            method = HBLL(HBLLConfig(distributed=mode))
+            base, x, y = speed_model("gpt", 16, knobs, device)
+            model = method.prepare(base)
+            method.step(model, x, y)
+            grads.append({n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None})
+            del model, base
+        dist.barrier()
+    check = None
+    if rank == 0:
+        tree_g, one_g = grads
+        check = max(float((tree_g[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in one_g.items())
+        assert set(tree_g) == set(one_g)
+        print(f"tree-parallel vs one process, fp32 GPT N=16: max relative grad error {check:.2e}", flush=True)
     rows = []
     for arch in args.archs.split(","):
         for n in (int(v) for v in args.layers.split(",")):
@@ -286,7 +303,7 @@ def bench_main(argv: list[str] | None = None) -> None:
             row["time_vs_exact"] = row["step_ms"] / ref["step_ms"]
             row["train_time_vs_exact"] = row["train_step_ms"] / ref["train_step_ms"]
         args.out.mkdir(parents=True, exist_ok=True)
-        env = {**environment(), "world_size": world, "backend": dist.get_backend()}
+        env = {**environment(), "world_size": world, "backend": dist.get_backend(), "max_rel_grad_err_fp32": check}
         (args.out / "hbll_tree_parallel.json").write_text(
             json.dumps({"environment": env, "rows": rows}, indent=1, default=str)
         )
