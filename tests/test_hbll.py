@@ -75,7 +75,7 @@ def test_two_leaf_tree_is_exact_backprop_at_init():
     exact_model = tiny(n_layers=2, dtype=torch.float64)
     exact_model(x, y).backward()
     ref = grads(exact_model)
-    method = HBLL(HBLLConfig(parallel="loop", aux_weight=0.0, shortcut_aux_weight=0.0))
+    method = HBLL(HBLLConfig(parallel="loop", global_weight=1.0, aux_weight=0.0, shortcut_aux_weight=0.0))
     tree = method.prepare(tiny(n_layers=2, dtype=torch.float64))
     stats = method.step(tree, x, y)
     got = tree.named_model_grads()  # the stacked leaf gradients under the plain model's names
@@ -97,12 +97,42 @@ def test_critical_path_is_logarithmic(n_layers):
     assert count_exact_critical_path(tiny(n_layers=n_layers, d=8), x, y) == 2 * n_layers
 
 
-def test_critical_path_with_wider_blocks():
-    method = HBLL(HBLLConfig(parallel="loop", block_size=4, shortcut_layers=2))
+@pytest.mark.parametrize("pair", [False, True])
+def test_critical_path_with_wider_blocks(pair):
+    method = HBLL(HBLLConfig(parallel="loop", block_size=4, shortcut_layers=2, pair_leaves=pair))
     tree = method.prepare(tiny(n_layers=32, d=8))  # 8 leaves, 3 levels
     stats = method.step(tree, *batch(n=4))
-    # prefix 3 * 2 + leaf 4 -> delta_M at 10; 3 suffix VJPs of 2 -> 16; leaf 0 backward 4 -> 20
-    assert stats.extra["critical_path"] == 20
+    # prefix 3 * 2 + leaf 4 -> delta_M at 10; 3 suffix VJPs of 2 -> 16; leaf 0 backward 4 -> 20. Pairing
+    # replaces the last prefix round (a 2-layer shortcut) by an even leaf (4 layers): +2
+    assert stats.extra["critical_path"] == (22 if pair else 20)
+
+
+def test_paired_leaves_get_true_inputs_whatever_the_shortcuts():
+    """With pair_leaves, odd leaf 2i+1 reads the true output of even leaf 2i. In a 2-leaf tree the last leaf
+    and the head then see exactly the chain's states and the exact top message, so their gradients equal
+    backprop's in float64 even after the shortcuts were perturbed away from the leaves; without pairing
+    they do not (the leaf reads the level-0 shortcut's estimate)."""
+    x, y = batch(dtype=torch.float64)
+    exact_model = tiny(n_layers=2, dtype=torch.float64)
+    exact_model(x, y).backward()
+    ref = grads(exact_model)
+    later = [n for n in ref if n.startswith(("blocks.1.", "norm.", "head."))]
+    assert len(later) >= 4
+    for pair in (True, False):
+        method = HBLL(HBLLConfig(parallel="loop", pair_leaves=pair, aux_weight=0.0, shortcut_aux_weight=0.0))
+        tree = method.prepare(tiny(n_layers=2, dtype=torch.float64))
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in tree.named_parameters():
+                if "shortcut" in name:
+                    p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        method.step(tree, x, y)
+        got = tree.named_model_grads()
+        for name in later:
+            if pair:
+                torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+            else:
+                assert not torch.allclose(got[name], ref[name], rtol=1e-6, atol=1e-9), name
 
 
 def test_corrections_cost_at_most_one_block_each():
@@ -150,6 +180,10 @@ def test_bad_configs_fail_clearly():
         HBLL(HBLLConfig(block_size=3)).prepare(tiny(n_layers=8))
     with pytest.raises(ConfigError, match="parallel"):
         HBLLConfig(parallel="threads").validate()
+    with pytest.raises(ConfigError, match="corrections"):
+        HBLLConfig(corrections=-1).validate()
+    with pytest.raises(ConfigError, match="pair_leaves"):
+        HBLLConfig(pair_leaves="yes").validate()
 
 
 def clusters(n, seed, dim=12, classes=5):

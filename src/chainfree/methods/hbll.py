@@ -23,6 +23,11 @@ Locality is therefore exact for a given q; everything rests on how cheaply good 
   * Prior (forward) part of m_b: the tree. m_j for leaf j's input is the composition of the shortcuts of
     the binary decomposition of j (j = 6 = 4 + 2: S_[0,4) then S_[4,6)): at most log2 M sequential
     shortcut evaluations, and all leaves get their inputs after log2 M rounds.
+    Paired leaves (`pair_leaves`, default): the last of these rounds would apply the level-0 shortcuts S_[2i,2i+1),
+    each an estimate of ONE leaf. Instead that round runs the even leaves themselves, and odd leaf 2i+1 reads
+    the true F_{2i}(m_{2i}): half the leaves see exactly the chain's state given their neighbour's input, at no
+    extra round (the critical path grows by max(0, block_size - shortcut_layers)). The level-0 shortcuts still
+    distil (they form sub-network level 0 and carry the level-0 messages). Measured in docs/hbll.md.
   * Likelihood (backward) part: q(z_b | x, y) ~ p(z_b | x) p(y | z_b). With p(z_b | x) = N(mu_b, s^2 I)
     and p(y | z_b) the likelihood of the label with the rest of the chain replaced by the shortcuts of
     the suffix [b, M) (again a binary decomposition, <= log2 M of them), a first-order (Laplace) step gives
@@ -33,6 +38,11 @@ Locality is therefore exact for a given q; everything rests on how cheaply good 
     at F_i(m_i) = mu_{i+1} is exactly delta_{i+1}: we implement it as the surrogate <F_i(m_i), delta_{i+1}>.
   * The label term p(y | z_b) is also estimated directly by the local readout A_b: leaf i adds
     CE(A_{i+1}(F_i(m_i)), y) (weight `aux_weight`), the local term of flat block-local learning.
+  * Weight of the message (`global_weight`, the s^2 of m_b = mu_b - s^2 delta_b): default 0.1. Measured on CPU
+    (docs/hbll.md): at weight 1 the byte-GPT chain diverged (messages 4-7x the true gradient's norm, shortcut
+    errors ~0.8: the messages then train the tree path, whose states the shortcuts no longer track); at 0.1
+    the shortcuts track the chain (relative error 0.04-0.09), the messages point along the true chain gradient
+    (cosine 0.90-0.95), and quality equals the message-free variant's (weight 0) within noise.
   * Shortcut nodes fit their own Gaussian q(z_b | z_a) = N(S_v(z_a), s^2 I) to the chain's transition over
     the span, i.e. minimise E|S_v(m_a) - F_{b-1}(m_{b-1})|^2 (`shortcut_weight`; we divide by the target's
     mean square, i.e. s^2 scales with the state, so the term stays O(1) as residual streams grow; without
@@ -83,10 +93,11 @@ class HBLLConfig:
     block_size: int = 1  # layers per leaf block; n_layers / block_size must be a power of two
     shortcut_layers: int = 1  # layers in every node's shortcut network
     aux_weight: float = 1.0  # leaf readout CE (local likelihood term)
-    global_weight: float = 1.0  # top-down posterior target (suffix message through shortcuts)
+    global_weight: float = 0.1  # top-down posterior target (suffix message through shortcuts); 1.0 diverged (LM)
     shortcut_weight: float = 1.0  # shortcut distillation onto its span's last leaf output
     shortcut_aux_weight: float = 0.1  # readout CE of each shortcut output (keeps sub-networks usable)
     corrections: int = 0  # Jacobi sweeps m_{j+1} <- F_j(m_j) after the tree (each adds block_size)
+    pair_leaves: bool = True  # odd leaf 2i+1 reads even leaf 2i's true output (replaces level-0 prefix shortcuts)
     aux_head: str = "auto"  # 'linear' (own Linear per boundary), 'shared' (detached model head), 'auto'
     parallel: str = "auto"  # 'vmap' (one batched call per round), 'loop' (reference), 'auto' (vmap on GPU)
     eval_path: str = "chain"  # inference: 'chain' (all leaves in order) or 'tree' (log-depth path)
@@ -99,6 +110,10 @@ class HBLLConfig:
             raise ConfigError("method.block_size must be >= 1")
         if self.shortcut_layers < 1:
             raise ConfigError("method.shortcut_layers must be >= 1")
+        if self.corrections < 0:
+            raise ConfigError(f"method.corrections must be >= 0, got {self.corrections}")
+        if not isinstance(self.pair_leaves, bool):
+            raise ConfigError(f"method.pair_leaves must be true or false, got {self.pair_leaves!r}")
         for key in ("aux_weight", "global_weight", "shortcut_weight", "shortcut_aux_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"method.{key} must be >= 0")
@@ -642,13 +657,25 @@ class HBLL(Method):
         hd = [0] * m
         sc_out: dict[tuple[int, int], torch.Tensor] = {}
         sc_in_depth: dict[tuple[int, int], int] = {}
-        for lv in range(levels - 1, -1, -1):
+        pair = cfg.pair_leaves
+        for lv in range(levels - 1, 0 if pair else -1, -1):
             ks = list(range(0, m >> lv, 2))
             outs = tree.apply([tree.shortcut((lv, k)) for k in ks], [h[k << lv] for k in ks])
             for k, out in zip(ks, outs, strict=True):
                 j = (k + 1) << lv
                 sc_out[(lv, k)], sc_in_depth[(lv, k)] = out, hd[k << lv]
                 h[j], hd[j] = out.detach(), hd[k << lv] + sl
+
+        # -- paired leaves: the last prefix round runs the even leaves themselves, so odd leaf 2i+1 reads the
+        #    true F_{2i}(m_{2i}) instead of the level-0 shortcut's estimate (same number of rounds) ------------
+        even_out: list[torch.Tensor] = []
+        if pair:
+            evens = list(range(0, m, 2))
+            even_in = [z0 if i == 0 else h[i] for i in evens]  # leaf 0 keeps the stem in its graph
+            with torch.set_grad_enabled(cfg.corrections == 0):  # after corrections the leaf round reruns them
+                even_out = tree.apply([tree._leaves[i] for i in evens], even_in)
+            for i, out in zip(evens, even_out, strict=True):
+                h[i + 1], hd[i + 1] = out.detach(), hd[i] + bs
 
         # -- optional fixed-point (Jacobi) corrections: m_{j+1} <- F_j(m_j), all j at once, no graph ------
         for _ in range(cfg.corrections):
@@ -659,8 +686,17 @@ class HBLL(Method):
 
         # -- leaf round: every leaf on its tree input; also the shortcuts not on a prefix path ----------
         leaf_in = [z0] + h[1:]  # leaf 0 keeps the stem in its graph: the stem is part of leaf 0
-        leaf_out = tree.apply(tree._leaves, leaf_in)
+        if pair and cfg.corrections == 0:  # even leaves ran in the pairing round: only the odd ones are left
+            odd_out = tree.apply([tree._leaves[i] for i in range(1, m, 2)], leaf_in[1::2])
+            leaf_out = [t for pair_out in zip(even_out, odd_out, strict=True) for t in pair_out]
+        else:
+            leaf_out = tree.apply(tree._leaves, leaf_in)
         ld = [hd[i] + bs for i in range(m)]
+        if pair:  # level-0 left shortcuts left the prefix; they still distil (sub-network level 0) on m_{2i}
+            ks = list(range(0, m, 2))
+            outs = tree.apply([tree.shortcut((0, k)) for k in ks], [h[k] for k in ks])
+            for k, out in zip(ks, outs, strict=True):
+                sc_out[(0, k)], sc_in_depth[(0, k)] = out, hd[k]
         right: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         for lv in range(levels - 1, -1, -1):  # right children, per level (their VJPs form the suffix rounds)
             ks = list(range(1, m >> lv, 2))
