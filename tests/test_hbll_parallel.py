@@ -229,3 +229,29 @@ def test_hand_batched_forward_equals_vmap_and_module(kind):
         torch.testing.assert_close(gx, results[0][1], rtol=1e-10, atol=1e-12)
         for n in gp:
             torch.testing.assert_close(gp[n], results[0][2][n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_readout_ce_with_saved_gradient_equals_cross_entropy():
+    """The readouts' CE (logit gradient kept from the forward, several row chunks) against F.cross_entropy on
+    the full logits: value and gradients of h, W and b, float64, with ignored rows."""
+    from chainfree.methods.hbll import _SavedGradCE, readout_linear_ce
+    from chainfree.ops.cross_entropy import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2000, 8, dtype=torch.float64, generator=g, requires_grad=True)  # 8388 rows per chunk: 1 chunk
+    b = torch.randn(2000, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 2000, (3, 7), generator=g)
+    t[1, 2] = t[2, 5] = IGNORE_INDEX
+    results = []
+    for fn in (readout_linear_ce, _SavedGradCE, None):
+        if fn is _SavedGradCE:  # 5 rows per chunk: 5 chunks
+            loss = fn.apply(h.reshape(-1, 8), w, b, t.reshape(-1), 5)
+        elif fn is None:
+            loss = torch.nn.functional.cross_entropy((h @ w.T + b).reshape(-1, 2000), t.reshape(-1))
+        else:
+            loss = fn(h, w, b, t)
+        results.append((loss.detach(), *torch.autograd.grad(loss * 3.0, (h, w, b))))
+    for res in results[:2]:
+        for got, ref in zip(res, results[2], strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13)

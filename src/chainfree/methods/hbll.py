@@ -83,7 +83,7 @@ from torch.func import functional_call, vmap
 
 from chainfree.errors import ConfigError
 from chainfree.methods.base import Method, StepStats
-from chainfree.ops.cross_entropy import linear_cross_entropy
+from chainfree.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 
 @dataclass
@@ -139,6 +139,59 @@ def readout_ce(z: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias, tar
     if h.dim() == 3:
         return linear_cross_entropy(h, weight, bias, targets)
     return F.cross_entropy(F.linear(h, weight, bias).float(), targets)
+
+
+class _SavedGradCE(torch.autograd.Function):
+    """Mean CE of h Wᵀ + b whose forward keeps the logit gradient softmax - onehot (compute dtype, [R, V]) so
+    the backward is two matmuls. Why: HBLL's readouts evaluate an LM head at every tree boundary (R = 190 x
+    B x T rows at N = 64); the chunked CE used for the model's own head recomputes the logits in the backward
+    and makes ~10 elementwise passes over each [rows, V] fp32 chunk, which dominated the GPT step's GPU time
+    (profile in benchmarks/results/hbll_speed_h100_profile.txt). Here: ~4 passes, at the price of R x V
+    values of memory. Rows with IGNORE_INDEX targets contribute nothing."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_rows):
+        cd = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else (
+            torch.promote_types(h.dtype, weight.dtype))
+        acc = torch.promote_types(cd, torch.float32)
+        w = weight.to(cd)
+        valid = targets != IGNORE_INDEX
+        tgt = targets.clamp_min(0).unsqueeze(1)
+        G = torch.empty((h.shape[0], w.shape[0]), device=h.device, dtype=cd)
+        total = torch.zeros((), device=h.device, dtype=acc)
+        for a in range(0, h.shape[0], chunk_rows):
+            b = min(a + chunk_rows, h.shape[0])
+            logits = (h[a:b].to(cd) @ w.T).to(acc)
+            if bias is not None:
+                logits = logits + bias.to(acc)
+            logp = torch.log_softmax(logits, dim=-1)
+            total -= (logp.gather(1, tgt[a:b]).squeeze(1) * valid[a:b]).sum()
+            g = logp.exp_()
+            g.scatter_add_(1, tgt[a:b], -torch.ones_like(g[:, :1]))
+            G[a:b] = g
+        count = valid.sum().clamp_min(1)
+        ctx.save_for_backward(h, w, G, valid, count)
+        ctx.has_bias = bias is not None
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, G, valid, count = ctx.saved_tensors
+        scale = (grad_out / count).to(G.dtype)
+        v = valid.to(G.dtype).unsqueeze(1) * scale  # zero ignored rows, scale on the small side
+        dh = ((G @ w) * v).to(h.dtype) if ctx.needs_input_grad[0] else None
+        dw = (G.T @ (h.to(G.dtype) * v)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        db = (v.T @ G).squeeze(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dh, dw, db, None, None
+
+
+def readout_linear_ce(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of softmax(h Wᵀ + b) against targets for readouts (see `_SavedGradCE`). h: [..., d]."""
+    h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if h2.shape[0] != t.shape[0]:
+        raise ValueError(f"hidden rows ({h2.shape[0]}) and targets ({t.shape[0]}) differ in number")
+    return _SavedGradCE.apply(h2, weight, bias, t, max(1, (1 << 24) // max(weight.shape[0], 1)))
 
 
 class AuxHead(nn.Module):
@@ -348,7 +401,7 @@ class HBLLTree(nn.Module):
         rep = targets.unsqueeze(0).expand(n, *targets.shape).reshape(-1)
         if not self.own_linear:
             hb = head.bias.detach() if head.bias is not None else None
-            return linear_cross_entropy(h, head.weight.detach(), hb, rep)
+            return readout_linear_ce(h, head.weight.detach(), hb, rep)
         logits = torch.einsum("n...d,ncd->n...c", h, P["linear.weight"].to(h.dtype))  # [n, ..., C]
         if "linear.bias" in P:
             logits = logits + P["linear.bias"].view((n,) + (1,) * (zs.dim() - 2) + (-1,)).to(logits.dtype)
