@@ -5,7 +5,8 @@ Parts (select with `--set hbll.parts=speed,vision,lm,rnn`; all by default):
           (GPT blocks and residual-MLP blocks); on CUDA the tree's rounds run as batched vmap calls.
   vision  Fashion-MNIST (Debian `dataset-fashion-mnist`), residual MLP: exact, flat block-local, HBLL;
           test accuracy, and HBLL's accuracy for every sub-network depth (flat: every block's readout).
-  lm      GPT on the bundled Shakespeare corpus through chainfree.train.train (THE loop): exact vs HBLL.
+  lm      GPT on the bundled Shakespeare corpus through chainfree.train.train (THE loop): exact, flat
+          block-local and the HBLL variants (knob hbll.methods; a diverged run is reported, not fatal).
   rnn     character GRU: full BPTT vs truncated BPTT vs the time-tree, same batches and steps.
 Vision and RNN use `fit` below (a minimal loop around the same `Method.step`) because chainfree.train is
 built around token batches; AdamW, warmup + cosine and clipping match the main loop's defaults.
@@ -16,6 +17,7 @@ GPU). Other `--set hbll.<key>=value` override the scale's knobs (e.g. hbll.visio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -32,16 +34,26 @@ from chainfree.methods.base import Method
 from chainfree.methods.exact import Exact
 from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig, HBLLTree, count_exact_critical_path
 
-# HBLL with the top-down message (default) and without it (leaves trained by their readout CE only)
+# HBLL as configured by default (paired leaves, weak top-down message), without the message (leaves trained
+# by their readout CE only: critical path log2 N + 2), and the previous default (no pairing, message weight 1)
+# so that every run shows what the construction change bought
 HBLL_VARIANTS = {
     "hbll": HBLLConfig(),
     "hbll_local": HBLLConfig(global_weight=0.0),
-    "hbll_fix1": HBLLConfig(corrections=1),  # one fixed-point (Jacobi) sweep after the tree
+    "hbll_v0": HBLLConfig(pair_leaves=False, global_weight=1.0),
 }
+
+
+def method_overrides(cfg: HBLLConfig) -> list[str]:
+    """`method.key=value` for every field of cfg that differs from the default HBLLConfig (for chainfree.train)."""
+    base = HBLLConfig()
+    return [f"method.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(base, f.name)]
 
 SCALES: dict[str, dict[str, Any]] = {
     "small": {
         "parts": "speed,vision,lm,rnn",
+        "methods": "exact,flat_bll,hbll,hbll_local,hbll_v0",  # vision and lm: baselines and HBLL_VARIANTS
         "speed_layers": "4,8,16",
         "speed_d": 64,
         "speed_batch": 8,
@@ -66,6 +78,7 @@ SCALES: dict[str, dict[str, Any]] = {
     },
     "full": {
         "parts": "speed,vision,lm,rnn",
+        "methods": "exact,flat_bll,hbll,hbll_local,hbll_v0",  # vision and lm: baselines and HBLL_VARIANTS
         "speed_layers": "8,16,32,64",
         "speed_d": 256,
         "speed_batch": 16,
@@ -106,6 +119,18 @@ def _knobs(scale: str, overrides: list[str]) -> tuple[dict[str, Any], list[str]]
         else:
             rest.append(item)
     return knobs, rest
+
+
+def _methods(knobs: dict[str, Any]) -> list[str]:
+    """The compared methods of the vision and lm parts (knob hbll.methods); exact first (the reference)."""
+    names = [n for n in knobs["methods"].split(",") if n]
+    known = ("exact", "flat_bll", *HBLL_VARIANTS)
+    bad = [n for n in names if n not in known]
+    if bad or not names or names[0] != "exact":
+        raise ValueError(
+            f"hbll.methods={knobs['methods']!r}: give a comma list starting with exact, from {', '.join(known)}"
+        )
+    return names
 
 
 def _sync(device: torch.device) -> None:
@@ -252,8 +277,8 @@ def vision_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
         return tx[idx], ty[idx]
 
     rows, subs, curves = [], [], {}
-    methods: list[tuple[str, Method]] = [("exact", Exact()), ("flat_bll", FlatBlockLocal())]
-    methods += [(name, HBLL(cfg)) for name, cfg in HBLL_VARIANTS.items()]
+    methods: list[tuple[str, Method]] = [(name, Exact() if name == "exact" else FlatBlockLocal() if name == "flat_bll"
+                                          else HBLL(HBLL_VARIANTS[name])) for name in _methods(knobs)]
     for name, method in methods:
         torch.manual_seed(0)
         model = method.prepare(VisionNet(784, 10, d=knobs["vision_d"], n_layers=n_layers).to(device))
@@ -296,11 +321,16 @@ def lm_part(knobs: dict[str, Any], device: torch.device, out: Path, rest: list[s
 
     base = [s for s in knobs["lm_overrides"].split(",") if s] + rest + [f"train.device={device.type}"]
     rows, curves = [], {}
-    for name in ("exact", *HBLL_VARIANTS):
-        extra = [] if name == "exact" else [f"method.global_weight={HBLL_VARIANTS[name].global_weight}",
-                                            f"method.corrections={HBLL_VARIANTS[name].corrections}"]
-        cfg = load_config(None, base + extra, model="gpt", method="exact" if name == "exact" else "hbll")
-        summary = train(cfg, out / f"lm_{name}", progress=False)
+    for name in _methods(knobs):
+        method = name if name in ("exact", "flat_bll") else "hbll"
+        extra = method_overrides(HBLL_VARIANTS[name]) if method == "hbll" else []
+        cfg = load_config(None, base + extra, model="gpt", method=method)
+        try:
+            summary = train(cfg, out / f"lm_{name}", progress=False)
+        except FloatingPointError as e:  # a diverged run is a result too; the other methods still run
+            rows.append({"method": name, "val_loss": float("nan"), "error": str(e)})
+            curves[name] = []
+            continue
         metrics = read_metrics(out / f"lm_{name}" / "metrics.jsonl")
         curves[name] = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
         crit = next((r["critical_path"] for r in reversed(metrics) if "critical_path" in r), None)
@@ -378,7 +408,7 @@ def _plots(out: Path, results: dict[str, Any]) -> None:
     if "vision" in results:
         subs = results["vision"]["subnetworks"]
         fig, ax = plt.subplots(figsize=(5, 4))
-        for method in (*HBLL_VARIANTS, "flat_bll"):
+        for method in sorted({r["method"] for r in subs}):
             rs = sorted((r for r in subs if r["method"] == method and r["subnetwork"] != "tree"),
                         key=lambda r: r["depth"])
             ax.plot([r["depth"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=method)
