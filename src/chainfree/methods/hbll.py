@@ -161,10 +161,10 @@ class _SavedGradCE(torch.autograd.Function):
         total = torch.zeros((), device=h.device, dtype=acc)
         for a in range(0, h.shape[0], chunk_rows):
             b = min(a + chunk_rows, h.shape[0])
-            logits = (h[a:b].to(cd) @ w.T).to(acc)
+            logits = h[a:b].to(cd) @ w.T
             if bias is not None:
-                logits = logits + bias.to(acc)
-            logp = torch.log_softmax(logits, dim=-1)
+                logits = logits.to(acc) + bias.to(acc)
+            logp = torch.log_softmax(logits, dim=-1, dtype=acc)  # upcast inside the kernel: no extra pass
             total -= (logp.gather(1, tgt[a:b]).squeeze(1) * valid[a:b]).sum()
             g = logp.exp_()
             g.scatter_add_(1, tgt[a:b], -torch.ones_like(g[:, :1]))
