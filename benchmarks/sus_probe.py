@@ -1,6 +1,6 @@
 """Where the SUS backward's time goes: each kernel variant alone, on the same inputs (CUDA events, median).
 
-Sampler: the three variants (bitmask + expand, prefix, words) under two tilings (BM, BN, num_warps, num_stages), and
+Sampler: both variants (prefix, words + words-to-keys) under two tilings (BM, BN, num_warps, num_stages), and
 `probe=True`, which counts kept entries without output (matmul + exp + hash only). Sparse pass: two
 (CHUNK, num_warps), and without the dK/dV atomics. Run on the GPU: python benchmarks/sus_probe.py n,D,c [n,D,c ...]
 """
@@ -14,17 +14,7 @@ from functools import partial
 import torch
 
 from chainfree.bench.attention import _time_ms
-from chainfree.ops import sus_sparse
 from chainfree.ops import sus_triton as st
-
-
-def _dense(idx: torch.Tensor, cnt: torch.Tensor, n_k: int) -> torch.Tensor:
-    """[rows, n_k] keep mask of key-index rows (prefix layout, non-overflowed rows)."""
-    keep = torch.zeros(idx.shape[0], n_k, dtype=torch.bool, device=idx.device)
-    live = torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt.clamp(max=idx.shape[1])[:, None]
-    r = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-    keep[r[live], idx.long()[live]] = True
-    return keep
 
 
 def probe(n: int, d: int, c: float, model_dim: int = 2048, causal: bool = True) -> None:
@@ -36,36 +26,23 @@ def probe(n: int, d: int, c: float, model_dim: int = 2048, causal: bool = True) 
     cap = st.row_capacity(c, n)
     ref = st.sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, sampler="prefix")
     slots = torch.arange(cap, device="cuda")[None, :] < ref[1].clamp(max=cap)[:, None]
-    check = torch.randperm(ref[1].numel(), device="cuda")[:512]  # rows whose kept sets are compared in full
-    ref_keep = sus_sparse.words_to_keep(*sus_sparse.compact_kept_words(_dense(ref[0][check], ref[1][check], n), cap), n)
     out = [f"n={n} D={d} c={c:g} kept/row={ref[1].float().mean().item():.1f}"]
     out.append(f"fwd {_time_ms(partial(st.flash_forward, q, k, v, causal, scale), 3, 10):.3f}")
-    for sampler in ("bitmask", "prefix", "words"):
+    for sampler in ("prefix", "words"):
         for config in (None, (128, 64, 8, 3)):
             f = partial(st.sample_kept_pairs, q, k, lse, c, causal, scale, seed, cap, sampler=sampler, config=config)
             res = f()
-            if sampler == "words":
-                same = torch.equal(st.kept_per_row(*res, "words"), ref[1].float()) and torch.equal(
-                    sus_sparse.words_to_keep(res[0][check], res[1][check], n), ref_keep
-                )
-            else:
-                same = torch.equal(res[1], ref[1]) and torch.equal(res[0][slots], ref[0][slots])
+            same = torch.equal(res[1], ref[1]) and torch.equal(res[0][slots], ref[0][slots])
             out.append(f"sample[{sampler}]{config or ''} {_time_ms(f, 3, 10):.3f}{'' if same else ' MISMATCH'}")
     f = partial(st.sample_kept_pairs, q, k, lse, c, causal, scale, seed, cap, probe=True)
     out.append(f"sample-count-only {_time_ms(f, 3, 10):.3f}")
-    dq0 = st.sparse_backward(q, k, v, o, do, lse, *ref, c, causal, scale, seed, sampler="prefix")[0]
-    words = st.sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, sampler="words")
-    for sampler, pairs in (("prefix", ref), ("words", words)):
-        for config in (None, (32, 4)):
-            f = partial(
-                st.sparse_backward, q, k, v, o, do, lse, *pairs, c, causal, scale, seed, config=config, sampler=sampler
-            )
-            err = ((f()[0].float() - dq0.float()).norm() / dq0.float().norm()).item()
-            out.append(f"sparse[{sampler}]{config or ''} {_time_ms(f, 3, 10):.3f} (dq diff {err:.1e})")
-        f = partial(
-            st.sparse_backward, q, k, v, o, do, lse, *pairs, c, causal, scale, seed, atomics=False, sampler=sampler
-        )
-        out.append(f"sparse[{sampler}]-no-atomics {_time_ms(f, 3, 10):.3f}")
+    dq0 = st.sparse_backward(q, k, v, o, do, lse, *ref, c, causal, scale, seed)[0]
+    for config in (None, (32, 4)):
+        f = partial(st.sparse_backward, q, k, v, o, do, lse, *ref, c, causal, scale, seed, config=config)
+        err = ((f()[0].float() - dq0.float()).norm() / dq0.float().norm()).item()
+        out.append(f"sparse{config or ''} {_time_ms(f, 3, 10):.3f} (dq diff {err:.1e})")
+    f = partial(st.sparse_backward, q, k, v, o, do, lse, *ref, c, causal, scale, seed, atomics=False)
+    out.append(f"sparse-no-atomics {_time_ms(f, 3, 10):.3f}")
     print(" | ".join(out), flush=True)
 
 

@@ -14,6 +14,7 @@ from chainfree.ops.sus_sparse import (
     sample_kept_pairs,
     sparse_backward,
     words_to_keep,
+    words_to_keys,
 )
 from chainfree.ops.sus_triton import row_capacity
 
@@ -58,6 +59,11 @@ def test_words_layout_round_trip_and_overflow():
     back = words_to_keep(entries, cnt, 75)
     ok = cnt <= 3
     assert torch.equal(back[ok], keep[ok]) and not back[~ok].any()  # overflowed rows are left to the dense path
+    idx, keys = words_to_keys(entries, cnt, 75)  # key layout of the same cap: overflow by words or by keys
+    idx_direct, keys_direct = compact_kept_pairs(keep, 3)
+    assert torch.equal(keys, torch.where(cnt > 3, cnt, keys_direct))
+    live = torch.arange(3)[None, :] < keys.clamp(max=3)[:, None]
+    assert torch.equal(idx[live & ok[:, None]], idx_direct[live & ok[:, None]])
 
 
 @pytest.mark.parametrize("words", [False, True])
@@ -66,7 +72,8 @@ def test_words_layout_round_trip_and_overflow():
     [(2, 2, 2, 37, True, 4.0, None), (1, 4, 2, 29, False, 3.0, None), (1, 2, 1, 33, True, 2.0, 3)],
 )
 def test_sparse_pass_equals_reference_float64(B, H, H_kv, n, causal, c, cap, words):
-    """Sampling into the row buffer + sparse gathers/scatters == the reference backward, same seed.
+    """Sampling into the row buffer (directly, or via the "words" layout) + sparse gathers/scatters == the
+    reference backward, same seed.
 
     cap=3 (keys) / 1 (words) forces most rows to overflow, exercising the dense re-draw path of the kernel.
     """
@@ -87,7 +94,7 @@ def test_sparse_pass_equals_reference_float64(B, H, H_kv, n, causal, c, cap, wor
     idx, cnt = sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, words=words)
     if cap <= 3:
         assert (cnt > cap).any() and (cnt <= cap).any()
-    dq, dk, dv = sparse_backward(q, k, v, o.detach(), do, lse, idx, cnt, c, causal, scale, seed, words=words)
+    dq, dk, dv = sparse_backward(q, k, v, o.detach(), do, lse, idx, cnt, c, causal, scale, seed)
     for got, ref in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 

@@ -75,10 +75,11 @@ def test_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype, ca
 
 
 @cuda
-@pytest.mark.parametrize("sampler", ["bitmask", "prefix", "words"])
+@pytest.mark.parametrize("sampler", ["prefix", "words"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_kept_pairs_match_reference_draws(sampler, causal):
-    """The sampler's compacted pairs equal the PyTorch port's (same layout, same hashes)."""
+    """The sampler's compacted pairs equal the PyTorch port's (same layout, same hashes; "words" through its
+    intermediate layout in both)."""
     from chainfree.ops import sus_sparse
     from chainfree.ops import sus_triton as st
 
@@ -94,7 +95,7 @@ def test_kept_pairs_match_reference_draws(sampler, causal):
     same = cnt.cpu() == cnt_r
     assert (~same).sum() <= 2  # see the rounding argument above
     slots = torch.arange(cap)[None, :] < cnt_r[:, None].clamp(max=cap)
-    rows = same[:, None] & slots
+    rows = (same & (cnt_r <= cap))[:, None] & slots  # overflowed rows' slots are never read
     assert torch.equal(idx.cpu()[rows], idx_r[rows])
 
 

@@ -6,10 +6,11 @@ All read [B, H, n, D] tensors through strides (last dim contiguous); `sus_triton
   BN-key tiles with an online softmax in fp32; writes O (input dtype) and LSE (natural log, fp32).
   Causal programs split the key loop into unmasked off-diagonal tiles and masked diagonal tiles.
 - `_sample_kernel`: backward step 1. Same tiling; recomputes S = QK^T once per tile, cW = c exp(S scale
-  - LSE), the contract hash u, keep = u < cW; then either writes each row's kept key indices at in-row
-  prefix counts (SAMPLER 1, "prefix") or 16-key bit words (SAMPLER 0, "bitmask", expanded by
-  `_expand_kernel`); SAMPLER 2 only counts (a timing probe). Both prefix counts and bit words are
-  products of the 0/1 keep tile with a constant matrix on the tensor cores.
+  - LSE), the contract hash u, keep = u < cW; then writes either the row's nonzero 16-key words (SAMPLER 3,
+  "words", default: the keep tiles of 256 keys are packed into 16 words on the tensor cores and only the
+  words are compacted; `_words_to_keys_kernel` turns them into key indices), or its kept key indices at
+  in-row prefix counts (SAMPLER 1, "prefix"); SAMPLER 2 only counts (a timing probe). Prefix counts and
+  words are products of 0/1 tiles with constant matrices on the tensor cores.
 - `_sparse_bwd_kernel`: backward step 2. Program = one query row. Gathers K_j, V_j of the kept keys
   (CHUNK at a time), recomputes W~ = max(W, 1/c), dP = dO.V_j, dS = W~(dP - D_i), dQ += dS K_j
   (registers, fp32); dK_j, dV_j get dS Q_i and W~ dO_i by fp32 atomics (GQA heads of a group add into
@@ -235,7 +236,6 @@ def _sample_tiles(
     start,
     end,
     N_K,
-    NW,
     qk_scale,
     CAP,
     MASKED: tl.constexpr,
@@ -243,7 +243,6 @@ def _sample_tiles(
     BN: tl.constexpr,
     SAMPLER: tl.constexpr,
 ):
-    offs_w = tl.arange(0, 16)
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
         if MASKED:
@@ -260,12 +259,7 @@ def _sample_tiles(
                 valid = valid & (kn[None, :] <= offs_m[:, None])
             keep = keep & valid
         kf = keep.to(tl.float16)
-        if SAMPLER == 0:  # bitmask: 16-key words on the tensor cores, keep @ (2^(j%16) in column j//16)
-            words = tl.dot(kf, ones).to(tl.int32).to(tl.int16)  # exact: sums of distinct powers of two < 2^16
-            wcol = s0 // 16 + offs_w
-            wmask = row_ok_of(lse2c)[:, None] & ((offs_w < BN // 16) & (wcol < NW))[None, :]
-            tl.store(out_rows[:, None] + wcol[None, :], words, mask=wmask)
-        elif SAMPLER == 1:  # prefix: in-row inclusive counts on the tensor cores (keep @ triangular ones)
+        if SAMPLER == 1:  # prefix: in-row inclusive counts on the tensor cores (keep @ triangular ones)
             pos = (cnt[:, None] + tl.dot(kf, ones) - 1.0).to(tl.int32)
             tl.store(out_rows[:, None] + pos, tl.broadcast_to(kn[None, :], pos.shape), mask=keep & (pos < CAP))
             cnt += tl.sum(kf.to(tl.float32), 1)
@@ -301,7 +295,7 @@ def _word_tiles(
     (keep @ a [BN, 16] matrix of powers of two, shifted to the tile's 4 columns of the group), then only the
     [BM, 16] words are compacted: nonzero words go to the row's buffer as (word index << 16 | bits), slot =
     in-row prefix count of nonzero words (a [BM,16] x [16,16] tensor-core product). 1/16 of the per-pair
-    compaction work of SAMPLER 1; the sparse pass unpacks the bits."""
+    compaction work of SAMPLER 1; `_words_to_keys_kernel` unpacks the bits."""
     offs_w = tl.arange(0, 16)
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
@@ -330,11 +324,6 @@ def _word_tiles(
     return cnt, wacc
 
 
-@triton.jit
-def row_ok_of(lse2c):
-    return lse2c < float("inf")
-
-
 @triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(
     Q,
@@ -352,7 +341,6 @@ def _sample_kernel(
     GROUP,
     N_Q,
     N_K,
-    NW,
     qk_scale,
     log2c,
     seed,
@@ -363,9 +351,8 @@ def _sample_kernel(
     D: tl.constexpr,
     SAMPLER: tl.constexpr,
 ):
-    """SAMPLER 0: OUT = bit words int16 [rows, NW] (CNT unused); 1: OUT = key slots int32 [rows, CAP] and
-    CNT = counts; 2: CNT = counts only (timing probe); 3: OUT = nonzero 16-key words int32 [rows, CAP] as
-    (word index << 16 | bits), CNT = number of nonzero words."""
+    """SAMPLER 1: OUT = key slots int32 [rows, CAP], CNT = counts; 2: CNT = counts only (timing probe);
+    3: OUT = nonzero 16-key words int32 [rows, CAP] as (word index << 16 | bits), CNT = nonzero words."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -393,24 +380,98 @@ def _sample_kernel(
         offs_w = tl.arange(0, 16)
         tri16 = (offs_w[:, None] <= offs_w[None, :]).to(tl.float16)
         wacc = tl.zeros([BM, 16], tl.float32)
-        cnt, wacc = _word_tiles(cnt, wacc, q, k_base, skn, out_rows, tri16, row_term, lse2c, offs_m, offs_n, offs_d,
-                                0, mid, N_K, qk_scale, CAP, False, CAUSAL, BN)
-        cnt, wacc = _word_tiles(cnt, wacc, q, k_base, skn, out_rows, tri16, row_term, lse2c, offs_m, offs_n, offs_d,
-                                mid, hi, N_K, qk_scale, CAP, True, CAUSAL, BN)
+        cnt, wacc = _word_tiles(
+            cnt,
+            wacc,
+            q,
+            k_base,
+            skn,
+            out_rows,
+            tri16,
+            row_term,
+            lse2c,
+            offs_m,
+            offs_n,
+            offs_d,
+            0,
+            mid,
+            N_K,
+            qk_scale,
+            CAP,
+            False,
+            CAUSAL,
+            BN,
+        )
+        cnt, wacc = _word_tiles(
+            cnt,
+            wacc,
+            q,
+            k_base,
+            skn,
+            out_rows,
+            tri16,
+            row_term,
+            lse2c,
+            offs_m,
+            offs_n,
+            offs_d,
+            mid,
+            hi,
+            N_K,
+            qk_scale,
+            CAP,
+            True,
+            CAUSAL,
+            BN,
+        )
     else:
-        if SAMPLER == 0:
-            out_rows = OUT + rows * NW
-            pw = tl.arange(0, 16)
-            ones = tl.where(offs_n[:, None] // 16 == pw[None, :], (1 << (offs_n % 16))[:, None], 0).to(tl.float16)
-        else:
-            out_rows = OUT + rows * CAP
-            ones = (offs_n[:, None] <= offs_n[None, :]).to(tl.float16)
-        cnt = _sample_tiles(cnt, q, k_base, skn, out_rows, ones, row_term, lse2c, offs_m, offs_n, offs_d,
-                            0, mid, N_K, NW, qk_scale, CAP, False, CAUSAL, BN, SAMPLER)
-        cnt = _sample_tiles(cnt, q, k_base, skn, out_rows, ones, row_term, lse2c, offs_m, offs_n, offs_d,
-                            mid, hi, N_K, NW, qk_scale, CAP, True, CAUSAL, BN, SAMPLER)
-    if SAMPLER != 0:
-        tl.store(CNT + bh * N_Q + offs_m, cnt.to(tl.int32), mask=row_ok)
+        out_rows = OUT + rows * CAP
+        ones = (offs_n[:, None] <= offs_n[None, :]).to(tl.float16)
+        cnt = _sample_tiles(
+            cnt,
+            q,
+            k_base,
+            skn,
+            out_rows,
+            ones,
+            row_term,
+            lse2c,
+            offs_m,
+            offs_n,
+            offs_d,
+            0,
+            mid,
+            N_K,
+            qk_scale,
+            CAP,
+            False,
+            CAUSAL,
+            BN,
+            SAMPLER,
+        )
+        cnt = _sample_tiles(
+            cnt,
+            q,
+            k_base,
+            skn,
+            out_rows,
+            ones,
+            row_term,
+            lse2c,
+            offs_m,
+            offs_n,
+            offs_d,
+            mid,
+            hi,
+            N_K,
+            qk_scale,
+            CAP,
+            True,
+            CAUSAL,
+            BN,
+            SAMPLER,
+        )
+    tl.store(CNT + bh * N_Q + offs_m, cnt.to(tl.int32), mask=row_ok)
 
 
 @triton.jit
@@ -422,28 +483,29 @@ def _popc16(x):
 
 
 @triton.jit
-def _expand_kernel(BITS, IDX, CNT, N_Q, N_K, NW, CAP, CAUSAL: tl.constexpr, WCHUNK: tl.constexpr):
-    """Bit words of one row -> its kept key indices in ascending order (slots < CAP) and the full count."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    row = (bh * N_Q + i).to(tl.int64)
-    nk = N_K
-    if CAUSAL:
-        nk = tl.minimum(i + 1, N_K)
-    nw = (nk + 15) // 16  # words the sampler wrote for this row (keys beyond nk are zero bits)
-    offs_w = tl.arange(0, WCHUNK)
-    cnt = tl.sum(tl.zeros([WCHUNK], tl.int32), 0)
-    for w0 in range(0, nw, WCHUNK):
-        wi = w0 + offs_w
-        word = tl.load(BITS + row * NW + wi, mask=wi < nw, other=0).to(tl.int32) & 0xFFFF
-        pc = _popc16(word)
-        slot = cnt + tl.cumsum(pc, 0) - pc
-        for bit in tl.static_range(16):
-            on = (word >> bit) & 1
-            tl.store(IDX + row * CAP + slot, wi * 16 + bit, mask=(on != 0) & (slot < CAP))
-            slot += on
-        cnt += tl.sum(pc, 0)
-    tl.store(CNT + row, cnt)
+def _words_to_keys_kernel(WORDS, WCNT, IDX, CNT, ROWS, CAP, R: tl.constexpr, CAPP: tl.constexpr):
+    """SAMPLER 3's word entries of R rows -> their kept key indices (ascending, slots < CAP) and key counts.
+
+    Slot of bit b of entry e = (set bits in the row's entries before e) + (set bits of e below b): a prefix
+    sum over <= CAP entries per row instead of a compaction over the row's n keys. A row whose words
+    overflowed keeps its word count (> CAP); a row with more than CAP kept keys gets its key count (> CAP):
+    both go to the sparse pass's dense re-draw path."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    slots = tl.arange(0, CAPP)
+    row_ok = rows < ROWS
+    wcnt = tl.load(WCNT + rows, mask=row_ok, other=0)
+    live = row_ok[:, None] & (slots[None, :] < tl.minimum(wcnt, CAP)[:, None])
+    base = rows.to(tl.int64)[:, None] * CAP
+    e = tl.load(WORDS + base + slots[None, :], mask=live, other=0)
+    bits = e & 0xFFFF
+    pc = _popc16(bits)
+    before = tl.cumsum(pc, 1) - pc
+    for b in tl.static_range(16):
+        slot = before + _popc16(bits & ((1 << b) - 1))
+        on = ((bits >> b) & 1) != 0
+        tl.store(IDX + base + slot, (e >> 16) * 16 + b, mask=on & (slot < CAP))
+    keys = tl.sum(pc, 1)
+    tl.store(CNT + rows, tl.where(wcnt > CAP, wcnt, keys), mask=row_ok)
 
 
 @triton.jit
@@ -541,11 +603,7 @@ def _sparse_bwd_kernel(
     CHUNK: tl.constexpr,
     D: tl.constexpr,
     ATOMICS: tl.constexpr,
-    WORDS: tl.constexpr,
 ):
-    """WORDS: IDX holds (word index << 16 | bits) entries of SAMPLER 3 and CNT their number; each pass over a
-    chunk of entries takes the lowest set bit of every word (almost always the only one), so a chunk costs
-    max(popcount) passes of CHUNK keys. Else IDX holds key indices."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -572,61 +630,30 @@ def _sparse_bwd_kernel(
             offs = s0 + offs_c
             m = offs < cnt
             j = tl.load(IDX + row * CAP + offs, mask=m, other=0)
-            if WORDS:
-                base = (j >> 16) * 16
-                bits = j & 0xFFFF
-                for _ in range(0, tl.max(_popc16(bits), 0)):
-                    low = bits & (0 - bits)
-                    dq = _pair_update(
-                        dq,
-                        base + _popc16((low - 1) & 0xFFFF),
-                        bits != 0,
-                        qrow,
-                        dorow,
-                        Di,
-                        lse2c,
-                        inv_c,
-                        row_term,
-                        k_base,
-                        skn,
-                        v_base,
-                        svn,
-                        dk_base,
-                        dv_base,
-                        offs_d,
-                        qk_scale,
-                        scale,
-                        D,
-                        CHUNK,
-                        False,
-                        ATOMICS,
-                    )
-                    bits = bits & (bits - 1)
-            else:
-                dq = _pair_update(
-                    dq,
-                    j,
-                    m,
-                    qrow,
-                    dorow,
-                    Di,
-                    lse2c,
-                    inv_c,
-                    row_term,
-                    k_base,
-                    skn,
-                    v_base,
-                    svn,
-                    dk_base,
-                    dv_base,
-                    offs_d,
-                    qk_scale,
-                    scale,
-                    D,
-                    CHUNK,
-                    False,
-                    ATOMICS,
-                )
+            dq = _pair_update(
+                dq,
+                j,
+                m,
+                qrow,
+                dorow,
+                Di,
+                lse2c,
+                inv_c,
+                row_term,
+                k_base,
+                skn,
+                v_base,
+                svn,
+                dk_base,
+                dv_base,
+                offs_d,
+                qk_scale,
+                scale,
+                D,
+                CHUNK,
+                False,
+                ATOMICS,
+            )
     else:  # overflowed row buffer: scan all keys of the row, re-draw the same hashes
         hi = N_K
         if CAUSAL:

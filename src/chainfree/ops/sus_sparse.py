@@ -6,6 +6,8 @@ gathers and scatter-adds, redoing overflowed rows densely — can. This port use
 (row r = bh * n_q + i; idx int32 [rows, cap] ascending, un-clipped count int32 [rows]; W~ recomputed
 per pair) and the same draws (`sampled_weights` of the reference), so CPU tests check that the layout
 and the sparse pass reproduce the reference gradients exactly, including the overflow path.
+The "words" sampler's intermediate layout (nonzero 16-key words per row) and its expansion into key
+indices are ported too (`compact_kept_words`, `words_to_keys`).
 It is O(rows * n_k) in memory (it samples densely): a test oracle, not a fast path.
 """
 
@@ -63,6 +65,15 @@ def words_to_keep(entries: torch.Tensor, cnt: torch.Tensor, n_k: int) -> torch.T
     return keep[:, :n_k]
 
 
+def words_to_keys(entries: torch.Tensor, cnt: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "words" sampler's second step (`_words_to_keys_kernel`): entries -> (key idx, key count) in the
+    key layout of the same cap. Overflow marks: a row with more than cap nonzero words keeps its word count,
+    one with more than cap kept keys gets its key count (both > cap, so the sparse pass re-draws them)."""
+    cap = entries.shape[1]
+    idx, keys = compact_kept_pairs(words_to_keep(entries, cnt, n_k), cap)
+    return idx, torch.where(cnt > cap, cnt, keys).to(torch.int32)
+
+
 def _row_weights(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     """W [B, H, n_q, n_k] from q, k and the forward's LSE [B*H, n_q] (GQA: head h reads kv head h // G)."""
     B, H, n_q, _ = q.shape
@@ -85,13 +96,16 @@ def sample_kept_pairs(
     cap: int,
     words: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward step 1: the kept pairs of every row in the kernel's layout (same draws as the reference):
-    key indices, or with `words` the "words" entries."""
+    """Backward step 1: the kept keys of every row in the kernel's layout (same draws as the reference);
+    `words` goes through the "words" sampler's intermediate layout (same keys, its own overflow marks)."""
     B, H, n_q, _ = q.shape
     w = _row_weights(q, k, lse, is_causal, scale)
     bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1)
     _, keep, _ = sampled_weights(w, c, seed, bh, torch.arange(n_q, device=q.device), "bernoulli")
-    return (compact_kept_words if words else compact_kept_pairs)(keep.reshape(B * H * n_q, -1), cap)
+    keep = keep.reshape(B * H * n_q, -1)
+    if words:
+        return words_to_keys(*compact_kept_words(keep, cap), keep.shape[1])
+    return compact_kept_pairs(keep, cap)
 
 
 def sparse_backward(
@@ -107,18 +121,12 @@ def sparse_backward(
     is_causal: bool,
     scale: float,
     seed: int,
-    words: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward step 2 from the kept keys: W~ = max(W, 1/c) recomputed per pair, dQ by gathers, dK/dV by
     scatter-adds; overflowed rows (count > cap) re-drawn densely. Computes in q's dtype (float64 in tests).
-    `words`: (idx, cnt) are in the "words" layout (unpacked here into key indices first).
     """
     B, H, n_q, D = q.shape
     H_kv, n_k = k.shape[1], k.shape[2]
-    if words:
-        overflow_rows = cnt > idx.shape[1]
-        idx, cnt = compact_kept_pairs(words_to_keep(idx, cnt, n_k), max(1, 16 * idx.shape[1]))
-        cnt = torch.where(overflow_rows, idx.shape[1] + 1, cnt).to(torch.int32)
     G = H // H_kv
     cap = idx.shape[1]
     rows = B * H * n_q
@@ -151,4 +159,11 @@ def sparse_backward(
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-__all__ = ["compact_kept_pairs", "compact_kept_words", "sample_kept_pairs", "sparse_backward", "words_to_keep"]
+__all__ = [
+    "compact_kept_pairs",
+    "compact_kept_words",
+    "sample_kept_pairs",
+    "sparse_backward",
+    "words_to_keep",
+    "words_to_keys",
+]

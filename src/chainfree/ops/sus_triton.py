@@ -11,13 +11,15 @@ Design (SPEC §2 option (b): the backward recomputes S once):
   log): O(n D) memory, no n x n tensor. Output equals SDPA to bf16/fp16 rounding.
 - Backward step 1, sampler (`_sample_kernel`), same tiling: S = QK^T (the only n^2 D matmul of the
   backward, instead of the four of a flash backward), cW = exp2(S scale log2e - LSE log2e + log2 c), the
-  contract hash u per (i, j), keep iff u < cW. Output (default "prefix"): the 0/1 keep tile times an
-  upper-triangular matrix of ones on the tensor cores gives in-row prefix counts, and each kept key index
-  is stored at slot (count so far + prefix - 1) of its row's buffer of CAP slots (CAP = c + 8 sqrt(c) + 16:
-  a row keeps at most c in expectation with variance <= c, so overflow has probability < 1e-15 per row);
-  the count is stored un-clipped. Variant "bitmask": the keep tile times a [BN, 16] matrix of powers of
-  two gives 16-bit words (n^2/8 bytes per head, transient), and `_expand_kernel` (one program per row)
-  pop-counts and prefix-sums a row's words into the same index buffer; slower on an H100.
+  contract hash u per (i, j), keep iff u < cW. Output: each row's kept key indices, ascending, in a buffer
+  of CAP slots (CAP = c + 8 sqrt(c) + 16: a row keeps at most c in expectation with variance <= c, so
+  overflow has probability < 1e-15 per row), and the un-clipped count. Default sampler "words": the 0/1
+  keep tiles of 256 keys are multiplied on the tensor cores by matrices of powers of two, giving 16 words
+  of 16 bits per row; only the nonzero words are compacted into the row buffer (slot = prefix count of
+  nonzero words, another tensor-core product), and `_words_to_keys_kernel` turns each row's <= CAP words
+  into key indices by a prefix sum of popcounts. Per (i, j) this leaves one MMA operand conversion instead
+  of a compaction. Variant "prefix": the keep tile times an upper-triangular matrix of ones gives in-row
+  prefix counts and every kept key is stored at its slot directly (per-pair work: twice the time).
 - Backward step 2 (`_sparse_bwd_kernel`), one program per query row: gathers K_j, V_j of its kept keys,
   recomputes W~_ij = max(W_ij, 1/c) (= W/q for kept entries) from q_i.K_j and LSE, dP_ij = dO_i.V_j,
   dS_ij = W~_ij (dP_ij - D_i), D_i = dO_i.O_i; dQ_i in registers; dK_j += dS_ij Q_i scale and
@@ -29,8 +31,7 @@ keep test u < cW equals the contract's (u < min(1, cW)) | (cW >= 1) except when 
 Kept sets match the reference except where u and cW differ by fp32 rounding of W (~1e-6 relative).
 Atomic accumulation order is not deterministic: dK/dV vary run to run at fp32 rounding level.
 Cost per backward: one n^2 D matmul + one hash and one exp per (i, j) of the causal triangle + O(n c D)
-gathers and atomics (+ n^2/8 bytes of bit words per head with the bitmask sampler); docs/sus_kernel.md
-has the measured numbers and what limits them.
+gathers and atomics; docs/sus_kernel.md has the measured numbers and what limits them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from chainfree.ops.sus_random import draw_seed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SAMPLERS = {"bitmask": 0, "prefix": 1, "words": 3}  # the kernel's SAMPLER mode (2: count-only timing probe)
+SAMPLERS = {"prefix": 1, "words": 3}  # the kernel's SAMPLER mode (2: count-only timing probe)
 SAMPLER = "words"  # the default; measured against the others by benchmarks/sus_probe.py (docs/sus_kernel.md)
 MAX_KEYS_WORDS = 2**19  # "words" entries hold the 16-key word index in 15 bits
 
@@ -222,12 +223,11 @@ def sample_kept_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward step 1 on the GPU: (idx int32 [B*H*n, cap], count int32 [B*H*n]).
 
-    Slots s < min(count, cap) of row r = bh * n + i hold its entries in ascending key order; count is
-    un-clipped (count > cap marks an overflowed row). `sampler` (None = SAMPLER): "words" (entries are the
-    row's nonzero 16-key words, (word index << 16) | bits; the keep tiles are packed into words on the tensor
-    cores and only words are compacted), "prefix" (entries are kept key indices, written at in-row prefix
-    counts) or "bitmask" (one bit per (i, j) as 16-key words, n^2/8 bytes, turned into key indices by
-    `_expand_kernel`). `kept_per_row` counts kept keys in either layout.
+    Slots s < min(count, cap) of row r = bh * n + i hold its kept key indices in ascending order; count is
+    un-clipped (count > cap marks an overflowed row). `sampler` (None = SAMPLER): "words" (the keep tiles are
+    packed into 16-key words on the tensor cores, the sampler compacts only the row's nonzero words, and
+    `_words_to_keys_kernel` turns them into key indices by a prefix sum over <= cap words per row), "prefix"
+    (the sampler writes key indices at in-row prefix counts).
     `probe=True` only counts (timing probe: matmul + exp + hash without output).
     `chainfree.ops.sus_sparse` is the PyTorch port of this layout.
     """
@@ -236,34 +236,30 @@ def sample_kept_pairs(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     if sampler == "words" and k.shape[2] > MAX_KEYS_WORDS:
-        raise ValueError(f"the 'words' sampler indexes at most {MAX_KEYS_WORDS} keys (got {k.shape[2]}); "
-                         "use sampler='prefix' or split the sequence")
+        raise ValueError(
+            f"the 'words' sampler indexes at most {MAX_KEYS_WORDS} keys (got {k.shape[2]}); "
+            "use sampler='prefix' or split the sequence"
+        )
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     idx = torch.empty(B * H * n_q, cap, device=q.device, dtype=torch.int32)
     cnt = torch.empty(B * H * n_q, device=q.device, dtype=torch.int32)
     mode = 2 if probe else SAMPLERS[sampler]
-    nw = triton_cdiv(n_k, 16)
-    out = torch.empty(B * H * n_q, nw, device=q.device, dtype=torch.int16) if mode == 0 else idx
     bm, bn, warps, stages = config or _sample_config(d)
     grid = (triton_cdiv(n_q, bm), B * H)
     kern._sample_kernel[grid](
-        q, k, lse, out, cnt, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        H, H // h_kv, n_q, n_k, nw, scale * kern.LOG2E, math.log2(c), int(seed), cap,
+        q, k, lse, idx, cnt, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        H, H // h_kv, n_q, n_k, scale * kern.LOG2E, math.log2(c), int(seed), cap,
         CAUSAL=is_causal, BM=bm, BN=bn, D=d, SAMPLER=mode, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if mode == 0:
-        kern._expand_kernel[(n_q, B * H)](out, idx, cnt, n_q, n_k, nw, cap, CAUSAL=is_causal, WCHUNK=256, num_warps=4)
+    if mode == 3:
+        keys, key_cnt = torch.empty_like(idx), torch.empty_like(cnt)
+        rows, per_program = idx.shape[0], 16
+        kern._words_to_keys_kernel[(triton_cdiv(rows, per_program),)](
+            idx, cnt, keys, key_cnt, rows, cap, R=per_program, CAPP=1 << (cap - 1).bit_length(), num_warps=4
+        )
+        return keys, key_cnt
     return idx, cnt
-
-
-def kept_per_row(idx: torch.Tensor, cnt: torch.Tensor, sampler: str | None = None) -> torch.Tensor:
-    """Kept keys of every (non-overflowed) row, float32 [rows], from `sample_kept_pairs`'s output."""
-    if (sampler or SAMPLER) != "words":
-        return cnt.float()
-    slots = torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt[:, None]
-    bits = torch.where(slots, idx & 0xFFFF, 0)
-    return sum(((bits >> b) & 1).sum(1) for b in range(16)).float()
 
 
 def sparse_backward(
@@ -281,12 +277,10 @@ def sparse_backward(
     seed: int,
     atomics: bool = True,
     config: tuple[int, int] | None = None,
-    sampler: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward step 2 on the GPU: (dQ, dK, dV) from the kept pairs; overflowed rows are redone densely.
 
-    `sampler` names the layout of (idx, cnt) (that of `sample_kept_pairs` with the same sampler; None =
-    SAMPLER). `atomics=False` skips the dK/dV scatter (a timing probe); `config` = (CHUNK, num_warps).
+    `atomics=False` skips the dK/dV scatter (a timing probe); `config` = (CHUNK, num_warps) overrides.
     """
     kern = _kernels()
     B, H, n_q, d = q.shape
@@ -302,7 +296,7 @@ def sparse_backward(
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         H, h_kv, H // h_kv, n_q, n_k, scale, scale * kern.LOG2E, math.log2(c), 1.0 / c, int(seed), cap,
-        CAUSAL=is_causal, CHUNK=chunk, D=d, ATOMICS=atomics, WORDS=(sampler or SAMPLER) == "words", num_warps=warps,
+        CAUSAL=is_causal, CHUNK=chunk, D=d, ATOMICS=atomics, num_warps=warps,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -369,7 +363,6 @@ def sus_attention_triton(
 __all__ = [
     "SusAttentionTriton",
     "flash_forward",
-    "kept_per_row",
     "row_capacity",
     "sample_kept_pairs",
     "sparse_backward",
