@@ -37,7 +37,7 @@ def probe(n: int, d: int, c: float, model_dim: int = 2048, causal: bool = True) 
     f = partial(st.sample_kept_pairs, q, k, lse, c, causal, scale, seed, cap, probe=True)
     out.append(f"sample-count-only {_time_ms(f, 3, 10):.3f}")
     dq0 = st.sparse_backward(q, k, v, o, do, lse, *ref, c, causal, scale, seed)[0]
-    for config in (None, (32, 4)):
+    for config in (None, (32, 4), (8, 1), (16, 1), (32, 2)):
         f = partial(st.sparse_backward, q, k, v, o, do, lse, *ref, c, causal, scale, seed, config=config)
         err = ((f()[0].float() - dq0.float()).norm() / dq0.float().norm()).item()
         out.append(f"sparse{config or ''} {_time_ms(f, 3, 10):.3f} (dq diff {err:.1e})")
