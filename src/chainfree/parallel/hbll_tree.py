@@ -240,7 +240,8 @@ def bench_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", default="16,64")
     ap.add_argument("--archs", default="gpt,mlp")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round and method")
+    ap.add_argument("--reps", type=int, default=4, help="rounds (the methods alternate)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -269,32 +270,59 @@ def bench_main(argv: list[str] | None = None) -> None:
     rows = []
     for arch in args.archs.split(","):
         for n in (int(v) for v in args.layers.split(",")):
-            runs = [
+            runs = []  # every rank: the tree-parallel model; rank 0 also one-GPU HBLL and exact
+            for name, method, everyone in (
                 ("hbll_tree", HBLL(HBLLConfig()), True),
                 ("hbll_1gpu", HBLL(HBLLConfig(distributed="data")), False),
                 ("exact_1gpu", Exact(), False),
-            ]
-            for name, method, everyone in runs:
+            ):
                 if everyone or rank == 0:
                     base, x, y = speed_model(arch, n, knobs, device)
                     model = method.prepare(base)
-                    step_ms, _ = time_steps(method, model, x, y, args.steps, device)
-                    train_ms, extra = time_steps(method, model, x, y, args.steps, device, optimizer=True)
-                    rows.append(
+                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
+                    _, extra = time_steps(method, model, x, y, 0, device, opt, warmup=2)
+                    runs.append(
                         {
-                            "arch": arch,
-                            "layers": n,
-                            "method": name,
+                            "name": name,
                             "gpus": world if everyone else 1,
-                            "step_ms": step_ms,
-                            "train_step_ms": train_ms,
-                            "critical_path": extra.get("critical_path"),
+                            "method": method,
+                            "model": model,
+                            "x": x,
+                            "y": y,
+                            "opt": opt,
+                            "crit": extra.get("critical_path"),
+                            "step": [],
+                            "train": [],
                         }
                     )
-                    del model, base
-                    if cuda:
-                        torch.cuda.empty_cache()
                 dist.barrier()
+            for _ in range(args.reps):  # alternate, so that host drifts hit every method alike
+                for gpus in (world, 1):  # every rank runs the same sequence of collectives and barriers
+                    for r in (r for r in runs if r["gpus"] == gpus):
+                        for key, opt in (("step", None), ("train", r["opt"])):
+                            r[key] += time_steps(
+                                r["method"], r["model"], r["x"], r["y"], args.steps, device, opt, warmup=1
+                            )[0]
+                    if gpus == 1:
+                        dist.barrier()
+            for r in runs:
+                med = {k: sorted(r[k])[len(r[k]) // 2] for k in ("step", "train")}
+                rows.append(
+                    {
+                        "arch": arch,
+                        "layers": n,
+                        "method": r["name"],
+                        "gpus": r["gpus"],
+                        "step_ms": med["step"],
+                        "step_ms_min": min(r["step"]),
+                        "train_step_ms": med["train"],
+                        "train_step_ms_min": min(r["train"]),
+                        "critical_path": r["crit"],
+                    }
+                )
+            del runs
+            if cuda:
+                torch.cuda.empty_cache()
     if rank == 0:
         for row in rows:
             ref = next(
@@ -317,8 +345,10 @@ def bench_main(argv: list[str] | None = None) -> None:
                     "method",
                     "gpus",
                     "step_ms",
+                    "step_ms_min",
                     "time_vs_exact",
                     "train_step_ms",
+                    "train_step_ms_min",
                     "train_time_vs_exact",
                     "critical_path",
                 )

@@ -59,6 +59,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "speed_batch": 8,
         "speed_seq": 32,
         "speed_steps": 3,
+        "speed_reps": 2,
         "vision_d": 64,
         "vision_layers": 4,
         "vision_steps": 300,
@@ -83,7 +84,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "speed_d": 256,
         "speed_batch": 16,
         "speed_seq": 128,
-        "speed_steps": 10,
+        "speed_steps": 5,
+        "speed_reps": 5,
         "vision_d": 256,
         "vision_layers": 8,
         "vision_steps": 2000,
@@ -160,57 +162,81 @@ def speed_model(arch: str, n: int, knobs: dict[str, Any], device: torch.device):
 
 
 def time_steps(method: Method, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-               device: torch.device, optimizer: bool = False) -> tuple[float, dict[str, float]]:
-    """Median wall ms of `steps` steps after 2 warm-up steps (synchronised before and after each): the
-    method's step (forward + backward) alone, or with optimizer=True a whole training step as in the loop
-    (+ global-norm clip + AdamW, fused on CUDA). Returns (median ms, the last step's extra stats)."""
+               device: torch.device, optimizer: torch.optim.Optimizer | None = None,
+               warmup: int = 2) -> tuple[list[float], dict[str, float]]:
+    """Wall ms of `steps` steps after `warmup` untimed ones, synchronised before and after each: the method's
+    step (forward + backward) alone, or with an optimizer a whole training step as in the loop (+ global-norm
+    clip + optimizer step). Returns (the step times, the last step's extra stats)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda") if optimizer else None
     times, extra = [], {}
-    for i in range(steps + 2):
+    for i in range(steps + warmup):
         _sync(device)
         t0 = time.perf_counter()
         with _autocast(device):
             stats = method.step(model, x, y)
-        if opt is not None:
+        if optimizer is not None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer.step()
         _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - t0))
         model.zero_grad(set_to_none=True)
         extra = stats.extra
-    return 1000 * sorted(times)[len(times) // 2], extra
+    return times, extra
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def speed_sweep(knobs: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     """Wall time of one `method.step` (forward + backward, no optimizer: `step_ms`) and of a whole training
-    step (+ clip + AdamW: `train_step_ms`), and the counted critical path, exact vs HBLL."""
+    step (+ clip + AdamW, fused on CUDA: `train_step_ms`), and the counted critical path, exact vs HBLL.
+
+    Both models of a depth are built first and timed in alternation (`speed_reps` rounds of `speed_steps`
+    steps each), so slow drifts of the host (these steps are launch-bound, i.e. host-CPU-bound) hit both
+    methods alike; reported: median and minimum over all timed steps, and the median over rounds of the
+    per-round ratio to exact. Peak memory is measured during each method's warm-up, net of the other's."""
     rows = []
     for arch in ("gpt", "mlp"):
         for n in (int(v) for v in knobs["speed_layers"].split(",")):
+            runs = []
             for name, method in (("exact", Exact()), ("hbll", HBLL(HBLLConfig()))):
+                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 base, x, y = speed_model(arch, n, knobs, device)
                 model = method.prepare(base)
-                step_ms, extra = time_steps(method, model, x, y, knobs["speed_steps"], device)
-                train_ms, _ = time_steps(method, model, x, y, knobs["speed_steps"], device, optimizer=True)
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+                _, extra = time_steps(method, model, x, y, 0, device, opt, warmup=2)
                 crit = extra.get("critical_path", 0.0)
                 if name == "exact":
                     with _autocast(device):
                         crit = count_exact_critical_path(model, x, y)
                     model.zero_grad(set_to_none=True)
-                rows.append({"arch": arch, "layers": n, "method": name, "critical_path": crit, "step_ms": step_ms,
-                             "train_step_ms": train_ms,
-                             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                             else None})
-                del model, base
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-    for row in rows:
-        ref = next(r for r in rows if (r["arch"], r["layers"], r["method"]) == (row["arch"], row["layers"], "exact"))
-        row["time_vs_exact"] = row["step_ms"] / ref["step_ms"]
-        row["train_time_vs_exact"] = row["train_step_ms"] / ref["train_step_ms"]
+                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
+                runs.append({"name": name, "method": method, "model": model, "x": x, "y": y, "opt": opt,
+                             "crit": crit, "peak": peak, "step": [], "train": []})
+            for _ in range(knobs["speed_reps"]):
+                for r in runs:
+                    r["step"].append(time_steps(r["method"], r["model"], r["x"], r["y"], knobs["speed_steps"],
+                                                device, warmup=1)[0])
+                    r["train"].append(time_steps(r["method"], r["model"], r["x"], r["y"], knobs["speed_steps"],
+                                                 device, r["opt"], warmup=1)[0])
+            ref = runs[0]
+            for r in runs:
+                flat = {k: [t for rep in r[k] for t in rep] for k in ("step", "train")}
+                ratio = {k: _median([_median(a) / _median(b) for a, b in zip(r[k], ref[k], strict=True)])
+                         for k in ("step", "train")}
+                rows.append({"arch": arch, "layers": n, "method": r["name"], "critical_path": r["crit"],
+                             "step_ms": _median(flat["step"]), "step_ms_min": min(flat["step"]),
+                             "time_vs_exact": ratio["step"], "train_step_ms": _median(flat["train"]),
+                             "train_step_ms_min": min(flat["train"]), "train_time_vs_exact": ratio["train"],
+                             "peak_gib": r["peak"]})
+            del runs, ref
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -443,8 +469,9 @@ def _markdown(results: dict[str, Any], scale: str) -> str:
         parts.append("## Critical path and step wall time vs depth\n")
         parts.append(markdown_table(results["speed"], [("arch", "arch"), ("layers", "N"), ("method", "method"),
                                                        ("critical_path", "critical path"), ("step_ms", "step ms"),
-                                                       ("time_vs_exact", "time / exact"),
+                                                       ("step_ms_min", "min"), ("time_vs_exact", "time / exact"),
                                                        ("train_step_ms", "train step ms (+clip+AdamW)"),
+                                                       ("train_step_ms_min", "min"),
                                                        ("train_time_vs_exact", "train / exact"),
                                                        ("peak_gib", "peak GiB")]))
     if "vision" in results:
