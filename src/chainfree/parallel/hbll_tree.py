@@ -191,7 +191,7 @@ def sync_gradients(tree: nn.Module, group=None) -> None:
             p.grad = torch.zeros_like(p)
     for want_sum in (True, False):
         grads = [p.grad for p in params if p.grad is not None and (id(p) in summed) == want_sum]
-        for dtype in {g.dtype for g in grads}:
+        for dtype in sorted({g.dtype for g in grads}, key=str):  # same order on every rank (set order is not)
             same = [g for g in grads if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in same])
             dist.all_reduce(flat, group=group)
@@ -213,7 +213,8 @@ def tree_parallel_step(
     """One HBLL step with the tree's rounds split across the ranks of `group`: rank 0's batch is
     broadcast, `step(inputs, targets)` (the single-process HBLL step) runs with `tree.apply` partitioned,
     and gradients are synchronised so that every rank ends with the single-process gradient."""
-    inputs, targets = inputs.contiguous(), targets.contiguous()
+    # broadcast writes in place: into contiguous copies, not into the caller's batch
+    inputs, targets = (t.clone(memory_format=torch.contiguous_format) for t in (inputs, targets))
     dist.broadcast(inputs, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     dist.broadcast(targets, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     with partitioned(tree, group):
