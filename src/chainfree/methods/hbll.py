@@ -416,8 +416,9 @@ class HBLLTree(nn.Module):
         """Evaluate modules[i](xs[i]) for all i as ONE parallel call (same-shape leaves or shortcuts).
 
         Parameters come from the persistent stack (`StackedParams.rows`): a round of consecutive members is
-        one slice per tensor (the node order makes every tree round consecutive). 'vmap' runs the first
-        module functionally over the [k, ...] slice; 'loop' (the reference) calls each module on its row."""
+        one slice per tensor (the node order makes every tree round consecutive). 'vmap' runs all members at
+        once over the [k, ...] slice (`stacked_apply`); 'loop' (the reference) calls each module on its row.
+        Under `self.partition` (tree-parallel) only this rank's share runs and the outputs are gathered."""
         stack = next((st for st in (self.leaf_stack, self.shortcut_stack) if st.member_rows(modules) is not None),
                      None)
         if stack is None:
