@@ -483,28 +483,34 @@ def _popc16(x):
 
 
 @triton.jit
-def _words_to_keys_kernel(WORDS, WCNT, IDX, CNT, ROWS, CAP, R: tl.constexpr, CAPP: tl.constexpr):
+def _words_to_keys_kernel(WORDS, WCNT, IDX, CNT, ROWS, CAP, R: tl.constexpr, WCHUNK: tl.constexpr):
     """SAMPLER 3's word entries of R rows -> their kept key indices (ascending, slots < CAP) and key counts.
 
-    Slot of bit b of entry e = (set bits in the row's entries before e) + (set bits of e below b): a prefix
-    sum over <= CAP entries per row instead of a compaction over the row's n keys. A row whose words
+    Slot of the p-th set bit of entry e = (set bits in the row's entries before e) + p: a prefix sum over
+    <= CAP entries per row instead of a compaction over the row's n keys. Entries are read WCHUNK at a time
+    (only as many chunks as the tile's longest row needs); each pass emits the lowest remaining bit of every
+    word, so a chunk costs max(popcount) passes (almost always 1: kept keys are sparse). A row whose words
     overflowed keeps its word count (> CAP); a row with more than CAP kept keys gets its key count (> CAP):
     both go to the sparse pass's dense re-draw path."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
-    slots = tl.arange(0, CAPP)
+    offs = tl.arange(0, WCHUNK)
     row_ok = rows < ROWS
     wcnt = tl.load(WCNT + rows, mask=row_ok, other=0)
-    live = row_ok[:, None] & (slots[None, :] < tl.minimum(wcnt, CAP)[:, None])
+    live_words = tl.minimum(wcnt, CAP)
     base = rows.to(tl.int64)[:, None] * CAP
-    e = tl.load(WORDS + base + slots[None, :], mask=live, other=0)
-    bits = e & 0xFFFF
-    pc = _popc16(bits)
-    before = tl.cumsum(pc, 1) - pc
-    for b in tl.static_range(16):
-        slot = before + _popc16(bits & ((1 << b) - 1))
-        on = ((bits >> b) & 1) != 0
-        tl.store(IDX + base + slot, (e >> 16) * 16 + b, mask=on & (slot < CAP))
-    keys = tl.sum(pc, 1)
+    keys = tl.zeros([R], tl.int32)
+    for s0 in range(0, tl.max(live_words, 0), WCHUNK):
+        slots = s0 + offs
+        e = tl.load(WORDS + base + slots[None, :], mask=slots[None, :] < live_words[:, None], other=0)
+        bits = e & 0xFFFF
+        pc = _popc16(bits)
+        slot = keys[:, None] + tl.cumsum(pc, 1) - pc
+        for _ in range(0, tl.max(tl.max(pc, 1), 0)):
+            low = bits & (0 - bits)
+            tl.store(IDX + base + slot, (e >> 16) * 16 + _popc16((low - 1) & 0xFFFF), mask=(bits != 0) & (slot < CAP))
+            bits = bits & (bits - 1)
+            slot += 1
+        keys += tl.sum(pc, 1)
     tl.store(CNT + rows, tl.where(wcnt > CAP, wcnt, keys), mask=row_ok)
 
 

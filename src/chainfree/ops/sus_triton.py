@@ -256,7 +256,7 @@ def sample_kept_pairs(
         keys, key_cnt = torch.empty_like(idx), torch.empty_like(cnt)
         rows, per_program = idx.shape[0], 16
         kern._words_to_keys_kernel[(triton_cdiv(rows, per_program),)](
-            idx, cnt, keys, key_cnt, rows, cap, R=per_program, CAPP=1 << (cap - 1).bit_length(), num_warps=4
+            idx, cnt, keys, key_cnt, rows, cap, R=per_program, WCHUNK=32, num_warps=4
         )
         return keys, key_cnt
     return idx, cnt
@@ -303,7 +303,7 @@ def sparse_backward(
 
 def _sparse_config(d: int) -> tuple[int, int]:
     """(CHUNK pairs gathered per step, num_warps) of the sparse pass."""
-    return 16, 2  # measured best of (16|32|64, 2|4|8) at n = 8k, 16k on an H100 (benchmarks/sus_probe.py)
+    return 8, 1  # best of (8|16|32, 1|2|4) at n = 16k, D = 64 and 128 on an H100 (benchmarks/sus_probe.py)
 
 
 class SusAttentionTriton(torch.autograd.Function):
