@@ -221,6 +221,27 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _keep_tile(
+    q, k_base, skn, row_term, lse2c, offs_m, kn, offs_d, N_K, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr
+):
+    """The contract's keep decisions for query rows offs_m x keys kn: S = q K^T recomputed on the tensor cores,
+    c W in one exp2 (lse2c = LSE log2(e) - log2(c); padded rows +inf keep nothing), keep iff u < min(1, cW)
+    or cW >= 1, i.e. u < cW (u <= 1: they differ only if u == cW == 1.0)."""
+    if MASKED:
+        k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=(kn < N_K)[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
+    cw = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2c[:, None])
+    keep = _uniform(row_term, kn.to(tl.uint32) * 0x85EBCA77) < cw
+    if MASKED:
+        valid = kn[None, :] < N_K
+        if CAUSAL:
+            valid = valid & (kn[None, :] <= offs_m[:, None])
+        keep = keep & valid
+    return keep
+
+
+@triton.jit
 def _sample_tiles(
     cnt,
     q,
@@ -245,19 +266,7 @@ def _sample_tiles(
 ):
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
-        if MASKED:
-            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=(kn < N_K)[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
-        # c * W_ij in one exp2: lse2c = LSE*log2(e) - log2(c) (padded rows: +inf, so nothing is kept)
-        cw = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2c[:, None])
-        # keep iff u < min(1, cW) or cW >= 1  <=>  u < cW  (u <= 1; they differ only if u == cW == 1.0)
-        keep = _uniform(row_term, kn.to(tl.uint32) * 0x85EBCA77) < cw
-        if MASKED:
-            valid = kn[None, :] < N_K
-            if CAUSAL:
-                valid = valid & (kn[None, :] <= offs_m[:, None])
-            keep = keep & valid
+        keep = _keep_tile(q, k_base, skn, row_term, lse2c, offs_m, kn, offs_d, N_K, qk_scale, MASKED, CAUSAL)
         kf = keep.to(tl.float16)
         if SAMPLER == 1:  # prefix: in-row inclusive counts on the tensor cores (keep @ triangular ones)
             pos = (cnt[:, None] + tl.dot(kf, ones) - 1.0).to(tl.int32)
@@ -299,17 +308,7 @@ def _word_tiles(
     offs_w = tl.arange(0, 16)
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
-        if MASKED:
-            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=(kn < N_K)[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
-        cw = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2c[:, None])
-        keep = _uniform(row_term, kn.to(tl.uint32) * 0x85EBCA77) < cw
-        if MASKED:
-            valid = kn[None, :] < N_K
-            if CAUSAL:
-                valid = valid & (kn[None, :] <= offs_m[:, None])
-            keep = keep & valid
+        keep = _keep_tile(q, k_base, skn, row_term, lse2c, offs_m, kn, offs_d, N_K, qk_scale, MASKED, CAUSAL)
         shift = (s0 % 256) // 16
         pw = tl.where(offs_n[:, None] // 16 + shift == offs_w[None, :], (1 << (offs_n % 16))[:, None], 0)
         wacc = tl.dot(keep.to(tl.float16), pw.to(tl.float16), wacc)  # exact: sums of distinct powers < 2^16
