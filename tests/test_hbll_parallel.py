@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from chainfree.methods.hbll import HBLL, HBLLConfig
 from chainfree.models.lm import LanguageModel
 from chainfree.models.vision import VisionNet
 from chainfree.parallel import hbll_tree
+from chainfree.parallel.region import _free_port
 from chainfree.train import train
 
 # (name, model kind, n_layers, HBLL config): vmap and loop rounds, wider blocks, no message, corrections
@@ -83,12 +83,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tree_parallel_step_equals_single_process(tmp_path):
