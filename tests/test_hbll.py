@@ -152,12 +152,34 @@ def test_first_correction_is_free_on_the_critical_path(global_weight):
     """block_size = shortcut_layers: the first Jacobi sweep reads states that are never the deepest prefix
     state, so it does not lengthen the step's critical path (the docs' claim; measured quality gain there)."""
     x, y = batch(n=4)
-    for n_layers in (4, 8, 16, 32):
+    for n_layers in (2, 4, 8, 16, 32):
         paths = []
         for c in (0, 1):
-            method = HBLL(HBLLConfig(parallel="loop", corrections=c, global_weight=global_weight))
+            method = HBLL(HBLLConfig(parallel="vmap", corrections=c, global_weight=global_weight))
             paths.append(method.step(method.prepare(tiny(n_layers=n_layers, d=8)), x, y).extra["critical_path"])
         assert paths[0] == paths[1], (n_layers, paths)
+
+
+def test_paired_correction_gives_the_jacobi_states():
+    """pair_leaves + corrections=1 (the first sweep skips the even leaves, whose outputs the pairing round already
+    has): the leaf round must see exactly one Jacobi sweep over the paired tree states, float64."""
+    torch.manual_seed(0)
+    x, y = batch(n=8, dtype=torch.float64)
+    method = HBLL(HBLLConfig(parallel="loop", corrections=1))
+    tree = method.prepare(tiny(n_layers=8, d=8, dtype=torch.float64))
+    with torch.no_grad():  # expected: prefix shortcuts (levels >= 1), pairing, then one Jacobi sweep
+        t = tree.prefix_states(tree.stem(x))
+        for i in range(0, 8, 2):
+            t[i + 1] = tree._leaves[i](t[i])
+        want = [t[0]] + [tree._leaves[j](t[j]) for j in range(7)]
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [leaf[0].register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0].detach()))
+             for i, leaf in enumerate(tree._leaves)]
+    method.step(tree, x, y)  # the last call of each leaf is the leaf round
+    for hnd in hooks:
+        hnd.remove()
+    for i in range(1, 8):
+        torch.testing.assert_close(seen[i], want[i], rtol=1e-12, atol=1e-12, msg=f"leaf {i}")
 
 
 def test_vmap_matches_loop_reference():

@@ -732,11 +732,16 @@ class HBLL(Method):
                 h[i + 1], hd[i + 1] = out.detach(), hd[i] + bs
 
         # -- optional fixed-point (Jacobi) corrections: m_{j+1} <- F_j(m_j), all j at once, no graph ------
-        for _ in range(cfg.corrections):
+        for sweep in range(cfg.corrections):
+            # after pairing, the first sweep's even-leaf outputs are the pairing round's (same inputs): skip them
+            js = list(range(1, m - 1, 2)) if pair and sweep == 0 else list(range(m - 1))
+            if not js:  # two paired leaves: the pairing round was already the sweep
+                continue
             with torch.no_grad():
-                outs = tree.apply(tree._leaves[:-1], h[:-1])
-            h = [h[0]] + [o.detach() for o in outs]
-            hd = [0] + [hd[i] + bs for i in range(m - 1)]
+                outs = tree.apply([tree._leaves[j] for j in js], [h[j] for j in js])
+            old_hd, h, hd = hd, list(h), list(hd)
+            for j, out in zip(js, outs, strict=True):  # Jacobi: every update reads the previous sweep's states
+                h[j + 1], hd[j + 1] = out.detach(), old_hd[j] + bs
 
         # -- leaf round: every leaf on its tree input; also the shortcuts not on a prefix path ----------
         leaf_in = [z0] + h[1:]  # leaf 0 keeps the stem in its graph: the stem is part of leaf 0
