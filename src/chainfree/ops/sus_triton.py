@@ -106,6 +106,11 @@ def _check_inputs(
         raise ValueError(f"is_causal needs equal query and key lengths; got {n_q} and {k.shape[2]}")
     if n_q == 0 or k.shape[2] == 0:
         raise ValueError("empty sequence")
+    if SAMPLER == "words" and k.shape[2] > MAX_KEYS_WORDS:  # raise now, not in the backward
+        raise ValueError(
+            f"the kernel's 'words' sampler indexes at most {MAX_KEYS_WORDS} keys, got {k.shape[2]}: set "
+            "chainfree.ops.sus_triton.SAMPLER = 'prefix' for longer sequences"
+        )
     if not (c > 0 and math.isfinite(c)):
         raise ValueError(
             f"c must be a positive finite number (expected kept entries per row), got {c}; "
