@@ -20,6 +20,8 @@ from typing import Any
 from chainfree.errors import ConfigError
 
 MODEL_KINDS = ("gpt", "mamba2", "mamba3", "hybrid")
+CHECKPOINT_MODES = ("none", "full", "selective")
+STRATEGIES = ("auto", "single", "ddp", "fsdp2", "hbll_tree", "lbi_region")
 
 
 @dataclass
@@ -158,9 +160,16 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N'
     dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16', 'fp32', 'fp64'
+    # exact-baseline options that compose with every method
+    compile: bool = False  # torch.compile the model (or its blocks when the method runs blocks itself)
+    compile_mode: str = "default"  # any torch.compile mode: default | reduce-overhead | max-autotune | ...
+    activation_checkpoint: str = "none"  # none | full (per block, non-reentrant) | selective (save matmuls)
+    grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the effective (global) batch
+    # how the step is distributed over the ranks of a torchrun launch; 'auto' = the method's choice
+    strategy: str = "auto"  # auto | single | ddp | fsdp2 | hbll_tree | lbi_region
 
     def validate(self) -> None:
-        for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every"):
+        for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "grad_accum"):
             _check(getattr(self, key) > 0, f"train.{key}", "must be positive")
         _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", "must be 'adamw' or 'sgd'")
         _check(self.lr > 0, "train.lr", "must be positive")
@@ -168,6 +177,14 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _check(self.dtype in ("auto", "bf16", "fp32", "fp64"), "train.dtype", "must be auto|bf16|fp32|fp64")
+        _check(bool(self.compile_mode.strip()), "train.compile_mode",
+               "must name a torch.compile mode, e.g. 'default', 'reduce-overhead' or 'max-autotune'")
+        _check(self.activation_checkpoint in CHECKPOINT_MODES, "train.activation_checkpoint",
+               f"must be one of {'|'.join(CHECKPOINT_MODES)}, got {self.activation_checkpoint!r}")
+        _check(self.batch_size % self.grad_accum == 0, "train.grad_accum",
+               f"must divide train.batch_size ({self.batch_size} % {self.grad_accum} != 0)")
+        _check(self.strategy in STRATEGIES, "train.strategy",
+               f"must be one of {'|'.join(STRATEGIES)}, got {self.strategy!r}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "train.device",
