@@ -1,0 +1,184 @@
+"""Exact-baseline options every method can compose with: activation checkpointing and torch.compile.
+
+These are what a practitioner already has, so every method is measured against them:
+
+* `apply_activation_checkpointing(model, mode)` -- `mode` as torchtitan spells it:
+  - ``"none"``: autograd keeps every activation;
+  - ``"full"``: each residual block runs under ``torch.utils.checkpoint`` (non-reentrant); only the
+    block inputs are kept and the block's forward is recomputed during backward;
+  - ``"selective"``: torch's selective activation checkpointing
+    (``torch.utils.checkpoint.create_selective_checkpoint_contexts``) inside each block: outputs of the
+    matmuls and of the attention kernel are saved, pointwise ops (norms, activations, RoPE, gating) are
+    recomputed -- most of the memory of full checkpointing for a fraction of its recompute.
+  Blocks are found by type: the LanguageModel block kinds (GPT, Mamba-2, Mamba-3, hybrid) wherever they
+  sit in the module tree (also inside a method's wrapper), and the decoder layers of a Hugging Face model
+  (the classes named in its ``_no_split_modules``). The block's ``forward`` is replaced on the instance,
+  so parameter names, state dicts and checkpoints do not change. Gradients are exact (tested in float64).
+* `compile_model(model, mode, whole_model)` -- ``torch.compile`` in place (``nn.Module.compile``, again
+  without renaming parameters) with a configurable mode: ``"default"``, ``"reduce-overhead"`` (CUDA
+  graphs), ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``. The whole model when the method's step
+  is plain autograd through ``model(x, y)``; otherwise each block (a method that runs blocks itself, such
+  as HBLL or LBI, still gets compiled blocks).
+* `compile_step_begin(mode)` -- marks the start of a training step for CUDA-graph modes, so the graphs
+  of the previous step may be overwritten.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from chainfree.errors import ConfigError
+
+CHECKPOINT_MODES = ("none", "full", "selective")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+_aten = torch.ops.aten
+
+
+def _saved_ops() -> set[Any]:
+    """ATen ops whose outputs selective checkpointing keeps: matmuls and the SDPA kernels (expensive to
+    recompute, cheap to keep relative to the pointwise chains around them)."""
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+             "_efficient_attention_forward"]
+    ops = set()
+    for name in names:
+        packet = getattr(_aten, name, None)
+        if packet is not None:
+            ops.add(packet.default)
+    return ops
+
+
+SAVED_OPS = _saved_ops()
+
+
+def _sac_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context() -> tuple[Any, Any]:
+    """The (forward, recompute) context pair of the selective policy (a fresh pair per call, as torch needs)."""
+    return create_selective_checkpoint_contexts(_sac_policy)
+
+
+def _block_types() -> tuple[type[nn.Module], ...]:
+    from chainfree.models.lm import BLOCKS, block_class
+
+    return tuple(block_class(kind) for kind in BLOCKS)
+
+
+def iter_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """Residual blocks of `model`, outermost first: LanguageModel blocks of every kind and Hugging Face
+    decoder layers. A block nested in another block is not yielded twice."""
+    types = _block_types()
+    hf_names: set[str] = set()
+    for module in model.modules():
+        hf_names.update(getattr(module, "_no_split_modules", None) or [])
+
+    def visit(module: nn.Module) -> Iterator[nn.Module]:
+        for child in module.children():
+            if isinstance(child, types) or type(child).__name__ in hf_names:
+                yield child
+            else:
+                yield from visit(child)
+
+    yield from visit(model)
+
+
+def _checkpointed(block: nn.Module, forward: Callable[..., Any], mode: str, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():  # eval / generation: nothing is saved anyway
+        return forward(*args, **kwargs)
+    extra = {"context_fn": selective_context} if mode == "selective" else {}
+    return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
+    """Run every block of `model` under activation checkpointing `mode` (none | full | selective), in place.
+
+    Returns how many blocks were wrapped (0 for 'none'). Applying it twice, or to a model without blocks
+    when a mode other than 'none' is asked for, is refused with a ConfigError.
+    """
+    if mode not in CHECKPOINT_MODES:
+        raise ConfigError(f"train.activation_checkpoint must be one of {', '.join(CHECKPOINT_MODES)}, got {mode!r}")
+    if mode == "none":
+        return 0
+    blocks = list(iter_blocks(model))
+    if not blocks:
+        raise ConfigError(f"train.activation_checkpoint={mode!r}: {type(model).__name__} has no residual blocks "
+                          "chainfree knows (GPT, Mamba-2/3, hybrid, Hugging Face decoder layers); set it to 'none'")
+    for block in blocks:
+        if getattr(block, "_chainfree_checkpoint", None) is not None:
+            raise ConfigError(f"activation checkpointing is already applied ({block._chainfree_checkpoint!r}) to "
+                              f"{type(block).__name__}; apply it once")
+        original = block.forward  # bound method of the class
+        block.forward = functools.partial(_checkpointed, block, original, mode)
+        block._chainfree_checkpoint = mode
+    return len(blocks)
+
+
+def remove_activation_checkpointing(model: nn.Module) -> int:
+    """Undo `apply_activation_checkpointing` (the blocks' class forward is used again); returns how many."""
+    count = 0
+    for block in iter_blocks(model):
+        if getattr(block, "_chainfree_checkpoint", None) is not None:
+            del block.forward
+            block._chainfree_checkpoint = None
+            count += 1
+    return count
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+
+
+def uses_cudagraphs(mode: str) -> bool:
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def compile_model(model: nn.Module, mode: str = "default", whole_model: bool = True) -> int:
+    """torch.compile `model` in place with `mode`; returns how many modules were compiled.
+
+    `whole_model=True` compiles the model's forward (one graph for forward and backward per shape: the
+    right choice when the step is autograd through `model(x, y)`); False compiles each block, for methods
+    that call blocks themselves. CUDA-graph modes need `compile_step_begin` at the start of every step.
+    """
+    check_compile_mode(mode)
+    kwargs: dict[str, Any] = {} if mode == "default" else {"mode": mode}
+    if whole_model:
+        model.compile(**kwargs)
+        return 1
+    blocks = list(iter_blocks(model))
+    if not blocks:
+        model.compile(**kwargs)
+        return 1
+    for block in blocks:
+        block.compile(**kwargs)
+    return len(blocks)
+
+
+def compile_step_begin(mode: str) -> None:
+    """Start of a training step: under CUDA graphs, lets the compiled graphs reuse their output buffers."""
+    if uses_cudagraphs(mode) and torch.cuda.is_available():
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def apply_train_options(model: nn.Module, train: Any, uses_autograd_step: bool = True) -> dict[str, Any]:
+    """Apply the `train.activation_checkpoint` / `train.compile` / `train.compile_mode` settings of a
+    TrainConfig (read with defaults, so a config without them means none/off); returns what was done."""
+    ac = getattr(train, "activation_checkpoint", "none")
+    compiled = bool(getattr(train, "compile", False))
+    mode = getattr(train, "compile_mode", "default")
+    done: dict[str, Any] = {"activation_checkpoint": ac,
+                            "checkpointed_blocks": apply_activation_checkpointing(model, ac)}
+    if compiled:
+        done["compiled_modules"] = compile_model(model, mode, whole_model=uses_autograd_step)
+        done["compile_mode"] = mode
+    return done
