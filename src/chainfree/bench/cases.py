@@ -18,6 +18,7 @@ from chainfree.errors import ConfigError
 from chainfree.methods import Method, build_method
 from chainfree.models.lm import LanguageModel
 from chainfree.train import autocast_context, build_optimizer
+from chainfree.training.options import apply_train_options, compile_step_begin
 
 OPS = ("step", "block", "attn", "mlp")  # 'attention' (SUS kernel sweep) lives in chainfree.bench.attention
 
@@ -37,6 +38,8 @@ class StepCase:
 
     def step(self) -> None:
         """method.step + clip + optimizer.step + zero_grad, as in chainfree.train (learning rate fixed)."""
+        if self.cfg.train.compile:
+            compile_step_begin(self.cfg.train.compile_mode)
         with autocast_context(self.cfg.train, self.device):
             self.method.step(self.model, self.inputs, self.targets)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -62,6 +65,7 @@ def build_step_case(cfg: RunConfig, method_name: str, params: dict[str, Any], ba
     model = build_model(cfg, device)
     method = build_method(method_name, params)
     model = method.prepare(model)
+    apply_train_options(model, cfg.train, method.uses_autograd_step)  # train.compile / activation_checkpoint
     optimizer = build_optimizer(model, cfg.train, device)
     x, y = (t.to(device) for t in batch)
     return StepCase(method_name, model, method, optimizer, x, y, cfg, device)
