@@ -20,7 +20,6 @@ def test_defaults_validate():
         ("train.lr=abc", "train.lr"),  # wrong type
         ("train.steps=0", "train.steps"),  # impossible value
         ("model.kind=rnn", "model.kind"),
-        ("method.rank=3", "method.rank"),  # exact has no parameters
         ("data.val_fraction=1.5", "data.val_fraction"),
         ("train.batch_size=true", "train.batch_size"),
     ],
@@ -28,6 +27,26 @@ def test_defaults_validate():
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "method, override, key",
+    [("exact", "method.rank=3", "method.rank"),  # exact has no parameters
+     ("basis", "method.rnak=3", "method.rnak"),  # typo
+     ("basis", "method.rank=0", "method.rank")],  # impossible value
+)
+def test_method_settings_are_validated_by_the_method_config(method, override, key):
+    from chainfree.methods import method_from_config
+
+    cfg = load_config(overrides=[override], method=method)  # config.py knows no method: it only parses
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        method_from_config(cfg)
+
+
+def test_config_module_imports_no_method():
+    code = "import sys, chainfree.config; print(any(m.startswith('chainfree.methods') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_set_parses_toml_literals_and_strings():
@@ -69,7 +88,7 @@ def test_seq_longer_than_data_is_a_clear_error(tiny, tmp_path):
 
 
 def test_compare_routes_method_settings_to_the_methods_that_have_them():
-    from chainfree.cli import _method_overrides
+    from chainfree.training.compare import method_overrides as _method_overrides
 
     sets = ["method.rank=16", "train.lr=0.01"]
     assert _method_overrides(sets, "exact", ["exact", "lbi"]) == ["train.lr=0.01"]

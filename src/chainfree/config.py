@@ -2,8 +2,10 @@
 
 Every knob lives in one of four sections -- [model], [data], [train], [method] -- so a run is fully
 described by one TOML file (written to DIR/config.toml by `chainfree train`). Method parameters are
-validated against the chosen method's own `Config` dataclass (see chainfree.methods), so a typo such as
-`method.rnak=32` fails loudly instead of being ignored.
+validated against the chosen method's own typed `Config` dataclass when the method is built
+(chainfree.methods.build_method, the first thing every training entry point does), so a typo such as
+`method.rnak=32` fails loudly instead of being ignored. This module imports nothing above
+chainfree.errors.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 from chainfree.errors import ConfigError
 
-MODEL_KINDS = ("gpt", "mamba2", "mamba3", "hybrid")
+MODEL_KINDS = ("gpt", "mamba2", "mamba3", "hybrid", "vision", "char_rnn")
+LM_KINDS = ("gpt", "mamba2", "mamba3", "hybrid")
 CHECKPOINT_MODES = ("none", "full", "selective")
 STRATEGIES = ("auto", "single", "ddp", "fsdp2", "hbll_tree", "lbi_region")
 
@@ -50,6 +53,20 @@ class ModelConfig:
     # hybrid: one attention block every `attn_every` blocks, the others use `hybrid_mixer`
     attn_every: int = 4
     hybrid_mixer: str = "mamba3"
+    # vision (residual MLP classifier over flat feature vectors)
+    in_features: int = 784
+    n_classes: int = 10
+
+    def fit_vocab(self, tokenizer_vocab: int) -> None:
+        """Set vocab_size from the tokenizer when it is 0; refuse a vocabulary smaller than the tokenizer's.
+        The one place a run's vocab_size is filled in."""
+        if self.vocab_size == 0:
+            self.vocab_size = tokenizer_vocab
+        elif self.vocab_size < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}; "
+                "set it to 0 to use the tokenizer's"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -77,7 +94,10 @@ class ModelConfig:
                 f"must divide model.n_heads ({self.n_heads} % {self.kv_heads} != 0)",
             )
             _check((self.d_model // self.n_heads) % 2 == 0, "model.n_heads", "head dim must be even for RoPE")
-        if self.kind != "gpt":
+        if self.kind == "vision":
+            _check(self.in_features > 0, "model.in_features", "must be positive")
+            _check(self.n_classes > 1, "model.n_classes", "must be >= 2")
+        if self.kind in ("mamba2", "mamba3", "hybrid"):
             _check(
                 (self.expand * self.d_model) % self.ssm_head_dim == 0,
                 "model.ssm_head_dim",
@@ -209,12 +229,12 @@ class RunConfig:
         return {k: v for k, v in self.method.items() if k != "name"}
 
     def validate(self) -> None:
+        """Model, data and train sections. The [method] section is validated by the method's own typed
+        Config when the method is built (chainfree.methods.build_method), which every entry point that
+        trains does first: this module sits below the methods and imports none of them."""
         self.model.validate()
         self.data.validate()
         self.train.validate()
-        from chainfree.methods import build_method  # late import: methods import config
-
-        build_method(self.method_name, self.method_params)  # raises ConfigError on bad keys/values
 
     def to_dict(self) -> dict[str, Any]:
         return {

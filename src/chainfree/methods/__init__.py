@@ -1,13 +1,16 @@
 """Registry of gradient methods. Each entry is 'module:Class'; modules are imported on demand so a
-method's optional dependencies (e.g. Triton) never slow down or break the others."""
+method's optional dependencies (e.g. Triton) never slow down or break the others. Each method class
+declares its own typed settings (`Config`, a dataclass with `validate`), which `method_config` builds
+from the [method] section."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
+from chainfree.config import RunConfig, build_dataclass
 from chainfree.errors import ConfigError
-from chainfree.methods.base import Method, StepStats
+from chainfree.methods.base import Launch, Method, StepStats
 
 METHODS: dict[str, str] = {
     "exact": "chainfree.methods.exact:Exact",
@@ -40,16 +43,26 @@ def method_class(name: str) -> type[Method]:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def build_method(name: str, params: dict[str, Any] | None = None) -> Method:
-    """Instantiate a method from its name and `method.<key>` parameters (validated, clear errors)."""
-    from chainfree.config import build_dataclass
-
+def method_config(name: str, params: dict[str, Any] | None = None) -> Any:
+    """The method's own typed Config built from `method.<key>` parameters and validated: the one place
+    method settings are checked (unknown keys, wrong types and impossible values name the key)."""
     cls = method_class(name)
     config = build_dataclass(cls.Config, dict(params or {}), "method")
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
-    return cls(config)
+    return config
 
 
-__all__ = ["METHODS", "Method", "StepStats", "available_methods", "build_method", "method_class"]
+def build_method(name: str, params: dict[str, Any] | None = None) -> Method:
+    """Instantiate a method from its name and `method.<key>` parameters (validated, clear errors)."""
+    return method_class(name)(method_config(name, params))
+
+
+def method_from_config(cfg: RunConfig) -> Method:
+    """The method of a run's [method] section."""
+    return build_method(cfg.method_name, cfg.method_params)
+
+
+__all__ = ["METHODS", "Launch", "Method", "StepStats", "available_methods", "build_method", "method_class",
+           "method_config", "method_from_config"]
