@@ -40,54 +40,18 @@ def train(out: OutOpt, model: ModelOpt = None, method: Annotated[str | None, typ
 
 
 @app.command()
-def compare(out: OutOpt, methods: Annotated[str, typer.Option("--methods", help="comma-separated")] = "exact",
+def compare(out: OutOpt, methods: Annotated[str, typer.Option(
+                "--methods", help="comma-separated entries METHOD[+ckpt|+sac|+compile|+cudagraphs|+accumK], "
+                "e.g. exact,exact+ckpt,basis")] = "exact",
             model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, steps: StepsOpt = None,
-            device: DeviceOpt = None) -> None:
-    """Train each method under the same seed and data; one table and one loss plot against exact."""
-    from chainfree.bench.report import write_compare_report
-    from chainfree.config import load_config
-    from chainfree.logging import read_metrics
-    from chainfree.train import train as run_train
+            device: DeviceOpt = None,
+            rounds: Annotated[int, typer.Option("--rounds", help="interleaving rounds for timing")] = 4) -> None:
+    """Train each method under the same seed and data, timed interleaved; one report against the exact baselines."""
+    from chainfree.training.compare import run_compare
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if "exact" not in names:
-        names.insert(0, "exact")  # every comparison carries its own exact baseline
-    cfgs = {name: load_config(config, _method_overrides(set_ or [], name, names), model=model, method=name,
-                              steps=steps, device=device) for name in names}
-    summaries = {}
-    for name, cfg in cfgs.items():
-        summaries[name] = run_train(cfg, out / name)
-    first = summaries["exact"]
-    md = write_compare_report(
-        out, summaries, {n: read_metrics(out / n / "metrics.jsonl") for n in names},
-        title=f"compare: {first['model']} on {cfgs['exact'].data.corpus}, {cfgs['exact'].train.steps} steps",
-        notes=f"Unigram entropy of the corpus (context-free baseline): {first['unigram_entropy']:.4f} nats/token.",
-        command="chainfree " + " ".join(sys.argv[1:]))
+    md = run_compare(out, methods, config=config, overrides=list(set_ or []), model=model, steps=steps,
+                     device=device, rounds=rounds, command="chainfree " + " ".join(sys.argv[1:]))
     typer.echo(md)
-
-
-def _method_overrides(overrides: list[str], name: str, names: list[str]) -> list[str]:
-    """`--set method.key=v` in a comparison goes to the methods that have `key` (exact has none); a key that no
-    compared method knows is still an error, so typos are not silently dropped."""
-    import dataclasses
-
-    from chainfree.config import parse_set
-    from chainfree.errors import ConfigError
-    from chainfree.methods import method_class
-
-    def knows(method: str, key: str) -> bool:
-        return key in {f.name for f in dataclasses.fields(method_class(method).Config)}
-
-    kept = []
-    for item in overrides:
-        section, key, _ = parse_set(item)
-        if section == "method":
-            if not any(knows(m, key) for m in names):
-                raise ConfigError(f"method.{key} is not a setting of any compared method ({', '.join(names)})")
-            if not knows(name, key):
-                continue
-        kept.append(item)
-    return kept
 
 
 @app.command()

@@ -10,7 +10,9 @@ On any device (CPU included): `saved_peak_bytes`, the largest total size of tens
 for backward at any moment of the step, counted through torch.autograd.graph.saved_tensors_hooks (unique
 storages, parameters excluded, freed when autograd releases them). It misses tensors a custom autograd
 Function keeps as plain ctx attributes, and torch.func transforms (used by LBI's Jacobians) refuse the
-hooks -- then it is None and the report says so.
+hooks -- then it is None and the report says so. It also misses what activation checkpointing keeps in its
+own frames, so compare checkpointed runs on the peak figures.
+Off the GPU, peak and activation bytes come from torch's MemTracker (`tracked_step_memory`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def case_memory(case: StepCase, warmup: int = 1) -> dict[str, Any]:
     except RuntimeError as e:  # torch.func refuses saved-tensor hooks
         row["saved_peak_bytes"] = None
         row["saved_note"] = str(e).splitlines()[0][:160]
+    if case.device.type != "cuda":
+        row.update(tracked_step_memory(case, row["grad_bytes"]))
     if case.device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -112,8 +116,34 @@ def case_memory(case: StepCase, warmup: int = 1) -> dict[str, Any]:
         case.step()
         sync(case.device)
         peak = torch.cuda.max_memory_allocated(case.device)
-        row.update(static_bytes=static, peak_bytes=peak, activation_bytes=peak - static - row["grad_bytes"])
+        row.update(static_bytes=static, peak_bytes=peak, activation_bytes=peak - static - row["grad_bytes"],
+                   memory_source="torch.cuda.max_memory_allocated")
     return row
+
+
+def tracked_step_memory(case: StepCase, grad_bytes: int) -> dict[str, Any]:
+    """Peak bytes of one step off the GPU, from torch's MemTracker (a dispatch mode that follows every
+    tensor storage alive during the step, the CPU stand-in for the CUDA allocator's peak). Same definition
+    as on CUDA: activation = peak - static (weights, optimizer state, buffers) - gradients. A compiled
+    model is opaque to it: then the figures are None and the row says why."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as e:  # a torch build without torch.distributed
+        return {"peak_bytes": None, "tracked_note": f"MemTracker unavailable ({e})"}
+    try:
+        tracker = MemTracker()
+        tracker.track_external(case.model, case.optimizer)
+        with tracker:
+            case.step()
+        snap = tracker.get_tracker_snapshot("peak")
+    except Exception as e:  # noqa: BLE001 -- compiled graphs and exotic ops refuse the dispatch mode
+        return {"peak_bytes": None, "tracked_note": f"MemTracker failed: {str(e).splitlines()[0][:160]}"}
+    peak = max((int(v.get("Total", 0)) for v in snap.values()), default=0)
+    params = list(case.model.parameters())
+    static = _bytes(params) + _bytes(case.model.buffers()) + _bytes(
+        t for s in case.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    return {"peak_bytes": peak, "static_bytes": static, "activation_bytes": peak - static - grad_bytes,
+            "memory_source": "torch MemTracker"}
 
 
 def measure_memory(cfg, methods: list[tuple[str, dict[str, Any]]], batch: tuple[torch.Tensor, torch.Tensor],
@@ -136,8 +166,8 @@ def measure_memory(cfg, methods: list[tuple[str, dict[str, Any]]], batch: tuple[
                 row[key.replace("_bytes", "_ratio")] = row[key] / base[key]
             row[key.replace("_bytes", "_mib")] = row[key] / 2**20 if row.get(key) is not None else None
     return {"bench": "memory", "device": str(device),
-            "cpu_note": "CPU: no allocator peak (torch.cuda.max_memory_allocated is CUDA-only); only the "
-                        "saved-for-backward bytes are measured" if device.type == "cpu" else None,
+            "cpu_note": "CPU: peak and activation bytes from torch MemTracker (every storage alive during the "
+                        "step), not an allocator peak" if device.type == "cpu" else None,
             "warmup": warmup, "shapes": shapes(cfg, batch), "rows": rows}
 
 
