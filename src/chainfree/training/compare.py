@@ -155,7 +155,7 @@ def timing_stats(step_times: dict[str, list[float]], bounds: list[int],
     starts = {0, *bounds[:-1]}
     out: dict[str, dict[str, Any]] = {}
     for label, times in step_times.items():
-        kept_idx = [i for i in range(len(times)) if i not in starts and i >= 2] or list(range(len(times)))
+        kept_idx = [i for i in range(len(times)) if i not in starts] or list(range(len(times)))
         kept = [times[i] for i in kept_idx]
         med = median(kept) if kept else float("nan")
         per_round = []
