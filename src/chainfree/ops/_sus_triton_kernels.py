@@ -29,7 +29,12 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _uniform(row_term, col_term):
     """Contract uniforms for a [R] row term and [C] column term (uint32, already multiplied)."""
-    x = row_term[:, None] + col_term[None, :]
+    return _hash_uniform(row_term[:, None] + col_term[None, :])
+
+
+@triton.jit
+def _hash_uniform(x):
+    """Contract uniform of an already summed hash input x (uint32, any shape): the murmur3 finaliser."""
     x ^= x >> 16
     x *= 0x85EBCA6B
     x ^= x >> 13
@@ -688,3 +693,439 @@ def _sparse_bwd_kernel(
                 ATOMICS,
             )
     tl.store(DQ + b * sdqb + h * sdqh + i * sdqn + offs_d, (dq * scale).to(DQ.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# v2: sampling inside the forward ('thinned' contract of sus_reference.py), row-major dQ, key-major dK/dV.
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _v2_tiles(
+    acc,
+    l_i,
+    m_i,
+    r,
+    kc,
+    q,
+    k_base,
+    v_base,
+    skn,
+    svn,
+    offs_m,
+    offs_n,
+    offs_d,
+    start,
+    end,
+    N_K,
+    qk_scale,
+    c,
+    cand_rows,
+    CIDX,
+    CS2,
+    CA,
+    row_ok,
+    CAND,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BN: tl.constexpr,
+    SAMPLE: tl.constexpr,
+):
+    """Flash-attention key tiles [start, end) with the 'thinned' candidate draw folded in.
+
+    Per tile, after the online-softmax update: a = min(1, c p / l) is c times the running weight (p and l in
+    the same running-max frame, so p / l = W_ij / F_i(t)); its in-row inclusive prefix sum P, offset by the
+    row's residual r (the systematic phase: accumulated rate minus U_i minus points passed, in (-1, 0]), gives
+    the candidates: key j holds a point iff ceil(r + P_j) > max(0, ceil(r + P_j - a_j)), and that point's index
+    (kc + the lower ceil) is its slot in the row's candidate buffer, so no compaction is needed. Candidates
+    store (key, score in log2 units, a). The carry keeps the phase in (-1, 0] so fp32 sums stay small.
+    """
+    for s0 in range(start, end, BN):
+        kn = s0 + offs_n
+        if MASKED:
+            kin = kn < N_K
+            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kin[:, None], other=0.0)
+            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=kin[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
+            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            valid = kn[None, :] < N_K
+            if CAUSAL:
+                valid = valid & (kn[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        if SAMPLE:
+            a = tl.minimum(p * (c / l_i)[:, None], 1.0)
+            pre = tl.cumsum(a, 1)
+            y = r[:, None] + pre
+            hi = tl.ceil(y)
+            lo = tl.maximum(tl.ceil(y - a), 0.0)
+            slot = kc[:, None] + lo.to(tl.int32)
+            m = (hi > lo) & (slot < CAND) & row_ok[:, None]
+            ptr = cand_rows[:, None] + slot
+            tl.store(CIDX + ptr, tl.broadcast_to(kn[None, :], slot.shape), mask=m)
+            tl.store(CS2 + ptr, s, mask=m)
+            tl.store(CA + ptr, a, mask=m)
+            t = r + tl.max(pre, 1)  # prefix sums are non-decreasing: the max is the last column, bit for bit
+            passed = tl.maximum(tl.ceil(t), 0.0)
+            kc += passed.to(tl.int32)
+            r = t - passed
+    return acc, l_i, m_i, r, kc
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _v2_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CIDX,
+    CS2,
+    CA,
+    KEPT,
+    CNT,
+    KEYCNT,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    H,
+    GROUP,
+    HKV,
+    N_Q,
+    N_K,
+    qk_scale,
+    c,
+    log2c,
+    seed,
+    CAND,
+    CAP,
+    CAUSAL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    D: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    ECH: tl.constexpr,
+):
+    """Exact forward (O, LSE) and, with SAMPLE, the row's kept keys of the 'thinned' draw.
+
+    Epilogue, once the row's LSE is known: each candidate j is kept iff u_ij < q_ij / a_ij (q = min(1, c W),
+    W from the stored score and the final LSE; u the contract hash, evaluated for candidates only); kept keys
+    are compacted in ascending order into KEPT [rows, CAP], CNT = their number, or -1 for a fallback row
+    (candidate mass > CAND - 1, or more than CAP kept), whose backward re-draws it densely with the Bernoulli
+    rule. KEYCNT [B*HKV*N_K] counts, per key, the kept pairs pointing at it (the backward's key-major lists).
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N_Q
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    rows = (bh * N_Q + offs_m).to(tl.int64)
+    cand_rows = rows * CAND
+    row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + offs_m.to(tl.uint32) * 0x9E3779B1
+    u_row = tl.reshape(_uniform(row_term, (tl.zeros([1], tl.uint32) + 0xFFFFFFFF) * 0x85EBCA77), [BM])  # column 2^32-1
+    r = -u_row
+    kc = tl.zeros([BM], tl.int32)
+    mid = (N_K // BN) * BN
+    hi = N_K
+    if CAUSAL:  # N_Q == N_K; BM % BN == 0 so off-diagonal tiles need no mask
+        mid = pid_m * BM
+        if (pid_m + 1) * BM < N_K:
+            hi = (pid_m + 1) * BM
+    acc, l_i, m_i, r, kc = _v2_tiles(
+        acc, l_i, m_i, r, kc, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, 0, mid, N_K, qk_scale, c,
+        cand_rows, CIDX, CS2, CA, row_ok, CAND, False, CAUSAL, BN, SAMPLE,
+    )  # fmt: skip
+    acc, l_i, m_i, r, kc = _v2_tiles(
+        acc, l_i, m_i, r, kc, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, mid, hi, N_K, qk_scale, c,
+        cand_rows, CIDX, CS2, CA, row_ok, CAND, True, CAUSAL, BN, SAMPLE,
+    )  # fmt: skip
+    o = acc / l_i[:, None]
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None]
+    )
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(LSE + bh * N_Q + offs_m, lse2 * 0.6931471805599453, mask=row_ok)
+    if SAMPLE:
+        tl.debug_barrier()  # the candidates this program stored are read back below
+        over = (kc.to(tl.float32) + r + u_row) > (CAND - 1)  # total candidate rate: deterministic given W
+        live = tl.where(over | (~row_ok), 0, tl.minimum(kc, CAND))
+        lse2c = lse2 - log2c
+        kept = tl.zeros([BM], tl.int32)
+        offs_e = tl.arange(0, ECH)
+        kv_base = (b * HKV + hk).to(tl.int64) * N_K
+        kept_rows = rows * CAP
+        for s0 in range(0, tl.max(live, 0), ECH):
+            sl = s0 + offs_e
+            m = sl[None, :] < live[:, None]
+            ptr = cand_rows[:, None] + sl[None, :]
+            j = tl.load(CIDX + ptr, mask=m, other=-1)
+            m = m & (j >= 0)
+            s2 = tl.load(CS2 + ptr, mask=m, other=float("-inf"))
+            a = tl.load(CA + ptr, mask=m, other=1.0)
+            ratio = tl.minimum(tl.exp2(s2 - lse2c[:, None]), 1.0) / a
+            u = _hash_uniform(row_term[:, None] + j.to(tl.uint32) * 0x85EBCA77)
+            keep = m & ((u < ratio) | (ratio >= 1.0))
+            pos = kept[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            ok = keep & (pos < CAP)
+            tl.store(KEPT + kept_rows[:, None] + pos, j, mask=ok)
+            tl.atomic_add(KEYCNT + kv_base + j, tl.full(j.shape, 1, tl.int32), mask=ok, sem="relaxed")
+            kept += tl.sum(keep.to(tl.int32), 1)
+        spill = kept > CAP
+        if tl.max(spill.to(tl.int32), 0) > 0:  # rare: undo the counts of rows that become fallback rows
+            tl.debug_barrier()
+            for s0 in range(0, CAP, ECH):
+                sl = s0 + offs_e
+                m = spill[:, None] & (sl[None, :] < CAP)
+                j = tl.load(KEPT + kept_rows[:, None] + sl[None, :], mask=m, other=0)
+                tl.atomic_add(KEYCNT + kv_base + j, tl.full(j.shape, -1, tl.int32), mask=m, sem="relaxed")
+        tl.store(CNT + rows, tl.where(over | spill, -1, kept), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _v2_bwd_rows_kernel(
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    LSE,
+    KEPT,
+    CNT,
+    OFFS,
+    FILL,
+    SRC,
+    DELTA,
+    FBCNT,
+    FBROWS,
+    DQ,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    sdob,
+    sdoh,
+    sdon,
+    sdqb,
+    sdqh,
+    sdqn,
+    H,
+    HKV,
+    GROUP,
+    N_Q,
+    N_K,
+    qk_scale,
+    log2c,
+    inv_c,
+    seed,
+    CAP,
+    FBCAP,
+    CAUSAL: tl.constexpr,
+    CHUNK: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Backward, row-major: one program per query row. D_i = dO_i.O_i (stored for the key pass); for each kept
+    key (CHUNK at a time) gathers K_j, V_j, recomputes W~ = max(W, 1/c) (= W/q), dS = W~ (dO_i.V_j - D_i),
+    dQ_i += dS K_j in registers, and files the pair under its key: slot OFFS[key] + (an int atomic on FILL[key])
+    of SRC gets the row id. A fallback row (CNT = -1) re-draws all its keys with the Bernoulli rule here for dQ
+    and registers itself in FBROWS (per kv head) so the key pass adds its dK/dV terms: no fp32 atomics."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    kvbh = b * HKV + hk
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, CHUNK)
+    qrow = tl.load(Q + b * sqb + h * sqh + i * sqn + offs_d).to(tl.float32)
+    dorow = tl.load(DO + b * sdob + h * sdoh + i * sdon + offs_d).to(tl.float32)
+    orow = tl.load(O + b * sob + h * soh + i * son + offs_d).to(tl.float32)
+    Di = tl.sum(dorow * orow, 0)
+    row = bh * N_Q + i
+    tl.store(DELTA + row, Di)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    lse2c = tl.load(LSE + row) * 1.4426950408889634 - log2c
+    cnt = tl.load(CNT + row)
+    key_base = kvbh.to(tl.int64) * N_K
+    dq = tl.zeros([D], tl.float32)
+    if cnt >= 0:
+        for s0 in range(0, cnt, CHUNK):
+            offs = s0 + offs_c
+            m = offs < cnt
+            j = tl.load(KEPT + row.to(tl.int64) * CAP + offs, mask=m, other=0)
+            kk = tl.load(k_base + j[:, None] * skn + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            vv = tl.load(v_base + j[:, None] * svn + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            cw = tl.exp2(tl.sum(kk * qrow[None, :], 1) * qk_scale - lse2c)
+            w = tl.where(m, tl.maximum(cw, 1.0) * inv_c, 0.0)
+            ds = w * (tl.sum(vv * dorow[None, :], 1) - Di)
+            dq += tl.sum(ds[:, None] * kk, 0)
+            slot = tl.load(OFFS + key_base + j, mask=m, other=0) + tl.atomic_add(
+                FILL + key_base + j, tl.full(j.shape, 1, tl.int32), mask=m, sem="relaxed"
+            )
+            tl.store(SRC + slot, tl.full(j.shape, 0, tl.int32) + row, mask=m)
+    else:
+        fb = tl.atomic_add(FBCNT + kvbh, 1, sem="relaxed")
+        tl.store(FBROWS + kvbh.to(tl.int64) * FBCAP + fb, row)
+        row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + i.to(tl.uint32) * 0x9E3779B1
+        hi = N_K
+        if CAUSAL:
+            hi = i + 1  # N_Q == N_K
+        for s0 in range(0, hi, CHUNK):
+            j = s0 + offs_c
+            m = j < hi
+            kk = tl.load(k_base + j[:, None] * skn + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            cw = tl.exp2(tl.sum(kk * qrow[None, :], 1) * qk_scale - lse2c)
+            u = tl.reshape(_uniform(row_term + tl.zeros([1], tl.uint32), j.to(tl.uint32) * 0x85EBCA77), [CHUNK])
+            keep = m & (u < cw)
+            vv = tl.load(v_base + j[:, None] * svn + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+            w = tl.where(keep, tl.maximum(cw, 1.0) * inv_c, 0.0)
+            ds = w * (tl.sum(vv * dorow[None, :], 1) - Di)
+            dq += tl.sum(ds[:, None] * kk, 0)
+    dq = dq * (qk_scale * 0.6931471805599453)  # qk_scale = scale log2(e)
+    tl.store(DQ + b * sdqb + h * sdqh + i * sdqn + offs_d, dq.to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def _v2_key_terms(dk, dv, rr, m, kk, vv, Q, DO, LSE, DELTA, sqb, sqh, sqn, sdob, sdoh, sdon, H, N_Q, offs_d,
+                  qk_scale, log2c, inv_c):
+    """dK_j, dV_j terms of the query rows rr (global row ids) against key j (kk, vv in registers)."""
+    bh = rr // N_Q
+    i = rr % N_Q
+    bq = bh // H
+    hq = bh % H
+    qo = bq * sqb + hq * sqh + i * sqn
+    dqo = bq * sdob + hq * sdoh + i * sdon
+    qq = tl.load(Q + qo[:, None] + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+    dd = tl.load(DO + dqo[:, None] + offs_d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+    lse2c = tl.load(LSE + rr, mask=m, other=0.0) * 1.4426950408889634 - log2c
+    di = tl.load(DELTA + rr, mask=m, other=0.0)
+    cw = tl.exp2(tl.sum(qq * kk[None, :], 1) * qk_scale - lse2c)
+    w = tl.where(m, tl.maximum(cw, 1.0) * inv_c, 0.0)
+    ds = w * (tl.sum(dd * vv[None, :], 1) - di)
+    dk += tl.sum(ds[:, None] * qq, 0)
+    dv += tl.sum(w[:, None] * dd, 0)
+    return dk, dv, cw
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _v2_bwd_keys_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    KEYCNT,
+    OFFS,
+    SRC,
+    FBCNT,
+    FBROWS,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdon,
+    sdkb,
+    sdkh,
+    sdkn,
+    H,
+    HKV,
+    GROUP,
+    N_Q,
+    N_K,
+    scale,
+    qk_scale,
+    log2c,
+    inv_c,
+    seed,
+    FBCAP,
+    CAUSAL: tl.constexpr,
+    CHUNK: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Backward, key-major: one program per key j of one kv head. Reads the rows filed under j (its SRC range),
+    gathers Q_i, dO_i, LSE_i, D_i, recomputes W~ and dS as the row pass did, and sums dK_j = scale sum dS Q_i,
+    dV_j = sum W~ dO_i in registers: one plain store per key, no atomics. Then adds the terms of this kv head's
+    fallback rows (Bernoulli re-draw of (i, j); none in the common case)."""
+    j = tl.program_id(0)
+    kvbh = tl.program_id(1)
+    b = kvbh // HKV
+    hk = kvbh % HKV
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, CHUNK)
+    kk = tl.load(K + b * skb + hk * skh + j * skn + offs_d).to(tl.float32)
+    vv = tl.load(V + b * svb + hk * svh + j * svn + offs_d).to(tl.float32)
+    key = kvbh.to(tl.int64) * N_K + j
+    n = tl.load(KEYCNT + key)
+    start = tl.load(OFFS + key)
+    dk = tl.zeros([D], tl.float32)
+    dv = tl.zeros([D], tl.float32)
+    for s0 in range(0, n, CHUNK):
+        offs = s0 + offs_c
+        m = offs < n
+        rr = tl.load(SRC + start + offs, mask=m, other=0)
+        dk, dv, _ = _v2_key_terms(dk, dv, rr, m, kk, vv, Q, DO, LSE, DELTA, sqb, sqh, sqn, sdob, sdoh, sdon, H, N_Q,
+                                  offs_d, qk_scale, log2c, inv_c)  # fmt: skip
+    nfb = tl.load(FBCNT + kvbh)
+    for s0 in range(0, nfb, CHUNK):
+        offs = s0 + offs_c
+        m = offs < nfb
+        rr = tl.load(FBROWS + kvbh.to(tl.int64) * FBCAP + offs, mask=m, other=0)
+        bh = rr // N_Q
+        i = rr % N_Q
+        row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + i.to(tl.uint32) * 0x9E3779B1
+        u = tl.reshape(_uniform(row_term, tl.full([1], 0, tl.uint32) + j.to(tl.uint32) * 0x85EBCA77), [CHUNK])
+        # the keep test needs cW first: evaluate it on a zero-accumulator call, then mask the real one
+        z = tl.zeros([D], tl.float32)
+        _, _, cw = _v2_key_terms(z, z, rr, m, kk, vv, Q, DO, LSE, DELTA, sqb, sqh, sqn, sdob, sdoh, sdon, H, N_Q,
+                                 offs_d, qk_scale, log2c, inv_c)  # fmt: skip
+        keep = m & (u < cw)
+        if CAUSAL:
+            keep = keep & (j <= i)
+        dk, dv, _ = _v2_key_terms(dk, dv, rr, keep, kk, vv, Q, DO, LSE, DELTA, sqb, sqh, sqn, sdob, sdoh, sdon, H,
+                                  N_Q, offs_d, qk_scale, log2c, inv_c)  # fmt: skip
+    tl.store(DK + b * sdkb + hk * sdkh + j * sdkn + offs_d, (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + b * sdkb + hk * sdkh + j * sdkn + offs_d, dv.to(DV.dtype.element_ty))

@@ -19,6 +19,7 @@ from chainfree.ops.sus_random import draw_seed
 from chainfree.ops.sus_reference import VARIANTS, SusStats, sus_attention_reference
 
 BACKENDS = ("auto", "reference", "triton")
+KERNEL_VARIANTS = ("thinned", "bernoulli")  # contracts a CUDA kernel implements (v2, v1)
 
 
 def _triton_module() -> Any | None:
@@ -98,7 +99,7 @@ def sus_attention(
     *,
     c: float = 32,
     generator: torch.Generator | None = None,
-    variant: str = "bernoulli",
+    variant: str = "thinned",
     backend: str = "auto",
     block_rows: int | None = None,
     stats: SusStats | None = None,
@@ -109,7 +110,9 @@ def sus_attention(
     `attn_mask` must be None and `dropout_p` 0. `c` bounds the expected number of attention weights per
     query row and head that carry gradient (q_ij = min(1, c·W_ij)). One seed is drawn from `generator`
     (default: torch's CPU generator) per call that needs a gradient; the backward replays it.
-    `variant='systematic'` keeps at most c entries per row with certainty (reference backend only).
+    `variant`: 'thinned' (default; the CUDA kernel samples it inside the forward), 'bernoulli' (independent
+    keeps; on CUDA the v1 kernel, which samples in the backward) or 'systematic' (at most c entries per row
+    with certainty; reference backend only). All three are unbiased; `sus_reference` defines them.
     `stats`, if given, accumulates kept-entry counts in the backward (reference backend only; the kernel
     does not report them). No seed is drawn when no gradient is needed, so eval leaves the RNG alone.
     """
@@ -118,19 +121,22 @@ def sus_attention(
         scale = 1.0 / math.sqrt(query.shape[-1])
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     seed = draw_seed(generator) if needs_grad else 0
-    if backend != "reference" and variant == "bernoulli":
+    if backend != "reference" and variant in KERNEL_VARIANTS:
         module = _triton_module() if (backend == "triton" or query.is_cuda) else None
         if backend == "triton" and module is None:
             raise ImportError(
                 "backend='triton' needs chainfree.ops.sus_triton and triton (pip install 'chainfree[gpu]')"
             )
         if module is not None and (backend == "triton" or _triton_supports(module, query, key, value, is_causal)):
+            extra = {} if variant == "thinned" else {"kernel": "v1"}
             return module.sus_attention_triton(
                 query, key, value, c=float(c), is_causal=bool(is_causal), scale=float(scale),
-                enable_gqa=enable_gqa, seed=seed,
+                enable_gqa=enable_gqa, seed=seed, **extra,
             )  # fmt: skip
     elif backend == "triton":
-        raise ValueError(f"backend='triton' supports only variant='bernoulli', got {variant!r}; use backend='auto'")
+        raise ValueError(
+            f"backend='triton' supports variant in {KERNEL_VARIANTS}, got {variant!r}; use backend='auto'"
+        )
     return sus_attention_reference(
         query, key, value, float(c), bool(is_causal), float(scale), seed, block_rows, variant, stats
     )

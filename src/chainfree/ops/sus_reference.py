@@ -14,6 +14,18 @@ Variant 'systematic': the same q_ij used as inclusion probabilities of systemati
 (one uniform U_i = sus_uniform(seed, bh, i, 2^32 - 1) per row; key j is kept iff some U_i + k, k ∈ ℕ, falls
 in [C_{j-1}, C_j), C = cumsum_j q); still unbiased, and a row keeps at most ceil(Σ_j q_ij) <= c entries
 with certainty, not just on average.
+Variant 'thinned' (the GPU kernel's, decided inside the forward pass where the scores already exist):
+    keys in tiles of TILE = 64 from key 0; F_i(t) = Σ_{j' in tiles <= t} W_ij' (the running normaliser of an
+    online softmax after tile t, divided by the final one; F <= 1, so the running weight W_ij / F_i(t(j)) is an
+    upper bound of W_ij known before the row's end)
+    a_ij = min(1, c·W_ij / F_i(t(j))) >= q_ij                        (candidate rate)
+    candidates: systematic sampling of a along the row with U_i (as 'systematic', C = cumsum_j a)
+    keep candidate j iff u_ij < q_ij / a_ij or q_ij >= a_ij         (u_ij = sus_uniform(seed, bh, i, j))
+    => P(keep) = a_ij · q_ij / a_ij = q_ij, W̃ = W/q as for 'bernoulli'; per-pair hashes only for candidates.
+    Fallback: a row with Σ_j a_ij > cand_cap - 1 (its candidates might not fit the kernel's buffer; depends on
+    W only, not on the draws) or with more than `cap` kept entries uses the 'bernoulli' rule instead. The
+    first switch is deterministic given W (no bias); the second has probability < 1e-15 per row at the
+    default cap (Bernstein), which bounds its bias. `capacities(c, n_k)` gives the kernel's defaults.
 
 Memory: the work is blocked over query rows; a block holds a handful of [B, H, rows, n_k] temporaries, with
 rows chosen so a block has about 2^21 entries. So n = 8192 runs on a CPU without any n×n×H tensor.
@@ -23,13 +35,15 @@ GQA: query head h reads kv head h // (H / H_kv) (SDPA's `enable_gqa` convention)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from chainfree.ops.sus_random import MASK32, keep_mask, sus_uniform
 
-VARIANTS = ("bernoulli", "systematic")
+VARIANTS = ("bernoulli", "systematic", "thinned")
+TILE = 64  # key tile of the 'thinned' variant's running normaliser (the kernel's forward tile width)
 BLOCK_ENTRIES = 2**21  # target number of score entries per query block (about 8 MB in float32)
 SYSTEMATIC_COLUMN = MASK32  # the hash column of the one per-row uniform of the systematic variant
 
@@ -65,6 +79,32 @@ class SusStats:
             "sus_max_row_kept": float(self.max_row_kept),
             "sus_kept_fraction": self.kept_fraction,
         }
+
+
+def row_capacity(c: float, n_k: int) -> int:
+    """Kept-entry slots per row for 'thinned': c + 8 sqrt(c) + 16 (<= n_k), a multiple of 16.
+
+    A row keeps Σ_j q_ij <= c entries in expectation with variance <= c + (the small variance of the
+    systematic candidate count), so by Bernstein's inequality P(count > c + 8 sqrt(c) + 16) < 1e-15.
+    """
+    cap = int(math.ceil(c + 8.0 * math.sqrt(c) + 16.0))
+    return max(1, min(16 * ((cap + 15) // 16), n_k))
+
+
+def candidate_capacity(c: float, n_k: int) -> int:
+    """Candidate slots per row for 'thinned': c (2 + ln(#tiles)) + 16, or n_k + 1 (then it never overflows).
+
+    For rows whose weights are spread evenly Σ_j a_ij ≈ c (ln(#tiles) + 0.58): each tile's share of the
+    running normaliser shrinks like 1/t. Rows above the cap (mass arriving late) take the exact fallback.
+    """
+    tiles = max(1, -(-n_k // TILE))
+    cap = int(math.ceil(c * (2.0 + math.log(tiles)) + 16.0))
+    return min(16 * ((cap + 15) // 16), 16 * ((n_k + 16) // 16))
+
+
+def capacities(c: float, n_k: int) -> tuple[int, int]:
+    """(cand_cap, cap) of the 'thinned' variant: the kernel's default buffer sizes."""
+    return candidate_capacity(c, n_k), row_capacity(c, n_k)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -104,11 +144,48 @@ def _unblock(y: torch.Tensor, H: int, nr: int) -> torch.Tensor:
     return y.reshape(y.shape[0], H, nr, y.shape[-1])
 
 
+def _systematic(rate: torch.Tensor, u_row: torch.Tensor) -> torch.Tensor:
+    """Systematic sampling along the last dim with inclusion probabilities `rate` (<= 1) and one uniform per
+    row: j is selected iff a point U + k (k >= 0) lies in [C_{j-1}, C_j), C = cumsum(rate) in float64."""
+    cum = torch.cumsum(rate.to(torch.float64), dim=-1)
+    hits = torch.clamp(torch.ceil(cum - u_row.to(torch.float64)), min=0)  # points U+k below C_j
+    prev = torch.nn.functional.pad(hits[..., :-1], (1, 0))
+    return (((hits - prev) > 0) | (rate >= 1.0)) & (rate > 0)
+
+
+def thinned_keep(
+    w: torch.Tensor, c: float, u_row: torch.Tensor, u: torch.Tensor, caps: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep, cand, a) of the 'thinned' rule for weights w [..., M, n_k] (keys from 0), per-row uniforms
+    u_row [..., M, 1], per-pair uniforms u [..., M, n_k] and (cand_cap, cap); fallback rows are 'bernoulli'."""
+    cand_cap, cap = caps
+    tiles = -(-w.shape[-1] // TILE)
+    pad = tiles * TILE - w.shape[-1]
+    wd = w.to(torch.float64)
+    tile_mass = torch.nn.functional.pad(wd, (0, pad)).unflatten(-1, (tiles, TILE)).sum(-1)
+    running = torch.cumsum(tile_mass, -1).repeat_interleave(TILE, -1)[..., : w.shape[-1]]  # F_i(t(j))
+    a = torch.clamp(c * wd / torch.where(running > 0, running, torch.ones_like(running)), max=1.0)
+    q = torch.clamp(c * wd, max=1.0)
+    cand = _systematic(a, u_row)
+    ratio = q / torch.where(a > 0, a, torch.ones_like(a))
+    keep = cand & ((u.to(torch.float64) < ratio) | (ratio >= 1.0))
+    fallback = (a.sum(-1, keepdim=True) > cand_cap - 1) | (keep.sum(-1, keepdim=True) > cap)
+    bern, _ = keep_mask(u, w, c)
+    return torch.where(fallback, bern, keep), cand, a
+
+
 def sampled_weights(
-    w: torch.Tensor, c: float, seed: int, bh: torch.Tensor, rows: torch.Tensor, variant: str
+    w: torch.Tensor,
+    c: float,
+    seed: int,
+    bh: torch.Tensor,
+    rows: torch.Tensor,
+    variant: str,
+    caps: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W̃, keep, q) for a block of attention weights w [..., M, n_k] whose rows hash as (`bh` [..., M or 1, 1],
-    `rows` [M]) (broadcastable). The one place where the SUS sampling rule lives."""
+    `rows` [M]) (broadcastable); `caps` = (cand_cap, cap) of 'thinned' (None: `capacities(c, n_k)`).
+    The one place where the SUS sampling rule lives."""
     cols = torch.arange(w.shape[-1], device=w.device)
     if variant == "bernoulli":
         u = sus_uniform(seed, bh, rows[:, None], cols[None, :])
@@ -116,11 +193,12 @@ def sampled_weights(
     elif variant == "systematic":
         q = torch.clamp(c * w, max=1.0)
         u = sus_uniform(seed, bh, rows[:, None], torch.tensor(SYSTEMATIC_COLUMN, device=w.device))
-        cum = torch.cumsum(q.to(torch.float64), dim=-1)
-        hits = torch.clamp(torch.ceil(cum - u.to(torch.float64)), min=0)  # points U+k below C_j
-        prev = torch.nn.functional.pad(hits[..., :-1], (1, 0))
-        keep = ((hits - prev) > 0) | (q >= 1.0)
-        keep = keep & (q > 0)
+        keep = _systematic(q, u)
+    elif variant == "thinned":
+        q = torch.clamp(c * w, max=1.0)
+        u_row = sus_uniform(seed, bh, rows[:, None], torch.tensor(SYSTEMATIC_COLUMN, device=w.device))
+        u = sus_uniform(seed, bh, rows[:, None], cols[None, :])
+        keep, _, _ = thinned_keep(w, c, u_row, u, caps or capacities(c, w.shape[-1]))
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     w_tilde = torch.where(keep, w / torch.where(keep, q, torch.ones_like(q)), torch.zeros_like(w))
@@ -131,7 +209,7 @@ class SusAttentionFunction(torch.autograd.Function):
     """Autograd Function of the reference. Inputs are 4-D: q [B, H, n_q, D], k/v [B, H_kv, n_k, D]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats):
+    def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps):
         B, H, n_q, _ = q.shape
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
@@ -151,13 +229,13 @@ class SusAttentionFunction(torch.autograd.Function):
             out[:, :, r0:r1] = _unblock(torch.matmul(p, vc[:, :, :nk]) / denom, H, r1 - r0)
             lse[:, :, r0:r1] = _unblock(m + torch.log(denom), H, r1 - r0)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (c, is_causal, scale, seed, R, variant, stats)
+        ctx.params = (c, is_causal, scale, seed, R, variant, stats, caps or capacities(c, n_k))
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        c, is_causal, scale, seed, R, variant, stats = ctx.params
+        c, is_causal, scale, seed, R, variant, stats, caps = ctx.params
         B, H, n_q, D = q.shape
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
@@ -178,7 +256,7 @@ class SusAttentionFunction(torch.autograd.Function):
             nk = _visible_keys(n_k, r1 - 1, is_causal)
             kb, vb = kc[:, :, :nk], vc[:, :, :nk]
             w = torch.exp(_scores(qb, kb, scale, rows, is_causal) - _block(lse, r0, r1, H_kv))
-            w_tilde, keep, _ = sampled_weights(w, c, seed, bh, rows, variant)
+            w_tilde, keep, _ = sampled_weights(w, c, seed, bh, rows, variant, caps)
             if stats is not None:
                 per_row = keep.sum(dim=-1)
                 stats.rows += per_row.numel()
@@ -191,7 +269,7 @@ class SusAttentionFunction(torch.autograd.Function):
             dv[:, :, :nk] += torch.matmul(w_tilde.transpose(-1, -2), gob)
             dq[:, :, r0:r1] = _unblock(torch.matmul(ds, kb) * scale, H, nr)
             dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qb) * scale
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
 
 
 def sus_attention_reference(
@@ -205,14 +283,25 @@ def sus_attention_reference(
     block_rows: int | None = None,
     variant: str = "bernoulli",
     stats: SusStats | None = None,
+    caps: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Reference SUS attention on validated 4-D inputs (see `chainfree.ops.sus.sus_attention` for the public API).
 
-    `seed` fixes every draw of the backward; `block_rows` the query rows per block (None = ~2^21 entries).
+    `seed` fixes every draw of the backward; `block_rows` the query rows per block (None = ~2^21 entries);
+    `caps` = (cand_cap, cap) of the 'thinned' fallback rule (None: `capacities(c, n_k)`, the kernel's).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return SusAttentionFunction.apply(q, k, v, c, is_causal, scale, seed, block_rows, variant, stats)
+    return SusAttentionFunction.apply(q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps)
 
 
-__all__ = ["VARIANTS", "SusAttentionFunction", "SusStats", "sampled_weights", "sus_attention_reference"]
+__all__ = [
+    "TILE",
+    "VARIANTS",
+    "SusAttentionFunction",
+    "SusStats",
+    "capacities",
+    "sampled_weights",
+    "sus_attention_reference",
+    "thinned_keep",
+]

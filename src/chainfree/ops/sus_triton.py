@@ -41,12 +41,16 @@ import math
 import torch
 
 from chainfree.ops.sus_random import draw_seed
+from chainfree.ops.sus_reference import TILE, capacities
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SAMPLERS = {"prefix": 1, "words": 3}  # the kernel's SAMPLER mode (2: count-only timing probe)
 SAMPLER = "words"  # the default; measured against the others by benchmarks/sus_probe.py (docs/sus_kernel.md)
 MAX_KEYS_WORDS = 2**19  # "words" entries hold the 16-key word index in 15 bits
+KERNELS = ("v2", "v1")
+KERNEL = "v2"  # v2: 'thinned' draw inside the forward; v1: 'bernoulli' draw in the backward (sampler above)
+VARIANT_OF = {"v2": "thinned", "v1": "bernoulli"}
 
 
 def row_capacity(c: float, n_k: int) -> int:
@@ -72,7 +76,8 @@ def _kernels():
 
 
 def _check_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, enable_gqa: bool, c: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, enable_gqa: bool, c: float,
+    words: bool = False,
 ) -> None:
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         raise ValueError(
@@ -106,7 +111,7 @@ def _check_inputs(
         raise ValueError(f"is_causal needs equal query and key lengths; got {n_q} and {k.shape[2]}")
     if n_q == 0 or k.shape[2] == 0:
         raise ValueError("empty sequence")
-    if SAMPLER == "words" and k.shape[2] > MAX_KEYS_WORDS:  # raise now, not in the backward
+    if words and SAMPLER == "words" and k.shape[2] > MAX_KEYS_WORDS:  # raise now, not in the backward
         raise ValueError(
             f"the kernel's 'words' sampler indexes at most {MAX_KEYS_WORDS} keys, got {k.shape[2]}: set "
             "chainfree.ops.sus_triton.SAMPLER = 'prefix' for longer sequences"
@@ -118,9 +123,9 @@ def _check_inputs(
         )
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, variant: str = "bernoulli") -> bool:
-    """Whether the kernel handles this case (else callers use the PyTorch reference)."""
-    if variant != "bernoulli" or not q.is_cuda or q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+def supports(q: torch.Tensor, k: torch.Tensor, variant: str = "thinned") -> bool:
+    """Whether a kernel handles this case and contract (else callers use the PyTorch reference)."""
+    if variant not in VARIANT_OF.values() or not q.is_cuda or q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
         return False
     try:
         _kernels()
@@ -311,6 +316,111 @@ def _sparse_config(d: int) -> tuple[int, int]:
     return 8, 1  # best of (8|16|32, 1|2|4) at n = 16k, D = 64 and 128 on an H100 (benchmarks/sus_probe.py)
 
 
+def _v2_fwd_config(d: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) of the v2 forward; BN is the contract's TILE (sus_reference.TILE)."""
+    return (128, TILE, 8, 3) if d == 128 else (128, TILE, 4, 3)
+
+
+def v2_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: float, is_causal: bool, scale: float, seed: int,
+    caps: tuple[int, int] | None, sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(O, LSE [B*H*n] fp32 natural log, kept [B*H*n, cap] int32, count [B*H*n] int32 (-1: fallback row),
+    per-key pair counts [B*Hkv*n_k] int32) of the 'thinned' draw, sampled inside the flash forward.
+    `sample=False` is the plain exact forward (the three sampling outputs are None)."""
+    kern = _kernels()
+    B, H, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    dev = q.device
+    o = torch.empty(B, H, n_q, d, device=dev, dtype=q.dtype)
+    lse = torch.empty(B * H * n_q, device=dev, dtype=torch.float32)
+    cand_cap, cap = caps or capacities(c, n_k)
+    rows = B * H * n_q
+    if sample:
+        cidx = torch.full((rows, cand_cap), -1, device=dev, dtype=torch.int32)
+        cs2 = torch.empty(rows, cand_cap, device=dev, dtype=torch.float32)
+        ca = torch.empty(rows, cand_cap, device=dev, dtype=torch.float32)
+        kept = torch.empty(rows, cap, device=dev, dtype=torch.int32)
+        cnt = torch.empty(rows, device=dev, dtype=torch.int32)
+        keycnt = torch.zeros(B * h_kv * n_k, device=dev, dtype=torch.int32)
+    else:
+        cidx = cs2 = ca = kept = cnt = keycnt = lse  # unused pointers
+    bm, bn, warps, stages = _v2_fwd_config(d)
+    kern._v2_fwd_kernel[(triton_cdiv(n_q, bm), B * H)](
+        q, k, v, o, lse, cidx, cs2, ca, kept, cnt, keycnt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, H // h_kv, h_kv, n_q, n_k, scale * kern.LOG2E, float(c), math.log2(c), int(seed), cand_cap, cap,
+        CAUSAL=is_causal, BM=bm, BN=bn, D=d, SAMPLE=sample, ECH=32, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if not sample:
+        return o, lse, None, None, None
+    return o, lse, kept, cnt, keycnt
+
+
+def v2_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+    kept: torch.Tensor, cnt: torch.Tensor, keycnt: torch.Tensor, c: float, is_causal: bool, scale: float,
+    seed: int, chunk: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) from the forward's kept lists: a row-major pass (dQ, files each pair under its key) and a
+    key-major pass (dK, dV summed per key in registers); no fp32 atomics, no QK^T recompute."""
+    kern = _kernels()
+    B, H, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    dev = q.device
+    offs = (torch.cumsum(keycnt, 0, dtype=torch.int32) - keycnt).contiguous()
+    fill = torch.zeros_like(keycnt)
+    src = torch.empty(kept.numel(), device=dev, dtype=torch.int32)
+    delta = torch.empty(B * H * n_q, device=dev, dtype=torch.float32)
+    fbcap = (H // h_kv) * n_q
+    fbcnt = torch.zeros(B * h_kv, device=dev, dtype=torch.int32)
+    fbrows = torch.empty(B * h_kv * fbcap, device=dev, dtype=torch.int32)
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, h_kv, n_k, d, device=dev, dtype=k.dtype)
+    dv = torch.empty(B, h_kv, n_k, d, device=dev, dtype=v.dtype)
+    qk_scale, log2c, cap = scale * kern.LOG2E, math.log2(c), kept.shape[1]
+    kern._v2_bwd_rows_kernel[(n_q, B * H)](
+        q, k, v, o, do, lse, kept, cnt, offs, fill, src, delta, fbcnt, fbrows, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        H, h_kv, H // h_kv, n_q, n_k, qk_scale, log2c, 1.0 / c, int(seed), cap, fbcap,
+        CAUSAL=is_causal, CHUNK=chunk, D=d, num_warps=1,
+    )  # fmt: skip
+    kern._v2_bwd_keys_kernel[(n_k, B * h_kv)](
+        q, k, v, do, lse, delta, keycnt, offs, src, fbcnt, fbrows, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        H, h_kv, H // h_kv, n_q, n_k, scale, qk_scale, log2c, 1.0 / c, int(seed), fbcap,
+        CAUSAL=is_causal, CHUNK=chunk, D=d, num_warps=1,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class SusAttentionV2(torch.autograd.Function):
+    """Autograd Function of the v2 kernel: the forward samples and saves (q, k, v, O, LSE, kept lists)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, c: float, is_causal: bool, scale: float, seed: int, caps):
+        q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
+        sample = any(ctx.needs_input_grad[:3])
+        o, lse, kept, cnt, keycnt = v2_forward(q, k, v, c, is_causal, scale, seed, caps, sample)
+        if sample:
+            ctx.save_for_backward(q, k, v, o, lse, kept, cnt, keycnt)
+        ctx.sus = (float(c), bool(is_causal), float(scale), int(seed))
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, kept, cnt, keycnt = ctx.saved_tensors
+        c, is_causal, scale, seed = ctx.sus
+        do = _lastdim_contiguous(do)
+        dq, dk, dv = v2_backward(q, k, v, o, do, lse, kept, cnt, keycnt, c, is_causal, scale, seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
 class SusAttentionTriton(torch.autograd.Function):
     """Autograd Function: saves (q, k, v, O, LSE) and the seed; backward = sample + sparse pass."""
 
@@ -343,23 +453,33 @@ def sus_attention_triton(
     seed: int | None = None,
     cap: int | None = None,
     forward: str = "triton",
+    kernel: str | None = None,
+    cand_cap: int | None = None,
 ) -> torch.Tensor:
     """SUS attention, SDPA calling convention: q [B,H,n,D], k/v [B,Hkv,n_k,D] (CUDA, bf16/fp16).
 
     Forward output equals SDPA; the backward is the SUS estimator with keep rate c per row.
     `seed` (int in [0, 2^31)) fixes the draws; None draws one from torch's default generator.
-    `cap` overrides the per-row kept-pair buffer size (tests use a tiny cap to exercise overflow).
-    `forward` picks the forward kernel: "triton" (ours) or "aten" (PyTorch's flash kernel, with LSE).
+    `kernel` (None = KERNEL): "v2" samples in the forward with the 'thinned' contract; "v1" samples in the
+    backward with the 'bernoulli' contract. `cap` (and for v2 `cand_cap`) override the per-row buffer sizes
+    (tests use tiny ones to exercise the fallback paths). `forward` ("triton" or "aten") applies to v1 only.
     """
+    kernel = kernel or KERNEL
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {sorted(FORWARDS)}, got {forward!r}")
-    _check_inputs(q, k, v, is_causal, enable_gqa, c)
+    _check_inputs(q, k, v, is_causal, enable_gqa, c, words=kernel == "v1")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if seed is None:
         seed = draw_seed()
     if not 0 <= int(seed) < 2**31:
         raise ValueError(f"seed must be in [0, 2^31), got {seed}")
+    if kernel == "v2":
+        default_cand, default_cap = capacities(c, k.shape[2])
+        caps = (int(cand_cap or default_cand), int(cap or default_cap))
+        return SusAttentionV2.apply(q, k, v, float(c), bool(is_causal), float(scale), int(seed), caps)
     if cap is None:
         cap = row_capacity(c, k.shape[2])
     return SusAttentionTriton.apply(q, k, v, float(c), bool(is_causal), float(scale), int(seed), int(cap), forward)
