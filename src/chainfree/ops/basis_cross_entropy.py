@@ -13,41 +13,36 @@ Saved tensors: h, weight (parameter), bias, targets, per-row fp32 log-sum-exp --
 exact op. Backward recomputes each chunk's logits, forms its dlogits g_c, writes dh_c = g_c W
 (exact) and accumulates the sketch S[:, c] g_c (R x V) and ||g_c||^2; the h sketch S h and ||h||^2
 are accumulated in the same loop. dW = (1 - shrink)^2 gamma_g gamma_h (S g)^T (S h); db is exact.
-The (h, s) draw happens once per backward and serves both factors.
+The draw happens once per backward and serves both factors.
 """
 
 from __future__ import annotations
 
 import torch
 
-from chainfree.ops.basis_linear import GAMMA_EPS, SIGN_MATRIX_MAX_RANK, SketchPlan, draw_plan
+from chainfree.ops.basis_sketch import GAMMA_EPS, SketchPlan, draw_plan, resolve_rank, sketch, sketch_block_ref
 from chainfree.ops.cross_entropy import LinearCrossEntropy, _accum_dtype, _chunk_rows, logit_grad_chunks
 
 
-def _block_sketcher(plan: SketchPlan):
-    """f(m_c, start, stop) = S[:, start:stop] m_c: the sketch contribution of a block of rows.
+def _block_sketch(m: torch.Tensor, plan: SketchPlan, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S[:, start:stop] m in the accumulation dtype, ||m||^2) for a chunk of consecutive rows.
 
-    Small R: slice the dense (R x N) sign matrix and GEMM. Large R (where R x N would be big):
-    signed index_add into the buckets of those rows.
+    A chunk that starts on a group boundary is a plan of its own (the fused kernel on CUDA);
+    otherwise the signed rows are index-added into their buckets.
     """
-    if plan.rank <= SIGN_MATRIX_MAX_RANK:
-        sign_matrix = plan.sign_matrix()
-        return lambda m, start, stop: sign_matrix[:, start:stop].to(m.dtype) @ m
-    buckets, signs = plan.buckets(), plan.row_signs()
-
-    def index_add(m: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        out = m.new_zeros(plan.rank, m.shape[1])
-        return out.index_add_(0, buckets[start:stop], m * signs[start:stop, None].to(m.dtype))
-
-    return index_add
+    acc = _accum_dtype(m.dtype)
+    if start % plan.rank == 0:
+        sk, m_sq, _, _ = sketch(m, plan.rows_slice(start, start + m.shape[0]))
+        return sk.to(acc), m_sq
+    return sketch_block_ref(m.to(acc), plan, start), torch.linalg.vector_norm(m, dtype=acc).square()
 
 
 class BasisLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_rows, rank, shrink, scalars):
+    def forward(ctx, h, weight, bias, targets, chunk_rows, rank, compression, shrink, scalars):
         # The forward (and what it saves) is exactly the exact op's; only the backward differs.
         loss = LinearCrossEntropy.forward(ctx, h, weight, bias, targets, chunk_rows)
-        ctx.sketch = (rank, shrink, scalars)
+        ctx.sketch = (resolve_rank(h.shape[0], rank, compression), shrink, scalars)
         return loss
 
     @staticmethod
@@ -64,21 +59,20 @@ class BasisLinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if need_dh else None
         db = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if ctx.has_bias else None
         if need_dw:
-            plan = draw_plan(n, rank, h.device, cd)
-            sketch_block = _block_sketcher(plan)
+            plan = draw_plan(n, rank, h.device)
             g_sketch = torch.zeros(plan.rank, weight.shape[0], device=h.device, dtype=acc)
             h_sketch = torch.zeros(plan.rank, weight.shape[1], device=h.device, dtype=acc)
             g_sq = torch.zeros((), device=h.device, dtype=acc)
             h_sq = torch.zeros((), device=h.device, dtype=acc)
-        for start, stop, hc, g in logit_grad_chunks(h, w, b, targets, lse, scale, rows, cd, acc):
+        for start, _stop, hc, g in logit_grad_chunks(h, w, b, targets, lse, scale, rows, cd, acc):
             gc = g.to(cd)
             if dh is not None:
-                dh[start:stop] = (gc @ w).to(h.dtype)
+                dh[start:_stop] = (gc @ w).to(h.dtype)
             if need_dw:
-                g_sketch += sketch_block(gc, start, stop).to(acc)
-                h_sketch += sketch_block(hc, start, stop).to(acc)
-                g_sq += torch.linalg.vector_norm(gc, dtype=acc) ** 2
-                h_sq += torch.linalg.vector_norm(hc, dtype=acc) ** 2
+                for total, sq, m in ((g_sketch, g_sq, gc), (h_sketch, h_sq, hc)):
+                    part, part_sq = _block_sketch(m, plan, start)
+                    total += part
+                    sq += part_sq
             if db is not None:
                 db += g.sum(0)
         dw = None
@@ -88,17 +82,8 @@ class BasisLinearCrossEntropy(torch.autograd.Function):
                 gamma_g = g_sq.sqrt() / (torch.linalg.vector_norm(g_sketch) + GAMMA_EPS)
                 gamma_h = h_sq.sqrt() / (torch.linalg.vector_norm(h_sketch) + GAMMA_EPS)
                 factor = factor * gamma_g * gamma_h
-            dw = (g_sketch.T @ h_sketch * factor).to(weight.dtype)
-        return (
-            dh,
-            dw,
-            db.to(bias.dtype) if db is not None else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+            dw = (g_sketch.to(cd).T @ h_sketch.to(cd)).to(acc).mul_(factor).to(weight.dtype)
+        return (dh, dw, db.to(bias.dtype) if db is not None else None, *(None,) * 6)
 
 
 def basis_linear_cross_entropy(
@@ -106,15 +91,16 @@ def basis_linear_cross_entropy(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    rank: int,
+    rank: int | None,
     shrink: float = 0.01,
     scalars: bool = True,
     chunk_rows: int = 0,
+    compression: float | None = None,
 ) -> torch.Tensor:
-    """Mean CE of softmax(h W^T + b) against targets; dW from rank-R sketches, dh and db exact."""
+    """Mean CE of softmax(h W^T + b) against targets; dW from sketches (rank or compression), dh and db exact."""
     h2 = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1)
     if h2.shape[0] != t.shape[0]:
         raise ValueError(f"hidden rows ({h2.shape[0]}) and targets ({t.shape[0]}) differ in number")
     rows = chunk_rows or _chunk_rows(weight.shape[0])
-    return BasisLinearCrossEntropy.apply(h2, weight, bias, t, rows, rank, shrink, scalars)
+    return BasisLinearCrossEntropy.apply(h2, weight, bias, t, rows, rank, compression, shrink, scalars)

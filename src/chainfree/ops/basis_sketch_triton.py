@@ -1,27 +1,19 @@
-"""Fused BASIS sketch on the GPU (Triton): one read of M gives S M, ||M||_F^2 and optionally M's column sums.
+"""Fused BASIS sketch (Triton): one read of M gives S M, ||M||_F^2, ||S M||_F^2 and optionally M's column sums.
 
-Status: opt-in (CHAINFREE_BASIS_TRITON=1), because as written it is *slower* than the PyTorch path it
-was meant to replace. Measured on an H100 for M = 16384 x 3072 bf16, R = 32
-(benchmarks/results/basis_bench*.md): this kernel 0.167 ms with the norm, 0.20 ms with column sums too
-(100 us average per call over a training step's mixed shapes), the PyTorch path (sign-matrix GEMM + a
-norm) 0.148 ms, the dW GEMM that BASIS removes 0.108 ms. Reading M once should take ~0.035 ms at HBM
-bandwidth, so the kernel is far from its bound: each loop iteration issues a dependent load (perm, then the gathered
-rows) with no software pipelining, and the launch goes through Triton's Python launcher. Kept, with
-its tests (CPU interpreter and CUDA), as the harness for that tuning.
+The hash is chainfree.ops.basis_sketch's group-shift hash: row k of group g (row g*R + k) goes to bucket
+(k + shifts[g]) mod R with sign signs[g*R + k]. So bucket r of group g is row g*R + ((r - shifts[g]) mod R),
+and a block of consecutive buckets reads a contiguous run of rows (one wrap-around at most): the kernel
+streams M in order, with no index gather and nothing to sort. Sign, shift and bucket sum are one pass.
 
-Tiling: program (r, c, s) owns bucket r, columns [c * BLOCK_N, (c + 1) * BLOCK_N) and the s-th of
-`splits` slices of the bucket's rows. Bucket r holds gathered positions i = g * R + r (g = 0..G-1,
-G = ceil(B / R)), i.e. input rows perm[i] with signs signs[i] -- the same balanced hash as
-chainfree.ops.basis_linear.SketchPlan. The program loads BLOCK_G of its rows at a time as a
-(BLOCK_G x BLOCK_N) tile (each row segment contiguous), and accumulates in float32:
-    sketch_part[s, r, cols] = sum_i signs[i] * M[perm[i], cols]
-    sq_part[s, r, c]        = sum_i sum_cols M[perm[i], cols]^2
-    colsum_part[s, r, cols] = sum_i M[perm[i], cols]                       (WITH_COLSUM only)
-The partials are summed over s (and r) in PyTorch: deterministic, no atomics. Every element of M is read
-exactly once; `splits` is chosen so that there are ~1024 programs whatever R is.
-Numerics: float32 accumulation of bf16/fp16/fp32 inputs; the sketch is returned in float32 (the GEMM
-path rounds it to the input dtype), so results agree with the reference to float32 rounding.
-Saved tensors: none (forward-only helper used inside the autograd Functions).
+Tiling: program (pr, pc, ps) owns buckets [pr*BLOCK_R, (pr+1)*BLOCK_R), columns [pc*BLOCK_N, ...) and the
+ps-th of `splits` slices of the groups. Each iteration loads BLOCK_G groups x BLOCK_R buckets x BLOCK_N
+columns (3-D tile, each row segment contiguous), multiplies by the signs and sums over the groups into a
+float32 (BLOCK_R x BLOCK_N) accumulator; ||M||^2 and the column sums come from the same tile. With one
+split the program owns whole buckets and writes the sketch in M's dtype and its own ||S M||^2 partial;
+with several (few buckets, e.g. R = 32: too few programs otherwise) it writes float32 partials that
+PyTorch sums. All partial sums are reduced in a fixed order: deterministic, no atomics.
+Numerics: float32 accumulation of bf16/fp16/fp32 input; the sketch is rounded to M's dtype once.
+Saved tensors: none (a forward-only helper of the autograd Functions in chainfree.ops.basis_linear).
 """
 
 from __future__ import annotations
@@ -30,68 +22,114 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_G = 32
-BLOCK_N = 128
-TARGET_PROGRAMS = 1024
+TILE_ROWS = 64  # BLOCK_G * BLOCK_R rows per iteration
+BLOCK_N = 64
 
 
 @triton.jit
-def _signed_segment_sum_kernel(
-    m_ptr, perm_ptr, sign_ptr, sketch_ptr, sq_ptr, colsum_ptr,
-    rows, width, rank, groups_per_split, stride_m, n_col_blocks,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, WITH_COLSUM: tl.constexpr,
+def _group_shift_sketch_kernel(
+    m_ptr, shift_ptr, sign_ptr, sk_ptr, msq_ptr, sksq_ptr, colsum_ptr,
+    rows, width, rank, groups, groups_per_split, stride_m,
+    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_COLSUM: tl.constexpr, PARTIAL: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    s = tl.program_id(2)
-    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    pr = tl.program_id(0)
+    pc = tl.program_id(1)
+    ps = tl.program_id(2)
+    n_r = tl.num_programs(0)
+    n_c = tl.num_programs(1)
+    r = pr * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pc * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = r < rank
     col_ok = cols < width
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    g_first = s * groups_per_split
+    g_first = ps * groups_per_split
     for g0 in tl.range(0, groups_per_split, BLOCK_G):
         local = g0 + tl.arange(0, BLOCK_G)
-        pos = (g_first + local) * rank + r
-        ok = (local < groups_per_split) & (pos < rows)
-        row = tl.load(perm_ptr + pos, mask=ok, other=0).to(tl.int64)
-        sign = tl.load(sign_ptr + pos, mask=ok, other=0.0).to(tl.float32)
-        tile = tl.load(m_ptr + row[:, None] * stride_m + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                       other=0.0).to(tl.float32)
-        acc += tl.sum(tile * sign[:, None], axis=0)
-        sq += tl.sum(tile * tile, axis=0)
+        g = g_first + local
+        g_ok = (local < groups_per_split) & (g < groups)
+        b = tl.load(shift_ptr + g, mask=g_ok, other=0)
+        k = (r[None, :] + rank - b[:, None]) % rank  # (BLOCK_G, BLOCK_R): row within the group
+        row = g[:, None].to(tl.int64) * rank + k
+        ok = g_ok[:, None] & r_ok[None, :] & (row < rows)
+        s = tl.load(sign_ptr + row, mask=ok, other=0).to(tl.float32)
+        ptrs = m_ptr + row[:, :, None] * stride_m + cols[None, None, :]
+        tile = tl.load(ptrs, mask=ok[:, :, None] & col_ok[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(tile * s[:, :, None], axis=0)
+        sq += tl.sum(tl.sum(tile * tile, axis=0), axis=0)
         if WITH_COLSUM:
-            colsum += tl.sum(tile, axis=0)
-    out = (s * rank + r) * width + cols
-    tl.store(sketch_ptr + out, acc, mask=col_ok)
-    tl.store(sq_ptr + (s * rank + r) * n_col_blocks + c, tl.sum(sq, axis=0))
+            colsum += tl.sum(tl.sum(tile, axis=0), axis=0)
+    pid = (ps * n_r + pr) * n_c + pc
+    tl.store(msq_ptr + pid, tl.sum(sq, axis=0))
+    out_mask = r_ok[:, None] & col_ok[None, :]
+    if PARTIAL:
+        out = (ps * rank + r[:, None]).to(tl.int64) * width + cols[None, :]
+        tl.store(sk_ptr + out, acc, mask=out_mask)
+    else:
+        out = r[:, None].to(tl.int64) * width + cols[None, :]
+        tl.store(sk_ptr + out, acc.to(sk_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(sksq_ptr + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     if WITH_COLSUM:
-        tl.store(colsum_ptr + out, colsum, mask=col_ok)
+        tl.store(colsum_ptr + (ps * n_r + pr).to(tl.int64) * width + cols, colsum, mask=col_ok)
 
 
-def signed_segment_sum(
-    m: torch.Tensor, perm: torch.Tensor, signs: torch.Tensor, rank: int, with_colsum: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(S m in float32 (R x N), ||m||_F^2 (0-d float32), column sums of m (N,) float32 or None)."""
-    if m.dim() != 2 or m.stride(1) != 1:
-        m = m.reshape(-1, m.shape[-1]).contiguous()
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _target_programs(m: torch.Tensor) -> int:
+    if not m.is_cuda:
+        return 8
+    index = m.device.index if m.device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _SM_COUNT[index]
+
+
+def launch_shape(rows: int, width: int, rank: int, target: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, BLOCK_G, bucket blocks, column blocks, splits) for a (rows x width) M and R buckets."""
+    block_r = min(_next_pow2(rank), TILE_ROWS)
+    block_g = max(1, TILE_ROWS // block_r)
+    n_r = triton.cdiv(rank, block_r)
+    n_c = triton.cdiv(width, BLOCK_N)
+    groups = triton.cdiv(rows, rank)
+    splits = max(1, min(triton.cdiv(groups, block_g), target // (n_r * n_c)))
+    return block_r, block_g, n_r, n_c, splits
+
+
+def sketch_triton(
+    m: torch.Tensor, shifts: torch.Tensor, signs: torch.Tensor, rank: int, with_colsum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contract of chainfree.ops.basis_sketch.sketch_ref: (S m in m's dtype, ||m||^2, ||S m||^2, colsum or empty)."""
+    assert m.dim() == 2 and m.stride(1) == 1, "sketch_triton needs a row-major 2-D matrix"
     rows, width = m.shape
-    groups = -(-rows // rank)
-    n_col_blocks = triton.cdiv(width, BLOCK_N)
-    splits = max(1, min(groups, -(-TARGET_PROGRAMS // (rank * n_col_blocks))))
-    groups_per_split = -(-groups // splits)
-    splits = -(-groups // groups_per_split)
+    groups = triton.cdiv(rows, rank)
+    block_r, block_g, n_r, n_c, splits = launch_shape(rows, width, rank, _target_programs(m))
+    groups_per_split = triton.cdiv(groups, splits)
+    splits = triton.cdiv(groups, groups_per_split)
     f32 = dict(device=m.device, dtype=torch.float32)
-    sketch = torch.empty(splits, rank, width, **f32)
-    sq = torch.empty(splits, rank, n_col_blocks, **f32)
-    colsum = torch.empty(splits, rank, width, **f32) if with_colsum else sketch
-    _signed_segment_sum_kernel[(rank, n_col_blocks, splits)](
-        m, perm, signs, sketch, sq, colsum,
-        rows, width, rank, groups_per_split, m.stride(0), n_col_blocks,
-        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, WITH_COLSUM=with_colsum, num_warps=4,
+    programs = splits * n_r * n_c
+    msq = torch.empty(programs, **f32)
+    partial = splits > 1
+    sk = torch.empty(splits, rank, width, **f32) if partial else m.new_empty(rank, width)
+    sksq = msq if partial else torch.empty(programs, **f32)
+    colsum = torch.empty(splits * n_r, width, **f32) if with_colsum else msq
+    _group_shift_sketch_kernel[(n_r, n_c, splits)](
+        m, shifts, signs, sk, msq, sksq, colsum,
+        rows, width, rank, groups, groups_per_split, m.stride(0),
+        BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_N=BLOCK_N, WITH_COLSUM=with_colsum, PARTIAL=partial,
+        num_warps=4,
     )
-    return (
-        sketch.sum(0) if splits > 1 else sketch[0],
-        sq.sum(),
-        colsum.sum((0, 1)) if with_colsum else None,
-    )
+    if partial:
+        total = sk.sum(0)
+        sk_sq = total.square().sum()
+        sk = total.to(m.dtype)
+    else:
+        sk_sq = sksq.sum()
+    col = colsum.sum(0) if with_colsum else m.new_empty(0, dtype=torch.float32)
+    return sk, msq.sum(), sk_sq, col

@@ -1,0 +1,199 @@
+"""The BASIS row sketch S M: a balanced signed hash of B rows into R buckets, drawn once per layer-step.
+
+What the estimator needs from S (R x B, S[h(j), j] = s_j): independent Rademacher signs s (so that
+E[S^T S] = I and dY^T S^T S X is unbiased for dY^T X), and balanced buckets (each gets floor(B/R) or
+ceil(B/R) rows, so no bucket is empty and none is crowded). The variance of the unscaled estimator
+X~^T dY~ is sum over pairs i != j of P(h_i = h_j) * (terms of rows i and j): only the pairwise
+collision probabilities of h matter.
+
+The hash used here, the *group-shift* hash: rows are cut into G = ceil(B/R) consecutive groups of R
+rows, and row k of group g goes to bucket (k + b_g) mod R with b_g uniform on [0, R), independent per
+group. Within a group every row has its own bucket; two rows of different groups collide with
+probability exactly 1/R. Its total collision mass sum_{i<j} P(h_i = h_j) = B (B/R - 1) / 2 equals that of
+the authors' uniform balanced hash (a random permutation of arange(B) mod R), so for rows with no
+structure the variance is the same; rows next to each other (neighbouring tokens, the most correlated
+ones) never collide, which can only lower it. What it buys is speed and memory: every bucket reads
+contiguous runs of rows (no gather through a permutation, no randperm/sort per layer-step), and the
+draw is G int32 shifts plus B int8 signs (about one byte per row saved for backward).
+
+The draw is made in forward and saved, so X in forward and dY in backward are sketched with the same
+(h, s), as the estimator requires. `sketch` returns the unscaled sketch S M, ||M||_F^2, ||S M||_F^2 and
+optionally M's column sums (the exact bias gradient, which comes for free with dY's read). On CUDA it
+runs the fused Triton kernel (chainfree.ops.basis_sketch_triton), elsewhere `sketch_ref`, its PyTorch
+twin; both are wrapped in a torch.library custom op while torch.compile traces, so BASIS layers compile
+and capture into CUDA graphs (no host work, no synchronisation).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Guards the invariant scalar against an all-zero sketch.
+GAMMA_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class SketchPlan:
+    """One draw of the group-shift hash: row k of group g (row g*R + k) goes to bucket (k + shifts[g]) % R."""
+
+    shifts: torch.Tensor  # (G,) int32 in [0, R)
+    signs: torch.Tensor  # (B,) int8, +1 or -1, in row order
+    rank: int
+
+    @property
+    def rows(self) -> int:
+        return self.signs.numel()
+
+    def buckets(self) -> torch.Tensor:
+        """h: (B,) int64, the bucket of every row."""
+        j = torch.arange(self.rows, device=self.signs.device)
+        return (j % self.rank + self.shifts.long()[j // self.rank]) % self.rank
+
+    def sign_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """S: (R, B) dense, S[h(j), j] = s_j (for tests and small problems)."""
+        S = torch.zeros(self.rank, self.rows, dtype=dtype, device=self.signs.device)
+        S[self.buckets(), torch.arange(self.rows, device=self.signs.device)] = self.signs.to(dtype)
+        return S
+
+    def rows_slice(self, start: int, stop: int) -> SketchPlan:
+        """The plan restricted to rows [start, stop); start must be a multiple of R (whole groups)."""
+        assert start % self.rank == 0, "a row slice of a plan must start at a group boundary"
+        g0, g1 = start // self.rank, -(-stop // self.rank)
+        return SketchPlan(shifts=self.shifts[g0:g1], signs=self.signs[start:stop], rank=self.rank)
+
+
+def resolve_rank(rows: int, rank: int | None, compression: float | None) -> int:
+    """Sketch rows R for a batch of `rows`: the fixed rank, or ceil(rows / compression); within [1, rows]."""
+    if compression is not None:
+        r = math.ceil(rows / compression)
+    else:
+        assert rank is not None, "either rank or compression must be set"
+        r = rank
+    return max(1, min(r, rows))
+
+
+def draw_plan(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None) -> SketchPlan:
+    """Draw shifts and signs from torch's RNG (reproducible under torch.manual_seed); rank is clamped to [1, rows]."""
+    rank = max(1, min(rank, rows))
+    groups = -(-rows // rank)
+    shifts = torch.randint(0, rank, (groups,), device=device, generator=generator, dtype=torch.int32)
+    signs = torch.randint(0, 2, (rows,), device=device, generator=generator, dtype=torch.int8).mul_(2).sub_(1)
+    return SketchPlan(shifts=shifts, signs=signs, rank=rank)
+
+
+def _accum(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sketch_ref(
+    m: torch.Tensor, shifts: torch.Tensor, signs: torch.Tensor, rank: int, with_colsum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch twin of the fused kernel: (S m in m's dtype, ||m||^2, ||S m||^2, column sums or an empty tensor).
+
+    Norms and column sums are accumulated in float32 (float64 for float64 m); the sketch is summed in
+    that precision and rounded to m's dtype once, as the kernel does.
+    """
+    acc = _accum(m.dtype)
+    rows, width = m.shape
+    plan = SketchPlan(shifts=shifts, signs=signs, rank=rank)
+    signed = m.to(acc) * signs.to(acc)[:, None]
+    sk = torch.zeros(rank, width, dtype=acc, device=m.device).index_add_(0, plan.buckets(), signed)
+    m_sq = torch.linalg.vector_norm(m, dtype=acc).square()
+    sk_sq = sk.square().sum()
+    colsum = m.sum(0, dtype=acc) if with_colsum else m.new_empty(0, dtype=acc)
+    return sk.to(m.dtype), m_sq, sk_sq, colsum
+
+
+_KERNEL = None
+
+
+def _triton_sketch():
+    """The fused kernel (chainfree.ops.basis_sketch_triton), or None without Triton or with CHAINFREE_BASIS_TRITON=0."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = False
+        if os.environ.get("CHAINFREE_BASIS_TRITON", "1") != "0" and importlib.util.find_spec("triton"):
+            try:
+                from chainfree.ops.basis_sketch_triton import sketch_triton
+
+                _KERNEL = sketch_triton
+            except ImportError:  # a triton without a usable backend
+                pass
+    return _KERNEL or None
+
+
+def supports(m: torch.Tensor) -> list[str]:
+    """Reasons the fused kernel cannot sketch m (empty list: it can)."""
+    reasons = []
+    if not m.is_cuda:
+        reasons.append("not a CUDA tensor")
+    if m.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        reasons.append(f"dtype {m.dtype} (kernel handles float32/bfloat16/float16)")
+    if _triton_sketch() is None:
+        reasons.append("Triton not available (or CHAINFREE_BASIS_TRITON=0)")
+    return reasons
+
+
+def _sketch_impl(m, shifts, signs, rank, with_colsum):
+    if not supports(m):
+        return _triton_sketch()(m, shifts, signs, rank, with_colsum)
+    return sketch_ref(m, shifts, signs, rank, with_colsum)
+
+
+@torch.library.custom_op("chainfree::basis_sketch", mutates_args=())
+def _sketch_op(
+    m: torch.Tensor, shifts: torch.Tensor, signs: torch.Tensor, rank: int, with_colsum: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sketch_impl(m, shifts, signs, rank, with_colsum)
+
+
+@_sketch_op.register_fake
+def _(m, shifts, signs, rank, with_colsum):
+    acc = _accum(m.dtype)
+    scalar = m.new_empty((), dtype=acc)
+    return (m.new_empty(rank, m.shape[1]), scalar, scalar.clone(),
+            m.new_empty(m.shape[1] if with_colsum else 0, dtype=acc))
+
+
+def sketch(
+    m: torch.Tensor, plan: SketchPlan, with_colsum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(S m (R x N) in m's dtype, ||m||_F^2, ||S m||_F^2, column sums of m or None) for a (B, N) matrix m.
+
+    Eager: calls the kernel (or the reference) directly, with no custom-op dispatch cost; under
+    torch.compile: through the custom op, which the compiler treats as one opaque call.
+    """
+    if m.dim() != 2 or m.shape[0] != plan.rows:
+        raise ValueError(f"sketch plan is for {plan.rows} rows, got a matrix of shape {tuple(m.shape)}")
+    if m.stride(1) != 1:
+        m = m.contiguous()
+    call = _sketch_op if torch.compiler.is_compiling() else _sketch_impl
+    sk, m_sq, sk_sq, colsum = call(m, plan.shifts, plan.signs, plan.rank, with_colsum)
+    return sk, m_sq, sk_sq, colsum if with_colsum else None
+
+
+def gamma(m_sq: torch.Tensor, sk_sq: torch.Tensor, scalars: bool) -> torch.Tensor | float:
+    """The invariant scalar ||M||_F / (||S M||_F + eps), or 1.0 without scalars."""
+    if not scalars:
+        return 1.0
+    return m_sq.sqrt() / (sk_sq.sqrt() + GAMMA_EPS)
+
+
+def scaled_sketch(m: torch.Tensor, plan: SketchPlan, scalars: bool, shrink: float) -> torch.Tensor:
+    """(1 - shrink) * gamma * S m in float32 (float64 for float64 m): the SPEC's X_hat, for tests and analysis."""
+    sk, m_sq, sk_sq, _ = sketch(m, plan)
+    return sk.to(_accum(m.dtype)) * (gamma(m_sq, sk_sq, scalars) * (1.0 - shrink))
+
+
+def sketch_block_ref(m: torch.Tensor, plan: SketchPlan, start: int) -> torch.Tensor:
+    """S[:, start:start+len(m)] m: the contribution of a block of consecutive rows (R x N, m's dtype)."""
+    stop = start + m.shape[0]
+    j = torch.arange(start, stop, device=m.device)
+    buckets = (j % plan.rank + plan.shifts.long()[j // plan.rank]) % plan.rank
+    signed = m * plan.signs[start:stop, None].to(m.dtype)
+    return m.new_zeros(plan.rank, m.shape[1]).index_add_(0, buckets, signed)
