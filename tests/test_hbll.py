@@ -8,10 +8,13 @@ import math
 import pytest
 import torch
 
+from chainfree.bench.critical_path import count_exact_critical_path
 from chainfree.errors import ConfigError
 from chainfree.methods.exact import Exact
-from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig, count_exact_critical_path
-from chainfree.methods.hbll_rnn import CharGRU, TimeTree, TimeTreeConfig, bptt_step, tbptt_step
+from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig
+from chainfree.methods.hbll_rnn import TimeTreeConfig, bptt_step, tbptt_step
+from chainfree.models.char_rnn import CharGRU
+from chainfree.models.hbll_tree import TimeTree
 from chainfree.models.vision import VisionNet
 
 

@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from chainfree.bench.lbi_parallel import free_port as _free_port
 from chainfree.config import ModelConfig, load_config
 from chainfree.logging import read_metrics
 from chainfree.methods.hbll import HBLL, HBLLConfig
 from chainfree.models.lm import LanguageModel
 from chainfree.models.vision import VisionNet
 from chainfree.parallel import hbll_tree
-from chainfree.parallel.region import _free_port
 from chainfree.train import train
 
 # (name, model kind, n_layers, HBLL config): vmap and loop rounds, wider blocks, no message, corrections
@@ -180,9 +180,10 @@ def test_checkpoint_resume_with_stacked_parameters(tiny, tmp_path):
 def test_hand_batched_forward_equals_vmap_and_module(kind):
     """The hand-batched forward of known blocks (bmm linears, SDPA on k*B sequences) against torch.func.vmap
     of functional_call and against calling each member module: values and gradients, float64."""
-    from chainfree.methods.hbll import StackedParams, _batchable, stacked_apply
     from chainfree.models.attention import TransformerBlock
     from chainfree.models.vision import ResidualMLPBlock
+    from chainfree.nn.stacked import StackedParams, stacked_apply
+    from chainfree.nn.stacked import has_batched_forward as _batchable
 
     torch.manual_seed(0)
     cfg = ModelConfig(
@@ -228,8 +229,11 @@ def test_hand_batched_forward_equals_vmap_and_module(kind):
 def test_readout_ce_with_saved_gradient_equals_cross_entropy():
     """The readouts' CE (logit gradient kept from the forward, several row chunks) against F.cross_entropy on
     the full logits: value and gradients of h, W and b, float64, with ignored rows."""
-    from chainfree.methods.hbll import _SavedGradCE, readout_linear_ce
-    from chainfree.ops.cross_entropy import IGNORE_INDEX
+    from chainfree.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+    from chainfree.ops.cross_entropy import SavedGradLinearCrossEntropy as _SavedGradCE
+
+    def readout_linear_ce(h, w, b, t):
+        return linear_cross_entropy(h, w, b, t, keep_logit_grad=True)
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)

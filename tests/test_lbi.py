@@ -9,17 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from chainfree.bench.lbi import cost_breakdown
 from chainfree.config import ModelConfig
 from chainfree.errors import ConfigError
 from chainfree.methods import build_method
-from chainfree.methods.lbi import (
-    LBI,
-    LBIConfig,
-    LBIModel,
-    cost_breakdown,
-    scan_backward,
-    separator_violations,
-)
+from chainfree.methods.lbi import LBI, LBIConfig, scan_backward, separator_violations
+from chainfree.models.lbi import LBIModel
 from chainfree.models.lm import BLOCKS, LanguageModel
 
 V, T = 29, 16

@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chainfree.methods.lbi import LBIModel, scan_backward
-from chainfree.parallel.region import (
-    BACKWARD_CATEGORIES,
-    CANVAS,
-    FORWARD_CANVAS,
-    JACOBIAN,
-    SEED,
-    SHARED,
-    RegionRunSpec,
-    build_replica,
-    make_batch,
-    spawn_local,
-)
+from chainfree.bench.lbi_parallel import RegionRunSpec, build_replica, make_batch, spawn_local
+from chainfree.methods.lbi import scan_backward
+from chainfree.models.lbi import LBIModel
+from chainfree.parallel.region import BACKWARD_CATEGORIES, CANVAS, FORWARD_CANVAS, JACOBIAN, SEED, SHARED
 
 MODEL = dict(kind="gpt", vocab_size=29, seq_len=16, d_model=16, n_heads=2, tie_embeddings=True)
 
@@ -100,3 +91,93 @@ def test_region_parallel_rejects_wrong_world_size():
     spec = RegionRunSpec(model={**MODEL, "n_layers": 4}, lbi={"region_size": 1, "rank": 2, "n_chunks": 2})
     with pytest.raises(Exception, match="one region per rank"):
         spawn_local(spec, 2)
+
+
+def test_region_parallel_strategy_in_the_training_loop(tiny, tmp_path):
+    """torchrun, 2 CPU ranks, `chainfree train --method lbi --set method.distributed="region"`: the
+    'lbi_region' strategy (one region per rank, whole batch on every rank, replicas synced after the step)
+    follows the single-process run in float64: losses, gradient norms, val loss and the saved weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from chainfree.config import load_config
+    from chainfree.logging import read_metrics
+    from chainfree.train import train
+
+    over = tiny(**{"model.n_layers": 2, "train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2,
+                   "train.dtype": '"fp64"', "method.region_size": 1, "method.rank": 3})
+    train(load_config(overrides=over, method="lbi"), tmp_path / "single", progress=False)
+    args = [a for kv in [*over, 'method.distributed="region"'] for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "chainfree.cli", "train", "--method", "lbi", "--out", str(tmp_path / "region"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    par, single = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("region", "single"))
+    assert [r["step"] for r in par] == [r["step"] for r in single] == [1, 2]
+    for a, b in zip(par, single, strict=True):
+        for key in ("train_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    assert par[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-9)
+    weights = []
+    for d in ("region", "single"):
+        folders = sorted((tmp_path / d / "checkpoint").glob("step*"))
+        weights.append(load_file(str(folders[-1] / "model.safetensors")))
+    assert set(weights[0]) == set(weights[1])
+    for name, w in weights[1].items():
+        torch.testing.assert_close(weights[0][name], w, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_pipeline_and_ddp_comparison_harness_gradients_and_bytes():
+    """The issue-21 comparison on 2 gloo ranks (float64): GPipe and 1F1B over the same two LBI stages and
+    region-parallel LBI give the single-process LBI gradients; dense DDP gives the dense model's; the
+    backward bytes per rank are what each protocol sends."""
+    from chainfree.bench.lbi_pipeline import CompareSpec, spawn_compare, summarize
+    from chainfree.config import ModelConfig
+    from chainfree.methods.lbi import LBIConfig
+    from chainfree.models.lm import LanguageModel
+
+    spec = CompareSpec(model={**MODEL, "n_layers": 2}, lbi={"rank": 3, "n_chunks": 4}, batch_size=4,
+                       microbatches=2)
+    records = spawn_compare(spec, 2)
+    torch.manual_seed(spec.seed)
+    lm = LanguageModel(ModelConfig(**spec.model)).double()
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    ids = torch.randint(0, MODEL["vocab_size"], (4, MODEL["seq_len"] + 1), generator=g)
+    x, y = ids[:, :-1], ids[:, 1:]
+    dense = {n: p for n, p in lm.named_parameters()}
+    lm(x, y).backward()
+    dense_ref = {n: p.grad.clone() for n, p in dense.items()}
+    lm.zero_grad(set_to_none=True)
+    torch.manual_seed(spec.seed)
+    model = LBIModel(LanguageModel(ModelConfig(**spec.model)).double(),
+                     LBIConfig(region_size=1, rank=3, n_chunks=4, check_separator=False))
+    loss = model(x, y)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for mode, expect in (("gpipe", ref), ("1f1b", ref), ("region", ref), ("ddp", dense_ref)):
+        seen: dict[str, torch.Tensor] = {}
+        for rec in records:
+            for name, grad in rec["modes"][mode]["grads"].items():
+                if name in seen and mode != "region":  # shared weights: identical after the all-reduce
+                    torch.testing.assert_close(grad, seen[name], rtol=0, atol=0)
+                seen.setdefault(name, grad)
+        assert set(seen) == set(expect), mode
+        for name, grad in seen.items():
+            torch.testing.assert_close(grad, expect[name], rtol=1e-10, atol=1e-13, msg=f"{mode} {name}")
+        if mode != "ddp":
+            assert records[-1]["modes"][mode]["loss"] == pytest.approx(float(loss.detach()), rel=1e-12), mode
+    # bytes: the last stage sends the gradients of (m_1 [B/2, C, r], canvas [B/2, T, d]) per micro-batch
+    mb = 2
+    for mode in ("gpipe", "1f1b"):
+        sent = records[1]["modes"][mode]["backward_bytes"]
+        assert sent["activation_grad_message"] == 2 * mb * 4 * 3 * 8
+        assert sent["activation_grad_canvas"] == 2 * mb * 16 * 16 * 8
+        assert records[0]["modes"][mode]["backward_bytes"]["activation_grad_canvas"] == 0
+    n_params = sum(p.numel() for p in lm.parameters())
+    assert records[0]["modes"]["ddp"]["backward_bytes"]["grad_allreduce"] == n_params * 8
+    rows = summarize(records)
+    assert [r["mode"] for r in rows] == ["region", "gpipe", "1f1b", "ddp"] and rows[-1]["vs_ddp"] == 1.0

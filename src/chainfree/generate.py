@@ -83,6 +83,12 @@ def generate(
     ids = prompt_ids[None] if squeeze else prompt_ids
     if ids.shape[-1] == 0:
         raise ValueError("the prompt must contain at least one token")
+    resolve = getattr(model, "generation_model", None)  # a method's wrapper (HBLL tree, LBI regions) names
+    if resolve is not None:  # the model that samples, or raises ConfigError saying why it cannot
+        model = resolve()
+    if not _has_recurrent_state(model):
+        result = _generate_by_forward(model, ids, max_new_tokens, temperature, top_k, generator)
+        return result[0] if squeeze else result
     was_training = model.training
     model.eval()
     try:
@@ -98,6 +104,34 @@ def generate(
         model.train(was_training)
     result = torch.cat(out, dim=1)
     return result[0] if squeeze else result
+
+
+def _has_recurrent_state(model: torch.nn.Module) -> bool:
+    blocks = getattr(model, "blocks", None)
+    return hasattr(model, "embed") and blocks is not None and all(hasattr(b, "prefill") for b in blocks)
+
+
+@torch.no_grad()
+def _generate_by_forward(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float,
+                         top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Sampling from a causal model without per-block states (e.g. an LBI model): every new token re-runs
+    the forward over the last `model.max_context` tokens, right-padded to that length when the model asks
+    (`pad_to_context`; causality makes the padding invisible to the positions before it)."""
+    ctx = int(getattr(model, "max_context", 0)) or None
+    pad = bool(getattr(model, "pad_to_context", False)) and ctx is not None
+    was_training = model.training
+    model.eval()
+    try:
+        ids = ids.to(next(model.parameters()).device)
+        for _ in range(max_new_tokens):
+            window = ids[:, -ctx:] if ctx else ids
+            n = window.shape[1]
+            inp = torch.cat([window, window.new_zeros(window.shape[0], ctx - n)], dim=1) if pad and n < ctx else window
+            logits = model(inp)[:, n - 1]
+            ids = torch.cat([ids, sample(logits, temperature, top_k, generator)[:, None]], dim=1)
+    finally:
+        model.train(was_training)
+    return ids
 
 
 def load_trained(out_dir: Path, device: str = "auto") -> tuple[LanguageModel, Any]:

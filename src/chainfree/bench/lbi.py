@@ -12,23 +12,26 @@ slowest rank ends (max over ranks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
 import statistics
 import subprocess
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from chainfree.config import ModelConfig
-from chainfree.methods.lbi import LBIConfig, LBIModel, cost_breakdown, scan_backward
+from chainfree.methods.lbi import LBIConfig, scan_backward
+from chainfree.models.lbi import LBIModel
 from chainfree.models.lm import LanguageModel
+from chainfree.runtime import Stopwatch
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # SPEC §3 Transformer paper config (the peer anchor: dense 54 ms, authors' LBI scan 350-477 ms on H100)
+    # the LBI paper's Transformer configuration
     "paper_transformer": dict(
         model=dict(
             kind="gpt",
@@ -50,20 +53,57 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class PhaseTimer:
+    """Wall time per (phase, region) of the scan backward (`scan_backward(..., timer=PhaseTimer(device))`),
+    each phase a `chainfree.runtime.Stopwatch` (device synchronised at both ends, so GPU work is counted in
+    the phase that queued it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str, k: int) -> Iterator[None]:
+        with Stopwatch(self.device) as sw:
+            yield
+        slot = self.times.setdefault(phase, [])
+        slot.extend([0.0] * (k + 1 - len(slot)))
+        slot[k] += sw.seconds
+
+
+def cost_breakdown(
+    model: LBIModel, ids: torch.Tensor, targets: torch.Tensor, jacobian: str = "vjp", repeats: int = 3
+) -> dict[str, Any]:
+    """Per-region wall time of each phase of the scan backward (median over `repeats` after one warm-up).
+
+    Phases: stem_forward, forward[k], jacobian[k] (regions 1..K-2), scan, vjp[k], stem_vjp. Grads are zeroed
+    afterwards. Timings synchronise the device around every phase, so they add up to more than an
+    unsynchronised step.
+    """
+    device = ids.device
+    runs = []
+    for _ in range(repeats + 1):
+        timer = PhaseTimer(device)
+        scan_backward(model, ids, targets, jacobian, timer)
+        runs.append(timer.times)
+    model.zero_grad(set_to_none=True)
+    runs = runs[1:]
+    out: dict[str, Any] = {}
+    for phase in runs[0]:
+        per_region = list(zip(*(r[phase] for r in runs), strict=True))
+        out[phase] = [sorted(v)[len(v) // 2] for v in per_region]
+    out["total"] = sum(sum(v) for v in out.values())
+    return out
 
 
 def time_step(fn, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
+    """Median and min wall time (s) of `steps` calls of fn after `warmup`, each a synchronised Stopwatch."""
     times = []
     for i in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
+        with Stopwatch(device) as sw:
+            fn()
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(sw.seconds)
     return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
 
 
@@ -223,6 +263,8 @@ def main() -> None:
     ap.add_argument("--n-layers", type=int, default=0, help="override the preset's layer count (0 = keep)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--n-chunks", type=int, default=4)
+    ap.add_argument("--shared", default="allreduce", choices=("allreduce", "owner"),
+                    help="region-parallel: all-reduce the embedding gradient, or the last rank owns it")
     ap.add_argument(
         "--only",
         default="all",
@@ -285,7 +327,7 @@ def main() -> None:
 
     stem += "" if args.only == "all" else f"_{args.only}"
     if args.world and args.only != "single":  # first: it is the measurement the 2-GPU machine is for
-        from chainfree.parallel.region import RegionRunSpec, spawn_local
+        from chainfree.bench.lbi_parallel import RegionRunSpec, spawn_local
 
         lbi = variants[0]["lbi"]
         spec = RegionRunSpec(

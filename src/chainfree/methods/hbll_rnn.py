@@ -3,8 +3,7 @@
 The chain that HBLL breaks is now the recurrence: the state h_b at the start of chunk b depends on all
 earlier chunks, so backprop through time (BPTT) has a critical path of T sequential cell steps, and even
 truncated BPTT (TBPTT: chunks in order, state carried forward detached) needs K = T / chunk sequential
-chunk evaluations. Our time-tree (SPEC section 4, last bullet; our construction, the paper's RNN variant
-was not available):
+chunk evaluations. Our time-tree (our construction; chainfree.models.hbll_tree.TimeTree, docs/hbll.md):
 
   * leaves = the K chunks (K a power of two); leaf b runs the model's GRU over its chunk from an
     *estimated* detached start state m_b and is trained by its own next-character CE (the local
@@ -24,37 +23,15 @@ backward once (equal compute up to HBLL's shortcut overhead, which is reported).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chainfree.errors import ConfigError
-
-
-class CharGRU(nn.Module):
-    """Embedding -> one GRU layer -> linear readout over bytes."""
-
-    def __init__(self, vocab: int = 256, d: int = 128) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.gru = nn.GRU(d, d, batch_first=True)
-        self.head = nn.Linear(d, vocab)
-        self.d = d
-
-    def run(self, ids: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(outputs [B, T, d], final state [B, d]) from start state h0 [B, d] (zeros if None)."""
-        out, hn = self.gru(self.embed(ids), None if h0 is None else h0.unsqueeze(0).contiguous())
-        return out, hn.squeeze(0)
-
-    def ce(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.head(out).reshape(-1, self.head.out_features).float(), targets.reshape(-1))
-
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        out, _ = self.run(ids)
-        return self.ce(out, targets)
+from chainfree.methods.base import Method, StepStats
+from chainfree.models.char_rnn import CharGRU
+from chainfree.models.hbll_tree import TimeTree
 
 
 def bptt_step(model: CharGRU, ids: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -88,63 +65,63 @@ class TimeTreeConfig:
     shortcut_weight: float = 1.0  # distillation of shortcut end states onto leaf end states
 
 
-class TimeTree(nn.Module):
-    """A CharGRU plus one shortcut GRU per tree node over time chunks."""
+def _need_char_rnn(method: str, model: nn.Module) -> None:
+    if not isinstance(model, CharGRU):
+        raise ConfigError(f"method {method!r} trains a recurrent model: set model.kind=\"char_rnn\" "
+                          f"(got {type(model).__name__})")
 
-    def __init__(self, model: CharGRU, cfg: TimeTreeConfig, seq_len: int) -> None:
-        super().__init__()
-        if seq_len % cfg.chunk:
-            raise ConfigError(f"seq_len={seq_len} must be a multiple of chunk={cfg.chunk}")
-        k = seq_len // cfg.chunk
-        if k < 2 or k & (k - 1):
-            raise ConfigError(f"seq_len / chunk = {k} must be a power of two >= 2; change chunk or seq_len")
-        if not 1 <= cfg.window <= cfg.chunk:
-            raise ConfigError(f"window={cfg.window} must be in [1, chunk={cfg.chunk}]")
-        self.model, self.cfg, self.n_chunks, self.levels = model, cfg, k, int(math.log2(k))
-        self.nodes = [(lv, j) for lv in range(self.levels) for j in range(0, k >> lv, 2)]  # left children
-        self.index = {node: i for i, node in enumerate(self.nodes)}
-        self.shortcuts = nn.ModuleList(nn.GRU(model.d, model.d, batch_first=True) for _ in self.nodes)
-        for sc in self.shortcuts:
-            sc.load_state_dict(model.gru.state_dict())
 
-    def shortcut(self, node: tuple[int, int], h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """End state of node's span from start state h, reading the span's last `window` characters."""
-        lv, j = node
-        c, w = self.cfg.chunk, self.cfg.window
-        end = (j + 1) * (c << lv)
-        x = self.model.embed(ids[:, end - w : end]).detach()  # the embedding trains through the leaves
-        _, hn = self.shortcuts[self.index[node]](x, h.unsqueeze(0).contiguous())
-        return hn.squeeze(0)
+class HBLLTime(Method):
+    """HBLL over time: the character GRU trained through a TimeTree (see the module docstring). The tree's
+    shape depends on the sequence length: `seq_len` here, or the model's `seq_len` attribute."""
 
-    def start_states(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict, int]:
-        """m_b for every chunk by binary decomposition; returns (states, shortcut outputs, depth)."""
-        B, k = ids.shape[0], self.n_chunks
-        m: list[torch.Tensor | None] = [ids.new_zeros(B, self.model.d, dtype=torch.float32)] + [None] * (k - 1)
-        m[0] = m[0].to(self.model.head.weight.dtype)
-        outs = {}
-        depth = 0
-        for lv in range(self.levels - 1, -1, -1):
-            for j in range(0, k >> lv, 2):
-                out = self.shortcut((lv, j), m[j << lv], ids)
-                outs[(lv, j)] = out
-                m[(j + 1) << lv] = out.detach()
-            depth += self.cfg.window
-        return m, outs, depth  # type: ignore[return-value]
+    name = "hbll_time"
+    Config = TimeTreeConfig
+    uses_autograd_step = False
 
-    def step(self, ids: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        c, k, B = self.cfg.chunk, self.n_chunks, ids.shape[0]
-        m, sc_out, prefix_depth = self.start_states(ids)
-        # all leaves at once: K chunks x B sequences as one batch of independent sequences
-        x = ids.reshape(B, k, c).transpose(0, 1).reshape(k * B, c)
-        y = targets.reshape(B, k, c).transpose(0, 1).reshape(k * B, c)
-        h0 = torch.stack(m).reshape(k * B, -1)
-        out, hn = self.model.run(x, h0)
-        leaf_ce = self.model.ce(out, y)
-        end = hn.reshape(k, B, -1)
-        distill = sum(
-            (sc - end[((j + 1) << lv) - 1].detach()).pow(2).mean() for (lv, j), sc in sc_out.items()
-        ) / max(len(sc_out), 1)
-        (leaf_ce + self.cfg.shortcut_weight * distill).backward()
-        critical = prefix_depth + c + max(c, self.cfg.window)
-        return {"loss": float(leaf_ce.detach()), "critical_path": float(critical),
-                "shortcut_mse": float(distill.detach())}
+    def __init__(self, config: TimeTreeConfig | None = None, seq_len: int = 0) -> None:
+        super().__init__(config)
+        self.seq_len = seq_len
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, TimeTree):
+            return model
+        _need_char_rnn(self.name, model)
+        seq_len = self.seq_len or getattr(model, "seq_len", 0)
+        if seq_len <= 0:
+            raise ConfigError("method 'hbll_time' needs the sequence length: set model.seq_len")
+        ref = next(model.parameters())
+        return TimeTree(model, self.config, seq_len).to(device=ref.device, dtype=ref.dtype)
+
+    def step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        if not isinstance(model, TimeTree):
+            raise ConfigError("HBLLTime.step needs the model returned by HBLLTime.prepare (a TimeTree)")
+        stats = model.step(inputs, targets)
+        loss = stats.pop("loss")
+        return StepStats(loss=loss, tokens=targets.numel(), extra=stats)
+
+    def eval_loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.model(inputs, targets)
+
+
+@dataclass
+class TBPTTConfig:
+    chunk: int = 32  # characters per truncation window
+
+
+class TBPTT(Method):
+    """Truncated backprop through time, the time tree's baseline (`tbptt_step`)."""
+
+    name = "tbptt"
+    Config = TBPTTConfig
+    uses_autograd_step = False
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        _need_char_rnn(self.name, model)
+        return model
+
+    def step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        stats = tbptt_step(model, inputs, targets, self.config.chunk)
+        loss = stats.pop("loss")
+        return StepStats(loss=loss, tokens=targets.numel(), extra=stats)

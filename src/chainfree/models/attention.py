@@ -7,6 +7,7 @@ other kernel drops in via `LanguageModel.set_attention` without the model knowin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from chainfree.config import ModelConfig
-from chainfree.models.mlp import MLP
+from chainfree.models.mlp import MLP, Call, plain_call, stacked_call
+from chainfree.nn.stacked import Params
 
 AttnFn = Callable[..., torch.Tensor]
 
@@ -62,14 +64,31 @@ class CausalSelfAttention(nn.Module):
                 k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
                 v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.project(x)
-        cos, sin = self.rope(T, x.device)
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Causal attention of fused projections qkv [..., T, q+k+v] -> [..., T, H*D]; leading dimensions
+        (batch, or members x batch in the batched forward) are one batch for the attention function."""
+        *lead, T, _ = qkv.shape
+        n, H, Hk, D = math.prod(lead), self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = qkv.split(self.qkv_split, dim=-1)
+        q = q.reshape(n, T, H, D).transpose(1, 2)
+        k = k.reshape(n, T, Hk, D).transpose(1, 2)
+        v = v.reshape(n, T, Hk, D).transpose(1, 2)
+        cos, sin = self.rope(T, qkv.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
+        gqa = Hk != H
         y = self.attn_fn(q, k, v, is_causal=True, enable_gqa=gqa) if gqa else self.attn_fn(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return y.transpose(1, 2).reshape(*lead, T, H * D)
+
+    def _body(self, x: torch.Tensor, call: Call) -> torch.Tensor:
+        return call("o_proj", self.o_proj, self._attend(call("qkv_proj", self.qkv_proj, x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._body(x, plain_call)
+
+    def batched_forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """k stacked members at once (chainfree.nn.stacked): x [k, B, T, d], params[name] [k, ...]; the
+        attention function runs once on k*B sequences."""
+        return self._body(x, stacked_call(params))
 
     def decode(self, x: torch.Tensor, cache: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """KV-cached attention for generation: x [B, T_new, d] are the tokens after the `cache`d ones (prefill:
@@ -95,9 +114,16 @@ class TransformerBlock(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg.d_model, cfg.hidden)
 
+    def _body(self, x: torch.Tensor, call: Call) -> torch.Tensor:
+        x = x + call("attn", self.attn, call("ln1", self.ln1, x))
+        return x + call("mlp", self.mlp, call("ln2", self.ln2, x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        return self._body(x, plain_call)
+
+    def batched_forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """k stacked members at once (chainfree.nn.stacked): x [k, B, T, d], params[name] [k, ...]."""
+        return self._body(x, stacked_call(params))
 
     # generation (chainfree.generate): the recurrent state of an attention block is its KV cache
     def init_state(self, batch: int, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

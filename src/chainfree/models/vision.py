@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chainfree.models.mlp import MLP
+from chainfree.models.mlp import MLP, Call, plain_call, stacked_call
+from chainfree.nn.stacked import Params
 
 
 class ResidualMLPBlock(nn.Module):
@@ -21,8 +22,15 @@ class ResidualMLPBlock(nn.Module):
         self.ln = nn.LayerNorm(d)
         self.mlp = MLP(d, hidden)
 
+    def _body(self, x: torch.Tensor, call: Call) -> torch.Tensor:
+        return x + call("mlp", self.mlp, call("ln", self.ln, x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.ln(x))
+        return self._body(x, plain_call)
+
+    def batched_forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """k stacked members at once (chainfree.nn.stacked): x [k, B, d], params[name] [k, ...]."""
+        return self._body(x, stacked_call(params))
 
 
 class VisionNet(nn.Module):

@@ -22,8 +22,8 @@ only its chunk. Every rank holds a full replica of the parameters and runs the s
             parameter a part on every rank; both are summed by `sync_gradients`. Everything computed
             redundantly (distillation MSE, head, final norm, stem) gets the same gradient on every rank and
             is averaged (identical up to floating-point order). Afterwards every rank holds the
-            single-process gradient, so identical optimizer steps keep the replicas identical. The loop
-            does not average again (`HBLL.syncs_gradients`).
+            single-process gradient, so identical optimizer steps keep the replicas identical. The
+            strategy does not average again (`TreeParallel.finish_gradients`).
 
 Collectives inside backward (`_OwnRows`, `_SumGrad`) are matched across ranks because every rank builds the
 same graph in the same order and the autograd engine runs nodes in decreasing creation order.
@@ -32,9 +32,10 @@ What runs concurrently: the rounds' block evaluations (leaves, shortcuts, their 
 rounds) and the readout CEs. Redundant on every rank: the distillation losses, the head CE and the step's
 Python control flow (its launch overhead is not divided by W).
 
-The batch: tree parallelism is model parallelism, so all ranks need the same batch. The loop gives every
-rank the full global batch (`HBLL.replicates_batch`), and `tree_parallel_step` broadcasts rank 0's batch
-anyway so that a caller passing per-rank batches still gets one consistent step.
+The batch: tree parallelism is model parallelism, so all ranks need the same batch. The 'hbll_tree'
+strategy (`TreeParallel`, what `HBLL.strategy` picks under torchrun) gives every rank the full global batch,
+and `tree_parallel_step` broadcasts rank 0's batch anyway so that a caller passing per-rank batches still
+gets one consistent step.
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from chainfree.errors import ConfigError
 
 
 def tree_parallel_world() -> int:
@@ -223,145 +227,36 @@ def tree_parallel_step(
     return stats
 
 
-def bench_main(argv: list[str] | None = None) -> None:
-    """`torchrun --nproc_per_node W -m chainfree.parallel.hbll_tree --out DIR`: step wall time of the
-    W-rank tree-parallel HBLL against one-GPU HBLL and one-GPU exact backprop (both on rank 0 while the
-    other ranks wait), same models and sizes as `chainfree reproduce hbll`'s speed sweep (full scale)."""
-    import argparse
-    import json
-    import os
-    from pathlib import Path
+class TreeParallel:
+    """Distribution strategy 'hbll_tree' (chainfree.training.strategies protocol): model parallel inside
+    `HBLL.step`. Every rank draws the whole global batch, the step splits each round across the ranks and
+    leaves the single-process gradient on every rank, so the optimizer, clipping, evaluation and checkpoints
+    see identical replicas and need no communication of their own."""
 
-    from chainfree.bench.report import environment, markdown_table
-    from chainfree.methods.exact import Exact
-    from chainfree.methods.hbll import HBLL, HBLLConfig
-    from chainfree.reproduce.hbll import SCALES, speed_model, time_steps
+    name = "hbll_tree"
 
-    ap = argparse.ArgumentParser(description=bench_main.__doc__)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--layers", default="16,64")
-    ap.add_argument("--archs", default="gpt,mlp")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per round and method")
-    ap.add_argument("--reps", type=int, default=4, help="rounds (the methods alternate)")
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    knobs = dict(SCALES["full"] if cuda else SCALES["small"])
-    # correctness on this backend first: one fp32 step, tree-parallel vs one process, GPT blocks, N = 16
-    grads = []
-    for mode, everyone in (("auto", True), ("data", False)):
-        if everyone or rank == 0:
-            method = HBLL(HBLLConfig(distributed=mode))
-            base, x, y = speed_model("gpt", 16, knobs, device)
-            model = method.prepare(base)
-            method.step(model, x, y)
-            grads.append({n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None})
-            del model, base
-        dist.barrier()
-    check = None
-    if rank == 0:
-        tree_g, one_g = grads
-        check = max(float((tree_g[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in one_g.items())
-        assert set(tree_g) == set(one_g)
-        print(f"tree-parallel vs one process, fp32 GPT N=16: max relative grad error {check:.2e}", flush=True)
-    rows = []
-    for arch in args.archs.split(","):
-        for n in (int(v) for v in args.layers.split(",")):
-            runs = []  # every rank: the tree-parallel model; rank 0 also one-GPU HBLL and exact
-            for name, method, everyone in (
-                ("hbll_tree", HBLL(HBLLConfig()), True),
-                ("hbll_1gpu", HBLL(HBLLConfig(distributed="data")), False),
-                ("exact_1gpu", Exact(), False),
-            ):
-                if everyone or rank == 0:
-                    base, x, y = speed_model(arch, n, knobs, device)
-                    model = method.prepare(base)
-                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
-                    _, extra = time_steps(method, model, x, y, 0, device, opt, warmup=2)
-                    runs.append(
-                        {
-                            "name": name,
-                            "gpus": world if everyone else 1,
-                            "method": method,
-                            "model": model,
-                            "x": x,
-                            "y": y,
-                            "opt": opt,
-                            "crit": extra.get("critical_path"),
-                            "step": [],
-                            "train": [],
-                        }
-                    )
-                dist.barrier()
-            for _ in range(args.reps):  # alternate, so that host drifts hit every method alike
-                for gpus in (world, 1):  # every rank runs the same sequence of collectives and barriers
-                    for r in (r for r in runs if r["gpus"] == gpus):
-                        for key, opt in (("step", None), ("train", r["opt"])):
-                            r[key] += time_steps(
-                                r["method"], r["model"], r["x"], r["y"], args.steps, device, opt, warmup=1
-                            )[0]
-                    if gpus == 1:
-                        dist.barrier()
-            for r in runs:
-                med = {k: sorted(r[k])[len(r[k]) // 2] for k in ("step", "train")}
-                rows.append(
-                    {
-                        "arch": arch,
-                        "layers": n,
-                        "method": r["name"],
-                        "gpus": r["gpus"],
-                        "step_ms": med["step"],
-                        "step_ms_min": min(r["step"]),
-                        "train_step_ms": med["train"],
-                        "train_step_ms_min": min(r["train"]),
-                        "critical_path": r["crit"],
-                    }
-                )
-            del runs
-            if cuda:
-                torch.cuda.empty_cache()
-    if rank == 0:
-        for row in rows:
-            ref = next(
-                r for r in rows if (r["arch"], r["layers"], r["method"]) == (row["arch"], row["layers"], "exact_1gpu")
+    def __init__(self, launch: Any) -> None:
+        self.launch = launch
+
+    def batch_shard(self) -> tuple[int, int]:
+        return (0, 1)
+
+    def wrap(self, model: nn.Module, method: Any, device: torch.device) -> nn.Module:
+        if not getattr(method, "tree_parallel", False):
+            raise ConfigError(
+                "train.strategy='hbll_tree' splits HBLL's tree rounds over torchrun's ranks: use method hbll with "
+                "method.distributed='tree' (or 'auto') under torchrun --nproc_per_node >= 2"
             )
-            row["time_vs_exact"] = row["step_ms"] / ref["step_ms"]
-            row["train_time_vs_exact"] = row["train_step_ms"] / ref["train_step_ms"]
-        args.out.mkdir(parents=True, exist_ok=True)
-        env = {**environment(), "world_size": world, "backend": dist.get_backend(), "max_rel_grad_err_fp32": check}
-        (args.out / "hbll_tree_parallel.json").write_text(
-            json.dumps({"environment": env, "rows": rows}, indent=1, default=str)
-        )
-        table = markdown_table(
-            rows,
-            [
-                (k, k)
-                for k in (
-                    "arch",
-                    "layers",
-                    "method",
-                    "gpus",
-                    "step_ms",
-                    "step_ms_min",
-                    "time_vs_exact",
-                    "train_step_ms",
-                    "train_step_ms_min",
-                    "train_time_vs_exact",
-                    "critical_path",
-                )
-            ],
-        )
-        (args.out / "hbll_tree_parallel.md").write_text(
-            f"# HBLL tree-parallel over {world} ranks ({env.get('cuda_device') or 'CPU'})\n\n{table}\n\n"
-            f"torch {env['torch']}, commit {env['git_commit']}, backend {env['backend']}\n"
-        )
-        print(table, flush=True)
-    dist.destroy_process_group()
+        return model
 
+    def accumulating(self, step_model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
 
-if __name__ == "__main__":
-    bench_main()
+    def finish_gradients(self, model: nn.Module, method: Any) -> None:
+        return None  # tree_parallel_step already left the single-process gradient on every rank
+
+    def mean(self, value: float, device: torch.device) -> float:
+        return value  # every rank computed the same loss on the same batch
+
+    def checkpoint_views(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return model, optimizer

@@ -22,6 +22,13 @@ One step (W = K ranks):
             or the last rank owns it, sends the canvas in the forward and collects the canvas
             cotangents [B, T, d] in the backward (shared='owner'; fewer bytes whenever B T < V).
 
+Training (`chainfree train` under torchrun, strategy 'lbi_region' = `RegionParallel`): every rank draws the
+whole batch and runs the step above; afterwards one all-reduce of the region gradients (each non-zero on
+its owner only) gives every rank the full gradient, so the replicas take identical optimizer steps and
+clipping, evaluation and checkpoints work unchanged. That sync sends as many bytes as data parallelism's
+gradient all-reduce (category `replica_sync`, not a part of the LBI backward); the bare step, as measured
+by `spawn_local` and chainfree.bench.lbi, leaves each region's gradient on its owner only.
+
 Bytes: `CommLog` counts every byte this rank sends, by category. Point-to-point sends count their
 payload; an all-reduce of P bytes counts 2 (W-1)/W P, the per-rank send volume of the ring algorithm
 (what NCCL and gloo use for large messages). The paper's ≈56 KB counts the Jacobians only.
@@ -29,23 +36,18 @@ payload; an all-reduce of P bytes counts 2 (W-1)/W P, the per-rank send volume o
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
-import os
-import socket
-import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from torch import nn
 
 from chainfree.errors import ConfigError
-from chainfree.methods.lbi import LBIConfig, LBIModel, accumulate_grads, region_jacobian_t
+from chainfree.models.lbi import LBIModel, accumulate_grads, region_jacobian_t
 
 FORWARD = "forward_message"
 FORWARD_CANVAS = "forward_canvas"
@@ -54,6 +56,7 @@ SEED = "scan_cotangent"
 SHARED = "shared_grad_allreduce"
 CANVAS = "canvas_cotangent"
 BACKWARD_CATEGORIES = (JACOBIAN, SEED, SHARED, CANVAS)
+REPLICA_SYNC = "replica_sync"
 SHARED_MODES = ("allreduce", "owner")
 
 
@@ -289,108 +292,94 @@ def region_parallel_step(
     return {"loss": float(loss.detach()) if loss is not None else math.nan, "times": times}
 
 
-# ---- local launcher (tests, single-machine benchmarks) ---------------------------------------------------
-@dataclass
-class RegionRunSpec:
-    """A region-parallel run on one machine: tiny or full model, fixed batch, timed steps."""
+# ---- the training strategy -------------------------------------------------------------------------------
+class RegionParallelModel(nn.Module):
+    """What `LBI.step` receives under the 'lbi_region' strategy: the LBI model plus its region-parallel
+    step (LBI.step calls `region_parallel_step` when the module has one)."""
 
-    model: dict[str, Any]
-    lbi: dict[str, Any]
-    batch_size: int = 2
-    seed: int = 0
-    steps: int = 1
-    warmup: int = 0
-    backend: str = "gloo"
-    dtype: str = "float64"  # 'float64' | 'float32' | 'bf16' (autocast on CUDA)
-    out_dir: str = ""
-    save_grads: bool = True
-    shared: str = "allreduce"  # 'allreduce' | 'owner' (see region_parallel_step)
+    def __init__(self, model: LBIModel, shared: str = "allreduce") -> None:
+        super().__init__()
+        self.model, self.shared = model, shared
+        self.log = CommLog()  # bytes of the last step
+        self.times: dict[str, float] = {}
 
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(ids, targets)
 
-def build_replica(spec: RegionRunSpec, device: torch.device) -> LBIModel:
-    """Identical replica on every rank: same seed, built on CPU, then moved."""
-    from chainfree.config import ModelConfig
-    from chainfree.models.lm import LanguageModel
-
-    torch.manual_seed(spec.seed)
-    lm = LanguageModel(ModelConfig(**spec.model))
-    if spec.dtype == "float64":
-        lm = lm.double()
-    model = LBIModel(lm, LBIConfig(**spec.lbi))
-    return model.to(device)
+    def region_parallel_step(self, ids: torch.Tensor, targets: torch.Tensor, jacobian: str) -> float:
+        """One region-parallel step; returns the batch loss on every rank (computed on the last rank)."""
+        self.log = CommLog()
+        res = region_parallel_step(self.model, ids, targets, jacobian, self.log, self.shared)
+        self.times = res["times"]
+        loss = torch.tensor([res["loss"]], dtype=torch.float64, device=ids.device)
+        dist.broadcast(loss, src=dist.get_world_size() - 1)  # bookkeeping: every rank reports the loss
+        return float(loss)
 
 
-def make_batch(spec: RegionRunSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(spec.seed + 1)
-    v, t = spec.model["vocab_size"], spec.model["seq_len"]
-    ids = torch.randint(0, v, (spec.batch_size, t + 1), generator=g)
-    return ids[:, :-1].to(device), ids[:, 1:].to(device)
+def sync_region_gradients(model: LBIModel, log: CommLog | None = None) -> None:
+    """After a region-parallel step: give every rank every region's gradient (one summed all-reduce; each
+    region's gradient is non-zero on its owner only; the shared embedding's is already identical on every
+    rank). A gradient absent on every rank stays absent, as in one process."""
+    shared = {id(p) for p in shared_parameters(model)}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in shared]
+    if not params:
+        return
+    device = params[0].device
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    params = [p for p, has in zip(params, present.tolist(), strict=True) if has]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for dtype in sorted({p.grad.dtype for p in params}, key=str):  # same order on every rank
+        same = [p.grad for p in params if p.grad.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        if log is not None:
+            log.all_reduce(flat, REPLICA_SYNC)
+        else:
+            dist.all_reduce(flat)
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
-def _worker(rank: int, world: int, port: int, spec: RegionRunSpec) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    use_cuda = spec.backend == "nccl"
-    device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model = build_replica(spec, device)
-        ids, targets = make_batch(spec, device)
-        jac = spec.lbi.get("jacobian", "vjp")
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and spec.dtype == "bf16")
-        walls, logs, phase = [], [], []
-        for i in range(spec.warmup + spec.steps):
-            model.zero_grad(set_to_none=True)
-            log = CommLog()
-            dist.barrier()
-            if use_cuda:
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            with autocast:
-                res = region_parallel_step(model, ids, targets, jac, log, spec.shared)
-            if use_cuda:
-                torch.cuda.synchronize(device)
-            wall = time.perf_counter() - t0
-            if i >= spec.warmup:
-                walls.append(wall)
-                logs.append(dict(log.sent))
-                phase.append(res["times"])
-        wall_t = torch.tensor(walls, dtype=torch.float64, device=device)
-        dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
-        loss_t = torch.tensor([res["loss"] if rank == world - 1 else 0.0], dtype=torch.float64, device=device)
-        dist.broadcast(loss_t, world - 1)  # bookkeeping, not part of the step
-        if spec.out_dir:
-            grads = {}
-            if spec.save_grads:
-                shared = shared_parameters(model) if spec.shared == "allreduce" or rank == world - 1 else []
-                owned = {id(p) for p in owned_parameters(model, rank) + shared}
-                grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if id(p) in owned}
-            torch.save(
-                {
-                    "rank": rank,
-                    "loss": float(loss_t),
-                    "grads": grads,
-                    "bytes_sent": logs[-1],
-                    "backward_bytes": sum(logs[-1].get(c, 0) for c in BACKWARD_CATEGORIES),
-                    "step_wall_s": wall_t.cpu().tolist(),
-                    "phase_times": phase,
-                },
-                Path(spec.out_dir) / f"rank{rank}.pt",
+class RegionParallel:
+    """Distribution strategy 'lbi_region' (chainfree.training.strategies protocol): one LBI region per rank
+    (world size = number of regions), every rank on the whole global batch; see the module docstring."""
+
+    name = "lbi_region"
+
+    def __init__(self, launch: Any) -> None:
+        self.launch = launch
+        self._step_model: RegionParallelModel | None = None
+
+    def batch_shard(self) -> tuple[int, int]:
+        return (0, 1)
+
+    def wrap(self, model: nn.Module, method: Any, device: torch.device) -> nn.Module:
+        if not isinstance(model, LBIModel):
+            raise ConfigError("train.strategy='lbi_region' trains an LBI model: use method lbi")
+        if getattr(method.config, "backward", "scan") != "scan":
+            raise ConfigError("train.strategy='lbi_region' runs the scan backward: set method.backward='scan'")
+        world = self.launch.world_size
+        if world != model.n_regions:
+            raise ConfigError(
+                f"region-parallel LBI runs one region per rank: {world} processes but {model.n_regions} regions; "
+                f"set method.region_size = model.n_layers / {world}"
             )
-    finally:
-        dist.destroy_process_group()
+        self._step_model = RegionParallelModel(model)
+        return self._step_model
 
+    def accumulating(self, step_model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def finish_gradients(self, model: nn.Module, method: Any) -> None:
+        log = self._step_model.log if self._step_model is not None else None
+        sync_region_gradients(model, log)  # type: ignore[arg-type]
 
+    def mean(self, value: float, device: torch.device) -> float:
+        return value  # the last rank's loss, broadcast by the step
 
-def spawn_local(spec: RegionRunSpec, world: int) -> list[dict[str, Any]]:
-    """Run `world` ranks on this machine (torch.multiprocessing.spawn); returns each rank's record."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = dataclasses.replace(spec, out_dir=spec.out_dir or tmp)
-        mp.spawn(_worker, args=(world, _free_port(), spec), nprocs=world, join=True)
-        return [torch.load(Path(spec.out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    def checkpoint_views(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return model, optimizer

@@ -1,4 +1,4 @@
-"""Reproduce HBLL's claims (SPEC section 4) at our scale: exact backprop vs HBLL vs flat block-local.
+"""Reproduce HBLL's claims at our scale: exact backprop vs HBLL vs flat block-local.
 
 Parts (select with `--set hbll.parts=speed,vision,lm,rnn`; all by default):
   speed   critical path (counted by the step) and wall time per step vs depth N, exact vs HBLL
@@ -8,8 +8,8 @@ Parts (select with `--set hbll.parts=speed,vision,lm,rnn`; all by default):
   lm      GPT on the bundled Shakespeare corpus through chainfree.train.train (THE loop): exact, flat
           block-local and the HBLL variants (knob hbll.methods; a diverged run is reported, not fatal).
   rnn     character GRU: full BPTT vs truncated BPTT vs the time-tree, same batches and steps.
-Vision and RNN use `fit` below (a minimal loop around the same `Method.step`) because chainfree.train is
-built around token batches; AdamW, warmup + cosine and clipping match the main loop's defaults.
+Every part trains in the one Trainer: lm through chainfree.train.train on token data, vision and rnn
+through `fit` (the Trainer on their own batches, models from the model factory: kinds 'vision', 'char_rnn').
 
 Scales: small (CPU, minutes; tiny models, few steps: checks the pipeline, not the claims) and full (one
 GPU). Other `--set hbll.<key>=value` override the scale's knobs (e.g. hbll.vision_steps=300).
@@ -18,9 +18,7 @@ GPU). Other `--set hbll.<key>=value` override the scale's knobs (e.g. hbll.visio
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +26,14 @@ from typing import Any
 
 import torch
 
+from chainfree.bench.critical_path import count_exact_critical_path
+from chainfree.bench.hbll import SPEED_SCALES, speed_sweep
 from chainfree.bench.report import markdown_table, write_result
 from chainfree.logging import pyplot, save_figure
 from chainfree.methods.base import Method
 from chainfree.methods.exact import Exact
-from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig, HBLLTree, count_exact_critical_path
+from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig
+from chainfree.models.hbll_tree import HBLLTree
 
 # HBLL as configured by default (paired leaves, weak top-down message), without the message (leaves trained
 # by their readout CE only: critical path log2 N + 2), and the previous default (no pairing, message weight 1)
@@ -58,12 +59,7 @@ SCALES: dict[str, dict[str, Any]] = {
     "small": {
         "parts": "speed,vision,lm,rnn",
         "methods": "exact,flat_bll,hbll,hbll_local,hbll_v0,hbll_fix1",  # vision and lm: baselines and HBLL_VARIANTS
-        "speed_layers": "4,8,16",
-        "speed_d": 64,
-        "speed_batch": 8,
-        "speed_seq": 32,
-        "speed_steps": 3,
-        "speed_reps": 2,
+        **SPEED_SCALES["small"],
         "vision_d": 64,
         "vision_layers": 4,
         "vision_steps": 300,
@@ -84,12 +80,7 @@ SCALES: dict[str, dict[str, Any]] = {
     "full": {
         "parts": "speed,vision,lm,rnn",
         "methods": "exact,flat_bll,hbll,hbll_local,hbll_v0,hbll_fix1",  # vision and lm: baselines and HBLL_VARIANTS
-        "speed_layers": "8,16,32,64",
-        "speed_d": 256,
-        "speed_batch": 16,
-        "speed_seq": 128,
-        "speed_steps": 5,
-        "speed_reps": 5,
+        **SPEED_SCALES["full"],
         "vision_d": 256,
         "vision_layers": 8,
         "vision_steps": 2000,
@@ -139,149 +130,32 @@ def _methods(knobs: dict[str, Any]) -> list[str]:
     return names
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------------------------------ speed
-def speed_model(arch: str, n: int, knobs: dict[str, Any], device: torch.device):
-    """(model, inputs, targets) of the speed sweep (seeded): GPT blocks (vocab 4096, batch speed_batch x
-    speed_seq tokens) or residual-MLP blocks (784 -> 10 classes, batch 16 * speed_batch), width speed_d."""
-    from chainfree.config import ModelConfig
-    from chainfree.models.lm import LanguageModel
-    from chainfree.models.vision import VisionNet
-
-    d, B, T = knobs["speed_d"], knobs["speed_batch"], knobs["speed_seq"]
-    torch.manual_seed(0)
-    if arch == "gpt":
-        cfg = ModelConfig(vocab_size=4096, seq_len=T, d_model=d, n_layers=n, n_heads=max(d // 64, 1))
-        base = LanguageModel(cfg).to(device)
-        x = torch.randint(0, 4096, (B, T), device=device)
-        y = torch.randint(0, 4096, (B, T), device=device)
-    else:
-        base = VisionNet(784, 10, d=d, n_layers=n).to(device)
-        x, y = torch.randn(B * 16, 784, device=device), torch.randint(0, 10, (B * 16,), device=device)
-    return base, x, y
-
-
-def time_steps(method: Method, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-               device: torch.device, optimizer: torch.optim.Optimizer | None = None,
-               warmup: int = 2) -> tuple[list[float], dict[str, float]]:
-    """Wall ms of `steps` steps after `warmup` untimed ones, synchronised before and after each: the method's
-    step (forward + backward) alone, or with an optimizer a whole training step as in the loop (+ global-norm
-    clip + optimizer step). Returns (the step times, the last step's extra stats)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    times, extra = [], {}
-    for i in range(steps + warmup):
-        _sync(device)
-        t0 = time.perf_counter()
-        with _autocast(device):
-            stats = method.step(model, x, y)
-        if optimizer is not None:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        _sync(device)
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - t0))
-        model.zero_grad(set_to_none=True)
-        extra = stats.extra
-    return times, extra
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
-def speed_sweep(knobs: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
-    """Wall time of one `method.step` (forward + backward, no optimizer: `step_ms`) and of a whole training
-    step (+ clip + AdamW, fused on CUDA: `train_step_ms`), and the counted critical path, exact vs HBLL.
-
-    Both models of a depth are built first and timed in alternation (`speed_reps` rounds of `speed_steps`
-    steps each), so slow drifts of the host (these steps are launch-bound, i.e. host-CPU-bound) hit both
-    methods alike; reported: median and minimum over all timed steps, and the median over rounds of the
-    per-round ratio to exact. Peak memory is measured during each method's warm-up, net of the other's."""
-    rows = []
-    for arch in ("gpt", "mlp"):
-        for n in (int(v) for v in knobs["speed_layers"].split(",")):
-            runs = []
-            for name, method in (("exact", Exact()), ("hbll", HBLL(HBLLConfig()))):
-                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                base, x, y = speed_model(arch, n, knobs, device)
-                model = method.prepare(base)
-                params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-                _, extra = time_steps(method, model, x, y, 0, device, opt, warmup=2)
-                crit = extra.get("critical_path", 0.0)
-                if name == "exact":
-                    with _autocast(device):
-                        crit = count_exact_critical_path(model, x, y)
-                    model.zero_grad(set_to_none=True)
-                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
-                runs.append({"name": name, "method": method, "model": model, "x": x, "y": y, "opt": opt,
-                             "crit": crit, "peak": peak, "step": [], "train": []})
-            for _ in range(knobs["speed_reps"]):
-                for r in runs:
-                    r["step"].append(time_steps(r["method"], r["model"], r["x"], r["y"], knobs["speed_steps"],
-                                                device, warmup=1)[0])
-                    r["train"].append(time_steps(r["method"], r["model"], r["x"], r["y"], knobs["speed_steps"],
-                                                 device, r["opt"], warmup=1)[0])
-            ref = runs[0]
-            for r in runs:
-                flat = {k: [t for rep in r[k] for t in rep] for k in ("step", "train")}
-                ratio = {k: _median([_median(a) / _median(b) for a, b in zip(r[k], ref[k], strict=True)])
-                         for k in ("step", "train")}
-                rows.append({"arch": arch, "layers": n, "method": r["name"], "critical_path": r["crit"],
-                             "step_ms": _median(flat["step"]), "step_ms_min": min(flat["step"]),
-                             "time_vs_exact": ratio["step"], "train_step_ms": _median(flat["train"]),
-                             "train_step_ms_min": min(flat["train"]), "train_time_vs_exact": ratio["train"],
-                             "peak_gib": r["peak"]})
-            del runs, ref
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
-
-
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA, as in the main loop; nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 # ----------------------------------------------------------------------------------------- fit (vision)
 def fit(method: Method, model: torch.nn.Module, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-        steps: int, lr: float, device: torch.device, step_fn: Callable | None = None) -> dict[str, float]:
-    """AdamW, linear warmup (5%) + cosine to 10%, grad clip 1.0: the main loop's defaults."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    times, losses, crit = [], [], 0.0
-    for step in range(steps):
-        f = (step + 1) / warm if step < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
-        for g in opt.param_groups:
-            g["lr"] = lr * f
-        x, y = batches(step)
-        _sync(device)
-        t0 = time.perf_counter()
-        with _autocast(device):
-            if step_fn is not None:
-                stats = step_fn(x, y)
-                loss, crit = stats["loss"], stats["critical_path"]
-            else:
-                st = method.step(model, x, y)
-                loss, crit = st.loss, st.extra.get("critical_path", crit)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss)
-    timed = sorted(times[2:] or times)
+        steps: int, lr: float, device: torch.device) -> dict[str, Any]:
+    """Train `model` (built, seeded, on `device`) with `method` in the Trainer: AdamW without weight decay
+    (betas 0.9, 0.999), linear warmup over 5% of the steps, cosine to 10% of lr, grad clip 1.0. Returns the
+    mean train loss of the last 20 steps, the median step time (after 2 warm-up steps), the last step's
+    critical path and the loss curve. The trained model is `model` itself (or its prepared wrapper:
+    `method.prepare` returns an already prepared model unchanged)."""
+    from chainfree.config import TrainConfig
+    from chainfree.training import Callback, Trainer
+
+    losses: list[float] = []
+    crit = [0.0]
+
+    class Record(Callback):
+        def on_step_end(self, trainer, state, record):
+            losses.append(record["train_loss"])
+            crit[0] = record.get("critical_path", crit[0])
+
+    tc = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1, weight_decay=0.0,
+                     beta2=0.999, grad_clip=1.0, device=str(device))
+    trainer = Trainer(tc, method, device=device, strategy="single", callbacks=[Record()])
+    state = trainer.fit(trainer.setup(model), batches)
+    timed = sorted(state.step_times[2:] or state.step_times)
     return {"final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "step_ms": 1000 * timed[len(timed) // 2],
-            "critical_path": crit, "losses": losses}
+            "critical_path": crit[0], "losses": losses}
 
 
 @torch.no_grad()
@@ -293,8 +167,9 @@ def _accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 
 def vision_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from chainfree.config import ModelConfig
     from chainfree.data.vision import load_fashion_mnist
-    from chainfree.models.vision import VisionNet
+    from chainfree.models import build_model
 
     data = load_fashion_mnist()
     tx, ty, vx, vy = data.to_tensors(device)
@@ -311,7 +186,8 @@ def vision_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
                                           else HBLL(HBLL_VARIANTS[name])) for name in _methods(knobs)]
     for name, method in methods:
         torch.manual_seed(0)
-        model = method.prepare(VisionNet(784, 10, d=knobs["vision_d"], n_layers=n_layers).to(device))
+        model = method.prepare(build_model(ModelConfig(kind="vision", in_features=784, n_classes=10,
+                                                       d_model=knobs["vision_d"], n_layers=n_layers)).to(device))
         res = fit(method, model, batches, knobs["vision_steps"], knobs["vision_lr"], device)
         curves[name] = res.pop("losses")
         if name == "exact":  # counted with hooks on one more step (gradients discarded)
@@ -379,9 +255,10 @@ def lm_part(knobs: dict[str, Any], device: torch.device, out: Path, rest: list[s
 
 # --------------------------------------------------------------------------------------------------- rnn
 def rnn_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    from chainfree.config import DataConfig
+    from chainfree.config import DataConfig, ModelConfig
     from chainfree.data import BatchSampler, load_tokens
-    from chainfree.methods.hbll_rnn import CharGRU, TimeTree, TimeTreeConfig, bptt_step, tbptt_step
+    from chainfree.methods.hbll_rnn import TBPTT, HBLLTime, TBPTTConfig, TimeTreeConfig
+    from chainfree.models import build_model
 
     data = load_tokens(DataConfig(tokenizer="bytes", max_chars=2_000_000))
     T, B = knobs["rnn_seq"], knobs["rnn_batch"]
@@ -393,18 +270,18 @@ def rnn_part(knobs: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
     rows, curves = [], {}
     chunk = knobs["rnn_chunk"]
-    for name in ("bptt", "tbptt", "hbll_time"):
+    methods: dict[str, Method] = {
+        "bptt": Exact(),
+        "tbptt": TBPTT(TBPTTConfig(chunk=chunk)),
+        "hbll_time": HBLLTime(TimeTreeConfig(chunk=chunk, window=knobs["rnn_window"]), seq_len=T),
+    }
+    for name, method in methods.items():
         torch.manual_seed(0)
-        model = CharGRU(256, knobs["rnn_d"]).to(device)
-        trained: torch.nn.Module = model
-        if name == "bptt":
-            fn = functools.partial(bptt_step, model)
-        elif name == "tbptt":
-            fn = functools.partial(tbptt_step, model, chunk=chunk)
-        else:
-            trained = TimeTree(model, TimeTreeConfig(chunk=chunk, window=knobs["rnn_window"]), T).to(device)
-            fn = trained.step
-        res = fit(Exact(), trained, batches, knobs["rnn_steps"], knobs["rnn_lr"], device, step_fn=fn)
+        model = build_model(ModelConfig(kind="char_rnn", vocab_size=256, d_model=knobs["rnn_d"], seq_len=T))
+        model = model.to(device)
+        res = fit(method, method.prepare(model), batches, knobs["rnn_steps"], knobs["rnn_lr"], device)
+        if name == "bptt":  # full backprop through time: T forward + T backward cell steps
+            res["critical_path"] = 2.0 * T
         curves[name] = res.pop("losses")
         with torch.no_grad():
             val = sum(float(model(*(t.to(device) for t in sampler.batch("val", i)))) for i in range(8)) / 8

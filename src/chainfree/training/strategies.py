@@ -278,8 +278,8 @@ STRATEGIES: dict[str, str] = {
     "ddp": "chainfree.training.strategies:DataParallel",
     "fsdp2": "chainfree.training.strategies:FullyShardedDataParallel",
     "replicated": "chainfree.training.strategies:Replicated",
-    "hbll_tree": "chainfree.training.strategies:Replicated",
-    "lbi_region": "chainfree.training.strategies:Replicated",
+    "hbll_tree": "chainfree.parallel.hbll_tree:TreeParallel",
+    "lbi_region": "chainfree.parallel.region:RegionParallel",
 }
 
 
