@@ -151,10 +151,6 @@ def select(model: nn.Module, layers: list[str] | None, filter_fn: FilterFn | Non
     if filter_fn is not None:
         chosen = [n for n in names if filter_fn(linears[n], n)]
     elif layers is not None:
-        unmatched = [p for p in layers if not any(_pattern_match(n, p) for n in names)]
-        if unmatched:
-            raise ConfigError(f"BASIS: method.layers pattern(s) {unmatched} match no nn.Linear; the model's Linear "
-                              f"layers are: {_describe(names)}")
         chosen = [n for n in names if any(_pattern_match(n, p) for p in layers)]
     else:
         chosen = [n for n in names if role(n) in ("head", "mlp")]
@@ -168,6 +164,10 @@ def select(model: nn.Module, layers: list[str] | None, filter_fn: FilterFn | Non
             raise ConfigError(
                 f"BASIS would sketch only the LM head ({', '.join(chosen)}) but the model has other Linear layers: "
                 f"{_describe(missed)}. Name them with layers=[...] patterns or filter_fn=lambda module, fqn: ...")
+    unmatched = [p for p in layers or () if not any(_pattern_match(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(f"BASIS: method.layers pattern(s) {unmatched} match no nn.Linear; the model's Linear "
+                          f"layers are: {_describe(names)}")
     return chosen
 
 

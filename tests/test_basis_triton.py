@@ -1,0 +1,102 @@
+"""The fused Triton sketch against its PyTorch twin (CPU under TRITON_INTERPRET=1, or CUDA), the autograd
+Functions on the kernel path, and BASIS layers under torch.compile (traced whole: no graph breaks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import chainfree.ops.basis_sketch as bs
+from chainfree.models.mlp import MLP
+from chainfree.nn.basis import BasisLinear, BasisMLP
+from chainfree.ops.basis_linear import basis_linear
+from chainfree.ops.basis_sketch import draw_plan, sketch_ref
+
+triton_runs = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(not triton_runs, reason="needs triton with CUDA (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("rows,width,rank", [(300, 200, 7), (64, 64, 64), (1000, 130, 1), (37, 5, 100),
+                                             (513, 70, 32), (700, 65, 300)])
+def test_triton_sketch_matches_reference(rows, width, rank):
+    from chainfree.ops.basis_sketch_triton import sketch_triton
+
+    gen = torch.Generator().manual_seed(rows + width + rank)
+    plan = draw_plan(rows, rank, "cpu", generator=gen)
+    m = torch.randn(rows, width, generator=gen)
+    shifts, signs = plan.shifts.to(DEVICE), plan.signs.to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        md = m.to(dtype)
+        ref = sketch_ref(md.double(), plan.shifts, plan.signs, plan.rank, with_colsum=True)  # float64 truth
+        sk, m_sq, sk_sq, colsum = (t.cpu().double() for t in sketch_triton(md.to(DEVICE), shifts, signs, plan.rank,
+                                                                           with_colsum=True))
+        assert sk.shape == (plan.rank, width)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the float32 sum
+        torch.testing.assert_close(sk, ref[0], rtol=tol, atol=tol * float(ref[0].abs().max()))
+        torch.testing.assert_close(m_sq, ref[1], rtol=1e-5, atol=0)
+        torch.testing.assert_close(sk_sq, ref[2], rtol=1e-5, atol=0)
+        torch.testing.assert_close(colsum, ref[3], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not triton_runs, reason="needs triton with CUDA (or TRITON_INTERPRET=1)")
+def test_functions_on_kernel_path_full_rank_exact(monkeypatch):
+    """Through the autograd Functions with the kernel forced (CPU interpreter too): R = B, shrink 0 is exact."""
+    monkeypatch.setattr(bs, "supports", lambda m: [] if m.dtype != torch.float64 else ["float64"])
+    assert bs._triton_sketch() is not None
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(40, 9, generator=gen), torch.randn(40, 6, generator=gen)
+    w, b = torch.randn(6, 9, generator=gen), torch.randn(6, generator=gen)
+    x, dy, w, b = (t.to(DEVICE) for t in (x, dy, w, b))
+    w.requires_grad_(), b.requires_grad_()
+    basis_linear(x, w, b, rank=40, shrink=0.0, scalars=False).backward(dy)
+    torch.testing.assert_close(w.grad, dy.T @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, dy.sum(0), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    mlp, ref = MLP(9, 12).to(DEVICE), MLP(9, 12).to(DEVICE)
+    ref.load_state_dict(mlp.state_dict())
+    fused = BasisMLP(mlp, rank=40, shrink=0.0, scalars=False)
+    dy_mlp = torch.randn(40, 9, device=DEVICE)
+    fused(x).backward(dy_mlp)
+    ref(x).backward(dy_mlp)
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break: the draw, the custom-op sketch and the Function all trace."""
+    torch.manual_seed(0)
+    mlp = BasisMLP(MLP(8, 16), rank=4)
+    head = BasisLinear(8, 5, compression=3)
+
+    def step(x):
+        return head(mlp(x)).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 6, 8)
+    loss = compiled(x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in [*mlp.parameters(), *head.parameters()])
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernel_matches_cpu_reference_in_training_shapes():
+    """The kernel on the GPU for GPT-2-small-like shapes at several compressions (bf16)."""
+    from chainfree.ops.basis_sketch_triton import sketch_triton
+
+    for rows, width, rank in ((4096, 768, 32), (4096, 3072, 512), (4096, 768, 2048), (4100, 96, 8)):
+        plan = draw_plan(rows, rank, "cuda")
+        m = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+        ref = sketch_ref(m.double(), plan.shifts, plan.signs, plan.rank, True)
+        got = sketch_triton(m, plan.shifts, plan.signs, plan.rank, True)
+        torch.testing.assert_close(got[0].double(), ref[0], rtol=8e-3, atol=8e-3 * float(ref[0].abs().max()))
+        for a, b in zip(got[1:], ref[1:], strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-3)
