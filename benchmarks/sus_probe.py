@@ -1,49 +1,68 @@
-"""Where the SUS backward's time goes: each kernel variant alone, on the same inputs (CUDA events, median).
+"""Where SUS attention's time goes, against the default SDPA on the same tensors (CUDA events, median).
 
-Sampler: both variants (prefix, words + words-to-keys) under two tilings (BM, BN, num_warps, num_stages), and
-`probe=True`, which counts kept entries without output (matmul + exp + hash only). Sparse pass: two
-(CHUNK, num_warps), and without the dK/dV atomics. Run on the GPU: python benchmarks/sus_probe.py n,D,c [n,D,c ...]
+For each (n, D, c): SDPA default dispatch forward and backward; the v2 kernel's forward with and without
+the sampling, its backward's two passes alone (row-major dQ + pair filing, key-major dK/dV); v1's sampler and
+sparse pass for comparison; kept and candidate counts. Methods are interleaved round by round.
+Run on the GPU: python benchmarks/sus_probe.py n,D,c [n,D,c ...]   (prints one line per case)
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
-from chainfree.bench.attention import _time_ms
+from chainfree.bench.attention import _event_ms
 from chainfree.ops import sus_triton as st
+from chainfree.ops.sus_reference import capacities
 
 
-def probe(n: int, d: int, c: float, model_dim: int = 2048, causal: bool = True) -> None:
+def probe(n: int, d: int, c: float, model_dim: int = 2048, causal: bool = True, rounds: int = 10) -> dict:
     H = model_dim // d
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(1, H, n, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale, seed = 1 / math.sqrt(d), 99
-    o, lse = st.flash_forward(q, k, v, causal, scale)
-    cap = st.row_capacity(c, n)
-    ref = st.sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, sampler="prefix")
-    slots = torch.arange(cap, device="cuda")[None, :] < ref[1].clamp(max=cap)[:, None]
-    out = [f"n={n} D={d} c={c:g} kept/row={ref[1].float().mean().item():.1f}"]
-    out.append(f"fwd {_time_ms(partial(st.flash_forward, q, k, v, causal, scale), 3, 10):.3f}")
-    for sampler in ("prefix", "words"):
-        for config in (None, (128, 64, 8, 3)):
-            f = partial(st.sample_kept_pairs, q, k, lse, c, causal, scale, seed, cap, sampler=sampler, config=config)
-            res = f()
-            same = torch.equal(res[1], ref[1]) and torch.equal(res[0][slots], ref[0][slots])
-            out.append(f"sample[{sampler}]{config or ''} {_time_ms(f, 3, 10):.3f}{'' if same else ' MISMATCH'}")
-    f = partial(st.sample_kept_pairs, q, k, lse, c, causal, scale, seed, cap, probe=True)
-    out.append(f"sample-count-only {_time_ms(f, 3, 10):.3f}")
-    dq0 = st.sparse_backward(q, k, v, o, do, lse, *ref, c, causal, scale, seed)[0]
-    for config in (None, (32, 4), (8, 1), (16, 1), (32, 2)):
-        f = partial(st.sparse_backward, q, k, v, o, do, lse, *ref, c, causal, scale, seed, config=config)
-        err = ((f()[0].float() - dq0.float()).norm() / dq0.float().norm()).item()
-        out.append(f"sparse{config or ''} {_time_ms(f, 3, 10):.3f} (dq diff {err:.1e})")
-    f = partial(st.sparse_backward, q, k, v, o, do, lse, *ref, c, causal, scale, seed, atomics=False)
-    out.append(f"sparse-no-atomics {_time_ms(f, 3, 10):.3f}")
-    print(" | ".join(out), flush=True)
+    caps = capacities(c, n)
+    o, lse, kept, cnt, keycnt = st.v2_forward(q, k, v, c, causal, scale, seed, caps)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out_sdpa = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+    fns = {
+        "sdpa_fwd": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
+        "sdpa_bwd": lambda: torch.autograd.grad(out_sdpa, (qg, kg, vg), do, retain_graph=True),
+        "v2_fwd_sample": partial(st.v2_forward, q, k, v, c, causal, scale, seed, caps),
+        "v2_fwd_plain": partial(st.v2_forward, q, k, v, c, causal, scale, seed, caps, False),
+        "v2_bwd": partial(st.v2_backward, q, k, v, o, do, lse, kept, cnt, keycnt, c, causal, scale, seed),
+        "v2_bwd_rows_only": partial(
+            st.v2_backward, q, k, v, o, do, lse, kept, cnt, keycnt, c, causal, scale, seed, key_pass=False
+        ),
+    }
+    if n <= st.MAX_KEYS_WORDS:
+        cap1 = st.row_capacity(c, n)
+        _, lse1 = st.flash_forward(q, k, v, causal, scale)
+        pairs = st.sample_kept_pairs(q, k, lse1, c, causal, scale, seed, cap1)
+        fns["v1_sample"] = partial(st.sample_kept_pairs, q, k, lse1, c, causal, scale, seed, cap1)
+        fns["v1_sparse"] = partial(st.sparse_backward, q, k, v, o, do, lse1, *pairs, c, causal, scale, seed)
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_event_ms(fn))
+    res = {"n": n, "D": d, "c": c, "H": H, "cand_cap": caps[0], "cap": caps[1]}
+    res.update({name: statistics.median(ts) for name, ts in times.items()})
+    res["kept_per_row"] = cnt.clamp(min=0).float().mean().item()
+    res["max_kept"] = int(cnt.max().item())
+    res["fallback_rows"] = int((cnt < 0).sum().item())
+    res["bwd_speedup"] = res["sdpa_bwd"] / res["v2_bwd"]
+    res["fwd_bwd_speedup"] = (res["sdpa_fwd"] + res["sdpa_bwd"]) / (res["v2_fwd_sample"] + res["v2_bwd"])
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+    return res
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""GPU tests of the SUS Triton kernel (skipped without CUDA; run them on the device machine)."""
+"""GPU tests of the SUS Triton kernels (skipped without CUDA; run them on the device machine).
+
+v2 (the default, 'thinned' contract, sampled in the forward) is checked against the PyTorch reference draw for
+draw; v1 ('bernoulli', sampled in the backward) keeps its gradient check while it remains selectable.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chainfree.ops.sus_reference import sus_attention_reference
-from chainfree.ops.sus_triton import row_capacity, supports, sus_attention_triton
+from chainfree.ops.sus_reference import capacities, sus_attention_reference
+from chainfree.ops.sus_triton import supports, sus_attention_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytestmark = [pytest.mark.gpu]
@@ -39,35 +43,32 @@ SHAPES = [  # B, H, H_kv, n, D, causal
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,H_kv,n,D,causal", SHAPES)
 def test_forward_matches_sdpa(B, H, H_kv, n, D, causal, dtype):
-    """Output error vs a float64 oracle is within 2x of SDPA's own error (+ one rounding unit)."""
+    """Output error vs a float64 oracle is within 2x of SDPA's own error (+ one rounding unit), with the
+    forward sampling (inputs need grad) and without."""
     q, k, v, _ = _inputs(B, H, H_kv, n, D, dtype, seed=n)
-    out = sus_attention_triton(q, k, v, c=8.0, is_causal=causal, enable_gqa=H != H_kv, seed=1)
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != H_kv)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal, enable_gqa=H != H_kv)
-    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
     unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    assert _rel(out, ref) <= 2 * _rel(sdpa, ref) + unit
+    for grad in (False, True):
+        leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        out = sus_attention_triton(*leaves, c=8.0, is_causal=causal, enable_gqa=H != H_kv, seed=1)
+        assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+        assert _rel(out, ref) <= 2 * _rel(sdpa, ref) + unit
 
 
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,H,H_kv,n,D,causal", SHAPES[1:])
-@pytest.mark.parametrize("cap", [None, 4])
-def test_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype, cap):
-    """Same seed => the same draws as the PyTorch reference (run in float32 on the same values).
-
-    Kept sets can differ only where u_ij lies within float32 rounding of q_ij (expected count
-    ~1e-6 * n * c, far below one here), so gradients agree to the output dtype's rounding.
-    cap=4 forces row-buffer overflow: those rows take the kernel's dense re-draw path.
-    """
+def _grad_check(B, H, H_kv, n, D, causal, dtype, kernel, caps):
     c, seed = 6.0, 987654
     q, k, v, do = _inputs(B, H, H_kv, n, D, dtype, seed=n + 1, spread=1.5)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = sus_attention_triton(*leaves, c=c, is_causal=causal, enable_gqa=H != H_kv, seed=seed, cap=cap)
+    kw = {"cap": caps[1], "cand_cap": caps[0]} if caps else {}
+    out = sus_attention_triton(*leaves, c=c, is_causal=causal, enable_gqa=H != H_kv, seed=seed, kernel=kernel, **kw)
     out.backward(do)
     ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    ref = sus_attention_reference(*ref_leaves, c, causal, 1 / math.sqrt(D), seed)
+    variant = "thinned" if kernel == "v2" else "bernoulli"
+    ref = sus_attention_reference(*ref_leaves, c, causal, 1 / math.sqrt(D), seed, variant=variant, caps=caps)
     ref.backward(do.float())
+    # kept sets differ only where a uniform lies within fp32 rounding of its threshold (expected count
+    # ~1e-5 per row), so gradients agree to the output dtype's rounding; one differing pair would cost ~1e-1
     tol = 1.5e-2 if dtype == torch.bfloat16 else 3e-3
     for got, want in zip(leaves, ref_leaves, strict=True):
         assert got.grad.dtype == dtype and torch.isfinite(got.grad).all()
@@ -75,47 +76,86 @@ def test_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype, ca
 
 
 @cuda
-@pytest.mark.parametrize("sampler", ["prefix", "words"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_kept_pairs_match_reference_draws(sampler, causal):
-    """The sampler's compacted pairs equal the PyTorch port's (same layout, same hashes; "words" through its
-    intermediate layout in both)."""
-    from chainfree.ops import sus_sparse
-    from chainfree.ops import sus_triton as st
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,H_kv,n,D,causal", SHAPES[1:])
+@pytest.mark.parametrize("caps", [None, (16, 4), (512, 2)])
+def test_v2_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype, caps):
+    """Same seed => the same 'thinned' draws as the PyTorch reference (float32 on the same values).
 
-    B, H, n, D, c, seed = 1, 4, 333, 64, 5.0, 31337
-    q, k, v, _ = _inputs(B, H, H, n, D, torch.bfloat16, seed=3)
-    scale = 1 / math.sqrt(D)
-    _, lse = st.flash_forward(q, k, v, causal, scale)
-    cap = row_capacity(c, n)
-    idx, cnt = st.sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, sampler=sampler)
-    idx_r, cnt_r = sus_sparse.sample_kept_pairs(
-        q.float().cpu(), k.float().cpu(), lse.cpu(), c, causal, scale, seed, cap, words=sampler == "words"
-    )
-    same = cnt.cpu() == cnt_r
-    assert (~same).sum() <= 2  # see the rounding argument above
-    slots = torch.arange(cap)[None, :] < cnt_r[:, None].clamp(max=cap)
-    rows = (same & (cnt_r <= cap))[:, None] & slots  # overflowed rows' slots are never read
-    assert torch.equal(idx.cpu()[rows], idx_r[rows])
+    caps (cand_cap, cap) = (16, 4) sends most rows through both fallback rules (candidate mass above the
+    buffer, more kept than cap); (512, 2) only the second: those rows are re-drawn with the Bernoulli rule
+    in the backward, exactly as the reference prescribes."""
+    _grad_check(B, H, H_kv, n, D, causal, dtype, "v2", caps)
+
+
+@cuda
+@pytest.mark.parametrize("B,H,H_kv,n,D,causal", SHAPES[1:])
+def test_v1_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal):
+    _grad_check(B, H, H_kv, n, D, causal, torch.bfloat16, "v1", None)
 
 
 @cuda
 @pytest.mark.parametrize("causal", [True, False])
-def test_large_c_is_exact_attention_backward(causal):
+def test_v2_kept_lists_follow_the_contract(causal):
+    """The forward's kept lists: ascending keys, causal mask respected, count <= cap, E[count] = sum q
+    (z-test over all rows), per-key counts = the transposed lists, and equal to the reference's kept set."""
+    from chainfree.ops import sus_triton as st
+    from chainfree.ops.sus_random import sus_uniform
+    from chainfree.ops.sus_reference import SYSTEMATIC_COLUMN, thinned_keep
+
+    B, H, n, D, c, seed = 1, 4, 700, 64, 12.0, 4242
+    q, k, v, _ = _inputs(B, H, H, n, D, torch.bfloat16, seed=5, spread=1.5)
+    scale = 1 / math.sqrt(D)
+    caps = capacities(c, n)
+    o, lse, kept, cnt, keycnt = st.v2_forward(q, k, v, c, causal, scale, seed, caps)
+    assert (cnt >= 0).all() and (cnt <= caps[1]).all()
+    slots = torch.arange(caps[1], device="cuda")[None, :] < cnt[:, None]
+    keys = torch.where(slots, kept, -1)
+    assert (torch.diff(keys, dim=1)[slots[:, 1:]] > 0).all()
+    rows = torch.arange(B * H * n, device="cuda") % n
+    if causal:
+        assert (keys <= rows[:, None]).all()
+    owner = (torch.arange(B * H * n, device="cuda") // n * n)[:, None].expand_as(keys)  # key id = head * n + j
+    per_key = torch.bincount((keys + owner)[slots], minlength=B * H * n)
+    assert torch.equal(per_key.int(), keycnt)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    w = torch.exp(s - lse.view(B, H, n, 1))
+    qq = torch.clamp(c * w, max=1.0).reshape(B * H * n, n)
+    z = (cnt.double().sum() - qq.double().sum()) / (qq * (1 - qq)).double().sum().sqrt()
+    assert abs(z) < 5
+    bh = torch.arange(B * H, device="cuda").view(B, H, 1, 1)
+    ar = torch.arange(n, device="cuda")
+    u_row = sus_uniform(seed, bh, ar[:, None], torch.tensor(SYSTEMATIC_COLUMN, device="cuda"))
+    u = sus_uniform(seed, bh, ar[:, None], ar[None, :])
+    ref_keep, _, _ = thinned_keep(w, c, u_row, u, caps)
+    mine = torch.zeros_like(ref_keep).reshape(B * H * n, n)
+    mine.scatter_(1, keys.clamp(min=0).long(), slots)
+    differ = (mine != ref_keep.reshape(B * H * n, n)).any(1)
+    assert differ.sum() <= 3  # fp32 rounding of W and of the prefix sums, see _grad_check
+
+
+@cuda
+@pytest.mark.parametrize("kernel", ["v2", "v1"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_c_is_exact_attention_backward(kernel, causal):
     """c = 1e30 keeps every entry with q = 1, W~ = W: the kernel must give SDPA's exact gradients."""
     B, H, H_kv, n, D = 1, 4, 2, 200, 64
     q, k, v, do = _inputs(B, H, H_kv, n, D, torch.float16, seed=7)
     a = [t.clone().requires_grad_() for t in (q, k, v)]
     b = [t.double().clone().requires_grad_() for t in (q, k, v)]
-    sus_attention_triton(*a, c=1e30, is_causal=causal, enable_gqa=True, seed=5).backward(do)
+    sus_attention_triton(*a, c=1e30, is_causal=causal, enable_gqa=True, seed=5, kernel=kernel).backward(do)
     F.scaled_dot_product_attention(*b, is_causal=causal, enable_gqa=True).backward(do.double())
     for x, y in zip(a, b, strict=True):
         assert _rel(x.grad, y.grad) < 3e-3
 
 
 @cuda
-def test_unbiased_against_exact():
-    """Mean over seeds of SUS gradients -> exact gradients.
+@pytest.mark.parametrize("caps", [None, (4, 96)])
+def test_v2_unbiased_against_exact(caps):
+    """Mean over seeds of SUS gradients -> exact gradients, also with the candidate-mass fallback forced
+    (cand_cap 4: rows with sum a > 3 re-drawn by the Bernoulli rule; a switch that depends on W only).
 
     Statistic: ||mean - exact||^2 / sum(var / N) per tensor, which has expectation 1 for an unbiased
     estimator (the exact gradient is the kernel's own c = 1e30 gradient, so rounding bias cancels).
@@ -123,10 +163,11 @@ def test_unbiased_against_exact():
     """
     B, H, n, D, c, N = 1, 2, 96, 32, 3.0, 400
     q, k, v, do = _inputs(B, H, H, n, D, torch.float16, seed=11, spread=1.5)
+    kw = {"cap": caps[1], "cand_cap": caps[0]} if caps else {}
 
     def grads(cc, seed):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        sus_attention_triton(*leaves, c=cc, is_causal=True, seed=seed).backward(do)
+        sus_attention_triton(*leaves, c=cc, is_causal=True, seed=seed, **kw).backward(do)
         return torch.cat([t.grad.float().flatten() for t in leaves])
 
     exact = grads(1e30, 0)
@@ -136,6 +177,18 @@ def test_unbiased_against_exact():
     for m, e, s2 in zip(mean.split(sizes), exact.split(sizes), var.split(sizes), strict=True):
         ratio = ((m - e) ** 2).sum() / (s2 / N).sum()
         assert ratio < 2.0, ratio
+
+
+@cuda
+def test_long_row_uses_buffers_without_fallback():
+    """n = 8192 at c = 32 (realistic buffer sizes): no row falls back, the kept count stays near c."""
+    from chainfree.ops import sus_triton as st
+
+    q, k, v, _ = _inputs(1, 2, 2, 8192, 128, torch.bfloat16, seed=3)
+    _, _, _, cnt, keycnt = st.v2_forward(q, k, v, 32.0, True, 1 / math.sqrt(128), 77, None)
+    assert (cnt >= 0).all()
+    assert 20 < cnt[4096:].float().mean() <= 32.5
+    assert int(keycnt.sum()) == int(cnt.sum())
 
 
 @cuda
@@ -150,4 +203,6 @@ def test_input_errors():
         sus_attention_triton(bad, bad, bad)
     with pytest.raises(ValueError, match="enable_gqa"):
         sus_attention_triton(q, q[:, :1], q[:, :1])
+    with pytest.raises(ValueError, match="kernel"):
+        sus_attention_triton(q, q, q, kernel="v9")
     assert supports(q, q) and not supports(bad, bad) and not supports(q.float(), q.float())

@@ -699,6 +699,7 @@ def _sparse_bwd_kernel(
 # v2: sampling inside the forward ('thinned' contract of sus_reference.py), row-major dQ, key-major dK/dV.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _v2_tiles(
     acc,
@@ -1020,8 +1021,9 @@ def _v2_bwd_rows_kernel(
 
 
 @triton.jit
-def _v2_key_terms(dk, dv, rr, m, kk, vv, Q, DO, LSE, DELTA, sqb, sqh, sqn, sdob, sdoh, sdon, H, N_Q, offs_d,
-                  qk_scale, log2c, inv_c):
+def _v2_key_terms(
+    dk, dv, rr, m, kk, vv, Q, DO, LSE, DELTA, sqb, sqh, sqn, sdob, sdoh, sdon, H, N_Q, offs_d, qk_scale, log2c, inv_c
+):
     """dK_j, dV_j terms of the query rows rr (global row ids) against key j (kk, vv in registers)."""
     bh = rr // N_Q
     i = rr % N_Q

@@ -134,9 +134,7 @@ def sus_attention(
                 enable_gqa=enable_gqa, seed=seed, **extra,
             )  # fmt: skip
     elif backend == "triton":
-        raise ValueError(
-            f"backend='triton' supports variant in {KERNEL_VARIANTS}, got {variant!r}; use backend='auto'"
-        )
+        raise ValueError(f"backend='triton' supports variant in {KERNEL_VARIANTS}, got {variant!r}; use backend='auto'")
     return sus_attention_reference(
         query, key, value, float(c), bool(is_causal), float(scale), seed, block_rows, variant, stats
     )

@@ -76,7 +76,12 @@ def _kernels():
 
 
 def _check_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, enable_gqa: bool, c: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    enable_gqa: bool,
+    c: float,
     words: bool = False,
 ) -> None:
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
@@ -322,8 +327,15 @@ def _v2_fwd_config(d: int) -> tuple[int, int, int, int]:
 
 
 def v2_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: float, is_causal: bool, scale: float, seed: int,
-    caps: tuple[int, int] | None, sample: bool = True,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c: float,
+    is_causal: bool,
+    scale: float,
+    seed: int,
+    caps: tuple[int, int] | None,
+    sample: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(O, LSE [B*H*n] fp32 natural log, kept [B*H*n, cap] int32, count [B*H*n] int32 (-1: fallback row),
     per-key pair counts [B*Hkv*n_k] int32) of the 'thinned' draw, sampled inside the flash forward.
@@ -359,12 +371,25 @@ def v2_forward(
 
 
 def v2_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
-    kept: torch.Tensor, cnt: torch.Tensor, keycnt: torch.Tensor, c: float, is_causal: bool, scale: float,
-    seed: int, chunk: int = 8,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    kept: torch.Tensor,
+    cnt: torch.Tensor,
+    keycnt: torch.Tensor,
+    c: float,
+    is_causal: bool,
+    scale: float,
+    seed: int,
+    chunk: int = 8,
+    key_pass: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) from the forward's kept lists: a row-major pass (dQ, files each pair under its key) and a
-    key-major pass (dK, dV summed per key in registers); no fp32 atomics, no QK^T recompute."""
+    key-major pass (dK, dV summed per key in registers); no fp32 atomics, no QK^T recompute.
+    `key_pass=False` skips the second pass (a timing probe: dK, dV are left uninitialised)."""
     kern = _kernels()
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -388,6 +413,8 @@ def v2_backward(
         H, h_kv, H // h_kv, n_q, n_k, qk_scale, log2c, 1.0 / c, int(seed), cap, fbcap,
         CAUSAL=is_causal, CHUNK=chunk, D=d, num_warps=1,
     )  # fmt: skip
+    if not key_pass:
+        return dq, dk, dv
     kern._v2_bwd_keys_kernel[(n_k, B * h_kv)](
         q, k, v, do, lse, delta, keycnt, offs, src, fbcnt, fbrows, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
