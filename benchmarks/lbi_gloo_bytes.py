@@ -13,8 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
+from chainfree.bench.lbi_parallel import RegionRunSpec, spawn_local
 from chainfree.bench.report import environment
-from chainfree.parallel.region import BACKWARD_CATEGORIES, RegionRunSpec, spawn_local
+from chainfree.parallel.region import BACKWARD_CATEGORIES
 
 
 def main() -> None:

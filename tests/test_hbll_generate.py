@@ -78,12 +78,17 @@ def test_hbll_tree_path_generates_greedy_consistent_with_its_forward():
     assert longer.shape == (1, T + 7) and torch.equal(longer[:, :T], out)
 
 
-@pytest.mark.parametrize("method", ["lbi", "hbll"])
-def test_trained_run_generates(method, tiny, tmp_path):
-    """`chainfree generate` on a finished LBI / HBLL run (the path that raised AttributeError)."""
+@pytest.mark.parametrize("method, extra", [
+    ("lbi", {}),
+    ("hbll", {}),
+    ("hbll_time", {"model.kind": '"char_rnn"', "method.chunk": 8, "method.window": 4}),
+])
+def test_trained_run_generates(method, extra, tiny, tmp_path):
+    """`chainfree generate` on a finished LBI / HBLL / HBLL-over-time run (LBI and HBLL raised
+    AttributeError: no .embed)."""
     from chainfree.train import train
 
-    over = tiny(**{"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2})
+    over = tiny(**{"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2, **extra})
     train(load_config(overrides=over, method=method), tmp_path, progress=False)
     model, tok = load_trained(tmp_path, device="cpu")
     out = generate(model, torch.tensor(tok.encode("ROMEO.")), 12, generator=torch.Generator().manual_seed(0))

@@ -19,6 +19,8 @@ METHODS: dict[str, str] = {
     "lbi": "chainfree.methods.lbi:LBI",
     "hbll": "chainfree.methods.hbll:HBLL",
     "flat_bll": "chainfree.methods.hbll:FlatBlockLocal",  # HBLL's baseline: block-local, no tree
+    "hbll_time": "chainfree.methods.hbll_rnn:HBLLTime",  # HBLL over time (model.kind = char_rnn)
+    "tbptt": "chainfree.methods.hbll_rnn:TBPTT",  # truncated BPTT, its baseline (model.kind = char_rnn)
 }
 
 

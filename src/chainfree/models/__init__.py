@@ -28,6 +28,7 @@ MODEL_BUILDERS: dict[str, str] = {
     "hybrid": "chainfree.models.lm:LanguageModel",
     "vision": "chainfree.models:_build_vision",
     "char_rnn": "chainfree.models:_build_char_rnn",
+    "hf": "chainfree.models.hf:build",  # pretrained transformers causal LM
 }
 
 
@@ -60,7 +61,9 @@ def _build_char_rnn(cfg: ModelConfig) -> nn.Module:
     """One-layer character GRU of width d_model over vocab_size symbols (0 = bytes, 256)."""
     from chainfree.models.char_rnn import CharGRU
 
-    return CharGRU(cfg.vocab_size or 256, cfg.d_model)
+    model = CharGRU(cfg.vocab_size or 256, cfg.d_model)
+    model.seq_len = cfg.seq_len  # the time tree of method hbll_time is shaped by it
+    return model
 
 
 __all__ = ["MODEL_BUILDERS", "build_model", "model_builder", "register_model_kind"]

@@ -29,6 +29,7 @@ class CharGRU(nn.Module):
     def ce(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.head(out).reshape(-1, self.head.out_features).float(), targets.reshape(-1))
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean CE against targets, or the logits [B, T, vocab] without them (generation)."""
         out, _ = self.run(ids)
-        return self.ce(out, targets)
+        return self.head(out) if targets is None else self.ce(out, targets)

@@ -346,6 +346,10 @@ class TimeTree(nn.Module):
         for sc in self.shortcuts:
             sc.load_state_dict(model.gru.state_dict())
 
+    def generation_model(self) -> nn.Module:
+        """The model `chainfree generate` samples from: the recurrent model itself (the tree only trains)."""
+        return self.model
+
     def shortcut(self, node: tuple[int, int], h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """End state of node's span from start state h, reading the span's last `window` characters."""
         lv, j = node

@@ -35,16 +35,14 @@ from chainfree.methods.exact import Exact
 from chainfree.methods.hbll import HBLL, FlatBlockLocal, HBLLConfig
 from chainfree.models.hbll_tree import HBLLTree
 
-# HBLL as configured by default (paired leaves, weak top-down message), without the message (leaves trained
-# by their readout CE only: critical path log2 N + 2), and the previous default (no pairing, message weight 1)
-# so that every run shows what the construction change bought
+# HBLL as configured by default (paired leaves, weak top-down message); without the message (leaves trained
+# by their readout CE only: critical path log2 N + 2); without pairing and with message weight 1 (shows what
+# pairing and the weak message contribute); and with one fixed-point sweep (free on the critical path for
+# N >= 4, one more leaf round of compute; docs/hbll.md compares them)
 HBLL_VARIANTS = {
     "hbll": HBLLConfig(),
     "hbll_local": HBLLConfig(global_weight=0.0),
     "hbll_v0": HBLLConfig(pair_leaves=False, global_weight=1.0),
-    # one fixed-point sweep: free on the critical path for N >= 4, +1 leaf round of compute; best LM quality on
-    # CPU (8-layer byte GPT, 300 steps: val CE 2.391 vs 2.562 without, exact 2.266), not the default because
-    # the GPU step-time comparison (speed part) is measured with the default
     "hbll_fix1": HBLLConfig(corrections=1),
 }
 

@@ -1,4 +1,4 @@
-"""Reproduce the LBI paper's quality table (SPEC §3) in shape: dense vs causal LBI vs the authors' leaky LBI.
+"""Reproduce the LBI paper's quality table in shape: dense vs causal LBI vs the authors' leaky LBI.
 
 Paper: Mamba-2, Mamba-3, Transformer and a Mamba–Transformer hybrid (47–61M block parameters), regions of
 2 layers, r = 16 within 0.16–0.35 CE of dense on FineWeb-Edu after 20k steps at T = 1024. Their message is
