@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chainfree.config import ModelConfig
+from chainfree.errors import CheckpointError, ConfigError
 from chainfree.generate import generate, init_states, prefill, sample, step
 from chainfree.models.lm import LanguageModel
 
@@ -99,9 +100,11 @@ def test_top_k_restricts_support():
 
 def test_bad_arguments_are_named():
     model = tiny_model("mamba2")
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ConfigError, match="--temperature"):
         generate(model, torch.tensor([1, 2]), 3, temperature=-1)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ConfigError, match="--temperature must be a finite number >= 0"):
+        generate(model, torch.tensor([1, 2]), 3, temperature=float("nan"))
+    with pytest.raises(ConfigError, match="--top-k must be >= 1"):
         generate(model, torch.tensor([1, 2]), 3, top_k=0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, torch.zeros(0, dtype=torch.long), 3)
@@ -123,3 +126,60 @@ def test_load_trained_round_trip(tmp_path):
     out = generate(model, ids, 5, temperature=0.0)
     assert out.shape == (len(ids) + 5,)
     assert isinstance(tok.decode(out.tolist()), str)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-step GPT run (bytes tokenizer), trained once for the reader tests below."""
+    from chainfree.config import load_config
+    from chainfree.train import train
+
+    out = tmp_path_factory.mktemp("gen") / "run"
+    overrides = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.seq_len=32",
+                 'data.tokenizer="bytes"', "data.max_chars=300000", "train.batch_size=4", "train.steps=2",
+                 "train.eval_every=2", "train.eval_batches=1", 'train.device="cpu"']
+    train(load_config(overrides=overrides), out, progress=False)
+    return out
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_load_trained_refuses_byte_flipped_weights(trained_run, tmp_path):
+    from chainfree.generate import load_trained
+
+    run = _copy(trained_run, tmp_path)
+    weights = next((run / "checkpoint").glob("step_*")) / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-7] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_trained(run, "cpu")
+
+
+@pytest.mark.parametrize("target", ["latest", "state.json"])
+def test_load_trained_corrupt_json_is_one_line(trained_run, tmp_path, target):
+    from chainfree.generate import load_trained
+
+    run = _copy(trained_run, tmp_path)
+    ckpt = run / "checkpoint"
+    path = ckpt / "latest" if target == "latest" else next(ckpt.glob("step_*")) / "state.json"
+    path.write_text('{"step": ')
+    with pytest.raises(CheckpointError) as e:  # state.json: its checksum no longer holds; latest: unreadable
+        load_trained(run, "cpu")
+    assert "\n" not in str(e.value) and ("unreadable" in str(e.value) or "corrupt" in str(e.value))
+
+
+def test_load_trained_on_a_compare_folder_names_its_runs(trained_run, tmp_path):
+    import shutil
+
+    from chainfree.generate import load_trained
+
+    shutil.copytree(trained_run, tmp_path / "compare" / "exact")
+    shutil.copytree(trained_run, tmp_path / "compare" / "sus")
+    with pytest.raises(ConfigError, match=r"holds the runs exact, sus.*--out .*compare/exact"):
+        load_trained(tmp_path / "compare", "cpu")

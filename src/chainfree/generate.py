@@ -14,7 +14,7 @@ extrapolate RoPE past the trained length (quality there is untested).
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,17 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(temperature: float, top_k: int | None, max_new_tokens: int) -> None:
+    """Refuse sampling settings that have no meaning, with one line naming the option and its range."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy, 1 = the model's own "
+                          f"distribution), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1 (1 = greedy; omit it to sample from every token), got {top_k}")
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
 @torch.no_grad()
 def generate(
     model: LanguageModel,
@@ -73,12 +84,7 @@ def generate(
 ) -> torch.Tensor:
     """Continue `prompt_ids` ([T] or [B, T], at least one token) by `max_new_tokens` sampled tokens.
     Returns prompt + continuation with the prompt's shape convention ([T + n] or [B, T + n])."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, max_new_tokens)
     squeeze = prompt_ids.dim() == 1
     ids = prompt_ids[None] if squeeze else prompt_ids
     if ids.shape[-1] == 0:
@@ -134,24 +140,36 @@ def _generate_by_forward(model: torch.nn.Module, ids: torch.Tensor, max_new_toke
     return ids
 
 
-def load_trained(out_dir: Path, device: str = "auto") -> tuple[LanguageModel, Any]:
-    """(model, tokenizer) of a `chainfree train --out DIR` run, from DIR/config.toml and its latest checkpoint."""
-    from safetensors.torch import load_file
+def _not_a_run(out_dir: Path) -> ConfigError:
+    """The error for a folder without a trained run; names the run folders below it when there are any
+    (`chainfree compare --out DIR` writes one run per method into DIR/<method>/)."""
+    runs = sorted(p.name for p in out_dir.glob("*") if (p / "config.toml").is_file() and (p / "checkpoint").is_dir())
+    if runs:
+        return ConfigError(f"{out_dir} holds the runs {', '.join(runs)}, not one run; pass one of them, "
+                           f"e.g. --out {out_dir / runs[0]}")
+    return ConfigError(f"{out_dir} holds no trained run (config.toml + checkpoint/); train one with "
+                       f"`chainfree train --out {out_dir}` first")
 
+
+def load_trained(out_dir: Path, device: str = "auto") -> tuple[LanguageModel, Any]:
+    """(model, tokenizer) of a `chainfree train --out DIR` run, from DIR/config.toml and its checkpoint,
+    read through the verified reader (`chainfree.checkpoint.load_model_state`: SHA-256 of every file)."""
+    from chainfree.checkpoint import has_checkpoint, load_model_state
     from chainfree.config import load_config
+    from chainfree.errors import CheckpointError
     from chainfree.train import build_run
 
     out_dir = Path(out_dir)
-    if not (out_dir / "config.toml").is_file() or not (out_dir / "checkpoint" / "latest").is_file():
-        raise ConfigError(f"{out_dir} holds no trained run (config.toml + checkpoint/); train one with "
-                          f"`chainfree train --out {out_dir}` first")
+    ckpt = out_dir / "checkpoint"
+    if not (out_dir / "config.toml").is_file() or not has_checkpoint(ckpt):
+        raise _not_a_run(out_dir)
+    state, _ = load_model_state(ckpt)  # verified before any model is built
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     cfg = load_config(out_dir / "config.toml", [f'train.device="{dev}"'])
     data, model, _ = build_run(cfg, torch.device(dev))
-    ckpt = out_dir / "checkpoint"
-    folder = ckpt / json.loads((ckpt / "latest").read_text())["folder"]
-    state = load_file(str(folder / "model.safetensors"))
-    for alias, target in json.loads((folder / "state.json").read_text()).get("tied", {}).items():
-        state[alias] = state[target]
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint in {ckpt} does not fit the model of {out_dir / 'config.toml'}: "
+                              f"{str(e).splitlines()[0]}") from None
     return model, data.tokenizer

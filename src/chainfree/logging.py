@@ -15,15 +15,27 @@ console = Console(stderr=True)
 
 class MetricsLog:
     """Append-only JSONL. On resume, lines past the checkpoint's step are dropped, so the file always
-    reads as one uninterrupted run."""
+    reads as one uninterrupted run. A fresh start over an existing log never deletes it: the old file is
+    kept beside the new one as metrics.jsonl.1 (.2, ... if that exists), with a warning."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = path
+        self.path = path = Path(path)
         if resume_step is not None and path.exists():
             kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(path)
         elif resume_step is None and path.exists():
-            path.unlink()
+            if path.stat().st_size == 0:
+                path.unlink()
+                return
+            n = 1
+            while path.with_name(f"{path.name}.{n}").exists():
+                n += 1
+            kept_as = path.with_name(f"{path.name}.{n}")
+            path.rename(kept_as)
+            console.print(f"warning: {path} belonged to an earlier run with no checkpoint to resume; "
+                          f"kept it as {kept_as.name} and started a new log", markup=False, highlight=False)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
