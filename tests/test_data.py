@@ -64,6 +64,18 @@ def test_token_cache_and_memmap_folder(tmp_path):
     assert np.array_equal(np.asarray(via_tokens.train), np.asarray(data.train))
 
 
+def test_token_cache_follows_the_content_not_the_name_and_length(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefgh\n" * 400)
+    cfg = DataConfig(corpus="text", path=str(corpus), tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
+    before = np.asarray(load_tokens(cfg).train).copy()
+    corpus.write_text("hgfedcba\n" * 400)  # same name, same length, other bytes
+    after = np.asarray(load_tokens(cfg).train)
+    assert len(after) == len(before) and not np.array_equal(after, before)
+    assert bytes(after[:9].tolist()) == b"hgfedcba\n"
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+
+
 def test_token_folder_without_vocab_is_a_clear_error(tmp_path):
     np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
     np.arange(100, dtype=np.uint16).tofile(tmp_path / "val.bin")

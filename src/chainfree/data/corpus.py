@@ -34,10 +34,14 @@ def _split_by_document(names: list[str], val_fraction: float) -> set[str]:
     return set(ranked[:n_val])
 
 
-def _fingerprint(parts: list[tuple[str, int]]) -> str:
+def _fingerprint(docs: list[tuple[str, str]]) -> str:
+    """SHA-256 over every document's name and full text: any edit to the corpus (even one that keeps its
+    length) gives a new token cache entry instead of reusing stale tokens."""
     h = hashlib.sha256()
-    for name, size in parts:
-        h.update(f"{name}:{size};".encode())
+    for name, text in docs:
+        data = text.encode("utf-8", errors="surrogatepass")
+        h.update(f"{len(name)}:{name}:{len(data)}:".encode("utf-8", errors="surrogatepass"))
+        h.update(data)
     return h.hexdigest()[:16]
 
 
@@ -72,11 +76,11 @@ def _from_documents(name: str, docs: list[tuple[str, str]], cfg: DataConfig) -> 
         (doc_name, text), = docs
         cut = int(len(text) * (1 - cfg.val_fraction))
         cut = text.rfind("\n", 0, cut) + 1 or cut
-        return Corpus(name, [text[:cut]], [text[cut:]], _fingerprint([(doc_name, len(text))]))
+        return Corpus(name, [text[:cut]], [text[cut:]], _fingerprint(docs))
     val_names = _split_by_document([n for n, _ in docs], cfg.val_fraction)
     train = [t for n, t in docs if n not in val_names]
     val = [t for n, t in docs if n in val_names]
-    return Corpus(name, train, val, _fingerprint([(n, len(t)) for n, t in docs]))
+    return Corpus(name, train, val, _fingerprint(docs))
 
 
 def shakespeare(cfg: DataConfig) -> Corpus:
