@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from chainfree.config import ModelConfig
-from chainfree.methods.lbi import LBIConfig, scan_backward
+from chainfree.methods.exact import Exact
+from chainfree.methods.lbi import LBI, LBIConfig, scan_backward
 from chainfree.models.lbi import LBIModel
 from chainfree.models.lm import LanguageModel
 from chainfree.runtime import Stopwatch
@@ -123,17 +124,20 @@ def bench_single(
     out: dict[str, Any] | None = None,
     on_result=lambda: None,
 ) -> dict[str, Any]:
-    """Dense vs LBI (autograd and scan) on one device; each variant {'name', 'lbi': LBIConfig kwargs}."""
+    """Dense vs LBI (autograd and scan) on one device; each variant {'name', 'lbi': LBIConfig kwargs}. Every
+    timed step is a method's `step` (Exact for dense, LBI with backward 'autograd' / 'scan'): forward and
+    backward into .grad, no optimizer."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     ids, targets = _batch(model_cfg, batch_size, device)
     out = {} if out is None else out
     torch.manual_seed(0)
     lm = LanguageModel(ModelConfig(**model_cfg)).to(device)
+    exact = Exact()
 
     def dense_step() -> None:
         lm.zero_grad(set_to_none=True)
         with autocast:
-            lm(ids, targets).backward()
+            exact.step(lm, ids, targets)
 
     out["dense"] = time_step(dense_step, device, warmup, steps)
     if device.type == "cuda":
@@ -145,18 +149,20 @@ def bench_single(
         name = var["name"]
         try:
             torch.manual_seed(0)
-            model = LBIModel(LanguageModel(ModelConfig(**model_cfg)).to(device), LBIConfig(**var["lbi"]))
-            cfg = model.config
+            cfg = LBIConfig(**{**var["lbi"], "check_separator": False})
+            model = LBI(cfg).prepare(LanguageModel(ModelConfig(**model_cfg)).to(device))
+            by_autograd = LBI(dataclasses.replace(cfg, backward="autograd"))
+            by_scan = LBI(dataclasses.replace(cfg, backward="scan"))
 
-            def autograd_step(model=model) -> None:
+            def autograd_step(model=model, method=by_autograd) -> None:
                 model.zero_grad(set_to_none=True)
                 with autocast:
-                    model(ids, targets).backward()
+                    method.step(model, ids, targets)
 
-            def scan_step(model=model, cfg=cfg) -> None:
+            def scan_step(model=model, method=by_scan) -> None:
                 model.zero_grad(set_to_none=True)
                 with autocast:
-                    scan_backward(model, ids, targets, cfg.jacobian)
+                    method.step(model, ids, targets)
 
             rec: dict[str, Any] = {"lbi": dataclasses.asdict(cfg), "n_regions": model.n_regions}
             if var.get("autograd", True):
