@@ -3,6 +3,7 @@
 Drop-in entry points:
     chainfree.sus_attention(q, k, v, c=32)      # in place of F.scaled_dot_product_attention
     chainfree.methods.basis.apply(model, rank=32)
+    chainfree.apply(model, "sus", c=32)         # prepare any model (transformers included) for your own trainer
 """
 
 __version__ = "0.1.0"
@@ -14,4 +15,8 @@ def __getattr__(name: str):
         from chainfree.ops.sus import sus_attention
 
         return sus_attention
+    if name == "apply":  # the submodule, callable as chainfree.apply(model, method, **config)
+        import chainfree.apply as module
+
+        return module
     raise AttributeError(f"module 'chainfree' has no attribute {name!r}")

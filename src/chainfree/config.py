@@ -21,7 +21,7 @@ from typing import Any
 
 from chainfree.errors import ConfigError
 
-MODEL_KINDS = ("gpt", "mamba2", "mamba3", "hybrid", "vision", "char_rnn")
+MODEL_KINDS = ("gpt", "mamba2", "mamba3", "hybrid", "vision", "char_rnn", "hf")
 LM_KINDS = ("gpt", "mamba2", "mamba3", "hybrid")
 CHECKPOINT_MODES = ("none", "full", "selective")
 STRATEGIES = ("auto", "single", "ddp", "fsdp2", "hbll_tree", "lbi_region")
@@ -56,6 +56,9 @@ class ModelConfig:
     # vision (residual MLP classifier over flat feature vectors)
     in_features: int = 784
     n_classes: int = 10
+    # hf (a pretrained transformers causal LM, chainfree.models.hf): architecture comes from the checkpoint
+    pretrained: str = ""  # transformers folder, .gguf file, or alias 'smollm2'
+    pretrained_dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
 
     def fit_vocab(self, tokenizer_vocab: int) -> None:
         """Set vocab_size from the tokenizer when it is 0; refuse a vocabulary smaller than the tokenizer's.
@@ -94,6 +97,11 @@ class ModelConfig:
                 f"must divide model.n_heads ({self.n_heads} % {self.kv_heads} != 0)",
             )
             _check((self.d_model // self.n_heads) % 2 == 0, "model.n_heads", "head dim must be even for RoPE")
+        if self.kind == "hf":
+            _check(bool(self.pretrained), "model.pretrained",
+                   "is required for model.kind='hf': a transformers folder, a .gguf file or 'smollm2'")
+            dtypes = ("float32", "bfloat16", "float16", "float64")
+            _check(self.pretrained_dtype in dtypes, "model.pretrained_dtype", f"must be one of {dtypes}")
         if self.kind == "vision":
             _check(self.in_features > 0, "model.in_features", "must be positive")
             _check(self.n_classes > 1, "model.n_classes", "must be >= 2")

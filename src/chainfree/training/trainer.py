@@ -254,13 +254,23 @@ def seeded_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def run_tokens(cfg: RunConfig) -> Any:
+    """The run's token data: the data section's corpus, or for a pretrained model (model.kind='hf') that
+    corpus re-tokenised with the model's own tokenizer (which also refuses methods that rebuild the model)."""
+    if cfg.model.kind == "hf":
+        from chainfree.models.hf import run_tokens as hf_tokens
+
+        return hf_tokens(cfg)
+    from chainfree.data import load_tokens
+
+    return load_tokens(cfg.data)
+
+
 def build_run(cfg: RunConfig, device: torch.device) -> tuple[Any, nn.Module, Method]:
     """Data, prepared model (seeded) and method for a config; for callers that drive a model themselves
     (generation, benches). `train` goes through Trainer.setup instead."""
-    from chainfree.data import load_tokens
-
     method = method_from_config(cfg)
-    data = load_tokens(cfg.data)
+    data = run_tokens(cfg)
     cfg.model.fit_vocab(data.vocab_size)
     model = method.prepare(seeded_model(cfg, device))
     return data, model, method
@@ -274,13 +284,13 @@ def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress
     rerunning continues it. Ctrl-C does the same: a checkpoint is written before the interrupt propagates.
     Extra `callbacks` run after the built-in eval, log and progress callbacks, before the checkpoint.
     """
-    from chainfree.data import BatchSampler, load_tokens
+    from chainfree.data import BatchSampler
 
     out_dir = Path(out_dir)
     tc = cfg.train
     method = method_from_config(cfg)  # validates the [method] section before any work
     trainer = Trainer(tc, method)
-    data = load_tokens(cfg.data)
+    data = run_tokens(cfg)
     cfg.model.fit_vocab(data.vocab_size)
     state = trainer.setup(seeded_model(cfg, trainer.device))
     sampler = BatchSampler(data, tc.batch_size, cfg.model.seq_len, tc.seed, *trainer.strategy.batch_shard())
