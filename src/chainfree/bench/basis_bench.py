@@ -1,28 +1,34 @@
-"""BASIS vs exact backprop on one GPU: peak and activation memory, step time, val loss after a token budget.
+"""BASIS on the memory-time-loss frontier, against exact backprop and its strong baselines, on the one Trainer.
 
-    python -m chainfree.bench.basis_bench --out benchmarks/results [--steps 150] [--set key=value ...]
+    python -m chainfree.bench.basis_bench micro --out benchmarks/results            # sketch vs dW GEMM per shape
+    python -m chainfree.bench.basis_bench frontier --width 768 --steps 100 --out benchmarks/results
+    python -m chainfree.bench.basis_bench optim --device cpu --out benchmarks/results  # AdamW/SGD x scalars
 
-Every case trains the same model (same seed, same batches, same chunked loss, bf16 autocast, fused
-AdamW, the train loop's schedule and clipping) from scratch for `--steps` steps, in one process:
-exact, BASIS at each rank of `--ranks` on the paper's layers (MLP up/down fused + head), BASIS at
-`--attn-rank` on every Linear (attention projections too), and at `--spec-rank` with the MLP as two
-separate BasisLinear layers (fuse_mlp=false: GELU's input h stays saved). Measured per case:
+`micro` times, per Linear shape of a model (B rows, N_in -> N_out, bf16), the exact weight-gradient GEMM
+dY^T X against what BASIS does instead at each compression: the fused sketch of X (forward) and of dY
+(backward, with the bias column sums), and the rank-R dW GEMM. Each figure is the mean of 50 back-to-back
+calls between two CUDA events, median over rounds (min and max kept).
 
-* peak: torch.cuda.max_memory_allocated over one full training step (peak stats reset before it);
-* static: bytes of weights + grads + optimizer state; activation = peak - static;
-* saved: memory_allocated after the forward minus before it (what autograd keeps for backward),
-  and its breakdown by tensor shape/dtype from saved_tensors_hooks (storage-deduplicated, parameters
-  excluded), so that what remains can be named;
-* step time: median wall time of steps 5.. (synchronised), ratio to exact;
-* val loss after the budget on fixed val windows, difference to exact.
-A micro-benchmark times the sketch (one (R x B) GEMM) against the dW GEMM it replaces.
-Results: basis_bench.json / basis_bench.md (+ basis_bench_loss.png) with device, versions and commit.
+`frontier` trains every case from the same seed on the same batches for `--steps` steps through
+chainfree.training.Trainer.train_step, the cases *interleaved step by step* (case order rotated every
+step), so machine load hits all of them alike. Cases: exact eager, exact compiled (train.compile),
+exact with full and selective activation checkpointing (train.activation_checkpoint), and BASIS on all
+Linears (attention included) and on the MLPs + head, at each compression of `--compressions`, fused
+MLP (keeps only the MLP input) or not (keeps GELU's input, no recompute GEMM), eager and compiled.
+Measured per case: activation memory of one step (CUDA: peak allocated during the step minus what was
+allocated before it minus the gradients), step time (median over steps >= `--warmup`, p10-p90 spread,
+median of the per-step ratio to compiled exact), val loss on fixed val windows after the equal token
+budget. Writes basis_frontier_d{width}.{json,md} and a memory-vs-time PNG labelled with Δval.
+
+`optim` is `frontier` with optimizer variants instead of baselines (AdamW vs SGD-momentum, invariant
+scalars on/off at each compression), for small models on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import statistics
 import sys
@@ -31,266 +37,325 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from chainfree.bench.report import markdown_table, write_result
 from chainfree.config import load_config
-from chainfree.data import BatchSampler
-from chainfree.logging import plot_losses
-from chainfree.methods.base import Method
-from chainfree.train import autocast_context, build_optimizer, build_run, evaluate, lr_at
+from chainfree.data import BatchSampler, load_tokens
+from chainfree.logging import pyplot
+from chainfree.methods import method_from_config
+from chainfree.training.trainer import Trainer, evaluate, seeded_model
 
-GPT2_SMALL = ["model.kind=gpt", "model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.seq_len=1024",
-              "train.batch_size=16", "train.dtype=bf16", "train.lr=6e-4", "train.warmup_steps=20",
-              "train.eval_batches=8"]
-ALL_LINEARS = ["*.mlp.*", "*.attn.*_proj", "head"]
+ALL_LINEARS = "method.layers=*.mlp.*,*.attn.*_proj,head"
+MLP_ONLY = "method.layers=*.mlp.*,head"
 
 
-def saved_tensor_breakdown(model: nn.Module, fn) -> tuple[Any, list[dict[str, Any]]]:
-    """Run fn() and group what autograd saves by (shape, dtype); storages counted once, parameters skipped."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, tuple[tuple[int, ...], str, int]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_ptrs and ptr not in seen:
-            seen[ptr] = (tuple(t.shape), str(t.dtype).removeprefix("torch."), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    groups: dict[tuple[tuple[int, ...], str], dict[str, Any]] = {}
-    for shape, dtype, nbytes in seen.values():
-        g = groups.setdefault((shape, dtype), {"shape": list(shape), "dtype": dtype, "count": 0, "bytes": 0})
-        g["count"] += 1
-        g["bytes"] += nbytes
-    return out, sorted(groups.values(), key=lambda g: -g["bytes"])
+def width_config(width: int, layers: int | None, batch: int, seq: int) -> list[str]:
+    """GPT of the given width (head dim 64), bf16 autocast, fused AdamW lr 6e-4, warmup 20, cosine, clip 1."""
+    n_layers = layers if layers is not None else 12
+    return ["model.kind=gpt", f"model.d_model={width}", f"model.n_layers={n_layers}",
+            f"model.n_heads={max(1, width // 64)}", f"model.seq_len={seq}", f"train.batch_size={batch}",
+            "train.dtype=bf16", "train.lr=6e-4", "train.warmup_steps=20", "train.eval_batches=8",
+            "train.optimizer=adamw"]
 
 
-def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Weights + gradients (one per trainable weight, same dtype) + optimizer state tensors."""
-    params = list(model.parameters())
-    total = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
-    for state in optimizer.state.values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-    return total
+# -- micro ---------------------------------------------------------------------------------------------------
 
-
-def run_case(name: str, overrides: list[str], device: torch.device, steps: int, measure_step: int,
-             torch_sketch: bool = False) -> dict[str, Any]:
-    """Train one case from scratch; torch_sketch=True disables the fused Triton sketch for this case."""
-    import chainfree.ops.basis_linear as basis_ops
-
-    basis_ops._TRITON = False if torch_sketch else None
-    try:
-        return _run_case(name, overrides, device, steps, measure_step)
-    finally:
-        basis_ops._TRITON = None
-
-
-def _run_case(name: str, overrides: list[str], device: torch.device, steps: int, measure_step: int) -> dict[str, Any]:
-    cfg = load_config(None, overrides)
-    tc = cfg.train
-    data, model, method = build_run(cfg, device)
-    if type(method).step is not Method.step:
-        raise ValueError(f"{name}: this bench assumes the default autograd step")
-    sampler = BatchSampler(data, tc.batch_size, cfg.model.seq_len, tc.seed)
-    optimizer = build_optimizer(model, tc, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    cuda = device.type == "cuda"
-    times, records, result = [], [], {"case": name}
-    for step in range(steps):
-        measure = step == measure_step
-        x, y = (t.to(device) for t in sampler.batch("train", step))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
-        if cuda:
-            torch.cuda.synchronize(device)
-            if measure:
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
-        with autocast_context(tc, device):
-            if measure:
-                loss, groups = saved_tensor_breakdown(model, lambda: model(x, y))  # noqa: B023 (called at once)
-                result["saved_groups"] = groups[:12]
-                result["saved_hooks_bytes"] = sum(g["bytes"] for g in groups)
-                if cuda:
-                    result["saved_bytes"] = torch.cuda.memory_allocated(device) - before
-            else:
-                loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        if measure:
-            result["static_bytes"] = static_bytes(model, optimizer)
-            if cuda:
-                result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-                result["activation_bytes"] = result["peak_bytes"] - result["static_bytes"]
-        elif step >= 5:
-            times.append(dt)
-        records.append({"step": step + 1, "train_loss": float(loss)})
-    result["val_loss"] = evaluate(method, model, sampler, tc.eval_batches, device, tc)
-    records[-1]["val_loss"] = result["val_loss"]
-    result.update(step_time_s=statistics.median(times) if times else math.nan, final_train_loss=records[-1]
-                  ["train_loss"], tokens=steps * tc.batch_size * cfg.model.seq_len, records=records,
-                  method=method.describe())
-    return result
-
-
-def sketch_microbench(device: torch.device, rows: int, width: int, rank: int, reps: int = 20) -> dict[str, float]:
-    """Time (ms) of the sketch of a (rows x width) bf16 matrix vs the dW GEMM it replaces (d_model = width/4)."""
-    import chainfree.ops.basis_linear as basis_ops
-    from chainfree.ops.basis_linear import draw_plan, scaled_sketch, sketch_rows_reference
-
-    m = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
-    other = torch.randn(rows, width // 4, device=device, dtype=torch.bfloat16)
-
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize(device)
-        return 1000 * (time.perf_counter() - t0) / reps
-
-    plan = draw_plan(rows, rank, device, torch.bfloat16)
-    triton_sketch_ms = {}
-    if basis_ops._triton_kernel() is not None:
-        kernel = basis_ops._triton_kernel()
-        triton_sketch_ms["triton_sketch_norm_colsum_ms"] = timed(
-            lambda: kernel(m, plan.perm, plan.signs, rank, with_colsum=True))
-    return {
-        "rows": rows, "width": width, "rank": rank,
-        "dw_gemm_ms": timed(lambda: m.T @ other),
-        "draw_plan_ms": timed(lambda: draw_plan(rows, rank, device, torch.bfloat16)),
-        "sketch_with_scalar_ms": timed(lambda: scaled_sketch(m, plan, True, 0.01)),  # Triton path if available
-        "gather_sketch_ms": timed(lambda: sketch_rows_reference(m, plan)),
-        "norm_only_ms": timed(lambda: torch.linalg.vector_norm(m, dtype=torch.float32)),
-        "randperm_ms": timed(lambda: torch.randperm(rows, device=device)),
-        "argsort_2_perms_ms": timed(lambda: torch.rand(2, rows, device=device).argsort(dim=1)),
-        **triton_sketch_ms,
-    }
-
-
-def profile_case(overrides: list[str], device: torch.device) -> str:
-    """torch.profiler table of 3 training steps after 4 warm-up steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cfg = load_config(None, overrides)
-    tc = cfg.train
-    data, model, method = build_run(cfg, device)
-    sampler = BatchSampler(data, tc.batch_size, cfg.model.seq_len, tc.seed)
-    optimizer = build_optimizer(model, tc, device)
-
-    def step(i: int) -> None:
-        x, y = (t.to(device) for t in sampler.batch("train", i))
-        with autocast_context(tc, device):
-            loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for i in range(4):
-        step(i)
+def _mean_ms(fn, device: torch.device, calls: int = 50, rounds: int = 5) -> dict[str, float]:
+    for _ in range(3):
+        fn()
     torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(4, 7):
-            step(i)
+    per_call = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
         torch.cuda.synchronize(device)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+        per_call.append(start.elapsed_time(end) / calls)
+    return {"ms": statistics.median(per_call), "min_ms": min(per_call), "max_ms": max(per_call)}
 
 
-COLUMNS = [("case", "case"), ("peak_gib", "peak (GiB)"), ("activation_gib", "activation (GiB)"),
-           ("activation_saving", "activation saving vs exact"), ("saved_gib", "saved by autograd (GiB)"),
-           ("step_time_ms", "step time (ms)"), ("time_ratio", "time ratio"), ("val_loss", "val loss"),
-           ("delta_val", "Δ val vs exact")]
+def layer_shapes(width: int) -> list[tuple[str, int, int]]:
+    """(name, N_in, N_out) of a GPT block's Linears: fused qkv, attention out, MLP up, MLP down."""
+    return [("qkv", width, 3 * width), ("attn_out", width, width), ("mlp_up", width, 4 * width),
+            ("mlp_down", 4 * width, width)]
+
+
+def micro(device: torch.device, rows: int, widths: list[int], compressions: list[float]) -> list[dict[str, Any]]:
+    from chainfree.ops.basis_sketch import draw_plan, resolve_rank, sketch, supports
+
+    out = []
+    bf16 = torch.bfloat16
+    for width in widths:
+        for name, n_in, n_out in layer_shapes(width):
+            x = torch.randn(rows, n_in, device=device, dtype=bf16)
+            dy = torch.randn(rows, n_out, device=device, dtype=bf16)
+            dw = _mean_ms(lambda: dy.T @ x, device)  # noqa: B023 (timed at once)
+            flops = 2 * rows * n_in * n_out
+            bound_ms = rows * (n_in + n_out) * 2 / 4.8e12 * 1e3  # one read of X and dY at the H200's 4.8 TB/s
+            for c in compressions:
+                rank = resolve_rank(rows, None, c)
+                plan = draw_plan(rows, rank, device)
+                sx = _mean_ms(lambda: sketch(x, plan), device)  # noqa: B023
+                sdy = _mean_ms(lambda: sketch(dy, plan, with_colsum=True), device)  # noqa: B023
+                x_sk, dy_sk = sketch(x, plan)[0], sketch(dy, plan)[0]
+                small = _mean_ms(lambda: dy_sk.t() @ x_sk, device)  # noqa: B023
+                draw = _mean_ms(lambda: draw_plan(rows, rank, device), device)  # noqa: B023
+                sketch_ms = sx["ms"] + sdy["ms"]
+                out.append({
+                    "width": width, "layer": name, "rows": rows, "n_in": n_in, "n_out": n_out, "compression": c,
+                    "rank": rank, "dw_gemm_ms": dw["ms"], "dw_tflops": flops / dw["ms"] / 1e9,
+                    "sketch_x_ms": sx["ms"], "sketch_dy_ms": sdy["ms"], "sketch_ms": sketch_ms,
+                    "sketch_over_dw": sketch_ms / dw["ms"], "sketch_gbps": rows * (n_in + n_out) * 2 / sketch_ms / 1e6,
+                    "read_bound_ms": bound_ms, "rank_dw_gemm_ms": small["ms"], "draw_ms": draw["ms"],
+                    "basis_total_over_dw": (sketch_ms + small["ms"] + draw["ms"]) / dw["ms"],
+                    "kernel": "triton" if not supports(x) else "torch (" + "; ".join(supports(x)) + ")",
+                    "spread": {"dw": dw, "sketch_x": sx, "sketch_dy": sdy},
+                })
+                r = out[-1]
+                print(f"d={width} {name} c={c:g} R={rank}: dW {r['dw_gemm_ms']:.3f} ms, sketch X+dY "
+                      f"{sketch_ms:.3f} ms ({r['sketch_over_dw']:.2f}x, {r['sketch_gbps']:.0f} GB/s), "
+                      f"rank-R GEMM {small['ms']:.3f}, draw {draw['ms']:.3f}", flush=True)
+    return out
+
+
+MICRO_COLUMNS = [("width", "d"), ("layer", "layer"), ("compression", "c"), ("rank", "R"),
+                 ("dw_gemm_ms", "exact dW GEMM (ms)"), ("sketch_x_ms", "sketch X"), ("sketch_dy_ms", "sketch dY+db"),
+                 ("sketch_over_dw", "sketches / dW"), ("sketch_gbps", "sketch GB/s"),
+                 ("read_bound_ms", "read bound (ms)"), ("rank_dw_gemm_ms", "rank-R dW"), ("draw_ms", "draw"),
+                 ("basis_total_over_dw", "all BASIS work / dW")]
+
+
+# -- frontier -----------------------------------------------------------------------------------------------
+
+def baseline_cases(compile_exact: bool) -> dict[str, list[str]]:
+    cases = {"exact": ["method.name=exact"]}
+    if compile_exact:
+        cases["exact+compile"] = ["method.name=exact", "train.compile=true"]
+    cases["exact+ckpt"] = ["method.name=exact", "train.activation_checkpoint=full"]
+    cases["exact+sac"] = ["method.name=exact", "train.activation_checkpoint=selective"]
+    return cases
+
+
+def basis_cases(sets: dict[str, list[float]], compiled: list[str]) -> dict[str, list[str]]:
+    """sets: {'all' (every Linear, fused MLP) | 'all-unfused' | 'mlp' (MLPs + head): compressions};
+    compiled: case labels to run compiled as well."""
+    layer_sets = {"all": [ALL_LINEARS], "all-unfused": [ALL_LINEARS, "method.fuse_mlp=false"], "mlp": [MLP_ONLY]}
+    cases = {}
+    for s, compressions in sets.items():
+        if s not in layer_sets:
+            raise SystemExit(f"--sets: unknown layer set {s!r}; use {', '.join(layer_sets)}")
+        for c in compressions:
+            name = f"basis {s} c={c:g}"
+            cases[name] = ["method.name=basis", f"method.compression={c:g}", *layer_sets[s]]
+    for label in compiled:  # e.g. "basis all-unfused c=8"
+        if label not in cases:
+            raise SystemExit(f"--compile-cases: {label!r} is not one of the cases: {', '.join(cases)}")
+        cases[label + "+compile"] = [*cases[label], "train.compile=true"]
+    return cases
+
+
+def _grad_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: torch.device, warmup: int,
+              measure_step: int, budget_s: float) -> dict[str, dict[str, Any]]:
+    """Train every case through its own Trainer, interleaved step by step; return per-case measurements."""
+    cfgs = {name: load_config(None, [*base, f"train.steps={steps}", f"train.device={device.type}", *extra])
+            for name, extra in cases.items()}
+    first = next(iter(cfgs.values()))
+    data = load_tokens(first.data)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, cfg in cfgs.items():
+        cfg.model.fit_vocab(data.vocab_size)
+        method = method_from_config(cfg)
+        trainer = Trainer(cfg.train, method, device=device)
+        state = trainer.setup(seeded_model(cfg, device))
+        sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+        runs[name] = {"cfg": cfg, "trainer": trainer, "state": state, "sampler": sampler, "method": method,
+                      "times": [], "losses": [], "result": {"case": name, "overrides": cases[name],
+                                                              "options": trainer.options}}
+    cuda = device.type == "cuda"
+    names = list(runs)
+    t_start = time.perf_counter()
+    done_steps = 0
+    for step in range(steps):
+        if time.perf_counter() - t_start > budget_s and step > measure_step:
+            print(f"time budget reached after {step} steps; stopping all cases there", flush=True)
+            break
+        order = names[step % len(names):] + names[:step % len(names)]  # rotate: no case always runs first
+        for name in order:
+            r = runs[name]
+            batch = r["sampler"].batch("train", step)
+            measure = cuda and step == measure_step
+            if cuda:
+                torch.cuda.synchronize(device)
+                if measure:
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            stats = r["trainer"].train_step(r["state"], batch)
+            if cuda:
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            if measure:
+                peak = torch.cuda.max_memory_allocated(device)
+                r["result"]["activation_bytes"] = peak - before - _grad_bytes(r["state"].model)
+                r["result"]["step_peak_over_before_bytes"] = peak - before
+            r["times"].append(dt)
+            r["losses"].append(stats.loss)
+        done_steps = step + 1
+    for r in runs.values():
+        cfg = r["cfg"]
+        res = r["result"]
+        times = r["times"][warmup:] or r["times"]
+        qs = statistics.quantiles(times, n=10) if len(times) >= 10 else [min(times)] * 9
+        res.update(steps=done_steps, tokens=done_steps * cfg.train.batch_size * cfg.model.seq_len,
+                   step_ms=1e3 * statistics.median(times), step_ms_p10=1e3 * qs[0], step_ms_p90=1e3 * qs[-1],
+                   first_step_s=r["times"][0], train_loss_last10=statistics.fmean(r["losses"][-10:]),
+                   records=[{"step": i + 1, "train_loss": loss} for i, loss in enumerate(r["losses"])],
+                   val_loss=evaluate(r["method"], r["state"].model, r["sampler"], cfg.train.eval_batches, device,
+                                     cfg.train),
+                   method=r["method"].describe() if hasattr(r["method"], "describe") else cfg.method,
+                   step_times_s=r["times"])
+        if cfg.method_name == "basis":
+            from chainfree.methods.basis import summary
+
+            res["swapped"] = summary(r["state"].model)
+    for name in list(runs):  # free the models before the next table
+        del runs[name]["state"], runs[name]["trainer"]
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {name: r["result"] for name, r in runs.items()}
+
+
+def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
+    base = results[baseline]
+    bt, warm = base["step_times_s"], 0
+    for r in results.values():
+        n = min(len(r["step_times_s"]), len(bt))
+        ratios = [a / b for a, b in zip(r["step_times_s"][warm:n], bt[warm:n], strict=True)][5:]
+        r["time_ratio"] = statistics.median(ratios) if ratios else math.nan
+        r["delta_val"] = r["val_loss"] - base["val_loss"]
+        if "activation_bytes" in r and "activation_bytes" in base:
+            r["activation_gib"] = r["activation_bytes"] / 2**30
+            r["activation_ratio"] = r["activation_bytes"] / base["activation_bytes"]
+
+
+FRONTIER_COLUMNS = [("case", "case"), ("activation_gib", "activation (GiB)"), ("activation_ratio", "act. vs base"),
+                    ("step_ms", "step (ms)"), ("step_ms_p10", "p10"), ("step_ms_p90", "p90"),
+                    ("time_ratio", "time vs base"), ("val_loss", "val loss"), ("delta_val", "Δ val vs base"),
+                    ("first_step_s", "1st step (s)")]
+
+
+def frontier_plot(results: dict[str, dict[str, Any]], path: Path, title: str, baseline: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, r in results.items():
+        if "activation_gib" not in r:
+            continue
+        kind = "exact" if name.startswith("exact") else ("basis-all" if " all" in name else "basis-mlp")
+        marker = {"exact": "s", "basis-all": "o", "basis-mlp": "^"}[kind]
+        color = {"exact": "k", "basis-all": "C0", "basis-mlp": "C1"}[kind]
+        ax.scatter(r["step_ms"], r["activation_gib"], marker=marker, color=color, s=40)
+        ax.annotate(f"{name.replace('basis ', '')}\nΔval {r['delta_val']:+.2f}", (r["step_ms"], r["activation_gib"]),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("step time (ms, median)")
+    ax.set_ylabel("activation memory of one step (GiB)")
+    ax.set_title(f"{title}\n(label: val loss minus {baseline}'s after the same tokens)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_frontier(out: Path, tag: str, title: str, results: dict[str, dict[str, Any]], baseline: str,
+                   base: list[str], command: str, extra: dict[str, Any]) -> None:
+    add_ratios(results, baseline)
+    rows = [{k: r.get(k) for k, _ in FRONTIER_COLUMNS} for r in results.values()]
+    tokens = next(iter(results.values()))["tokens"]
+    md = [f"# {title}: {tokens:,} tokens per case, cases interleaved step by step", "",
+          f"Baseline of the ratios: **{baseline}**. Settings: `{' '.join(base)}`.", "",
+          markdown_table(rows, FRONTIER_COLUMNS), "",
+          "activation = peak allocated during one step − allocated before it − gradients (CUDA only); step time: "
+          "median over steps after warm-up, p10/p90 spread; time vs base: median of per-step ratios "
+          "(interleaved steps); val loss on fixed val windows after the same steps and batches.", ""]
+    for name, r in results.items():
+        if r.get("swapped"):
+            md.append(f"* {name}: {r['swapped']}")
+    payload = {"command": command, "baseline": baseline, "base_overrides": base, "results": results, **extra}
+    write_result(out, f"basis_frontier_{tag}", payload, "\n".join(md))
+    frontier_plot(results, out / f"basis_frontier_{tag}.png", title, baseline)
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--ranks", default="1,8,32,128")
-    ap.add_argument("--attn-rank", type=int, default=32, help="rank of the all-Linears case (0 = skip it)")
-    ap.add_argument("--spec-rank", type=int, default=32, help="rank of the unfused-MLP case (0 = skip it)")
-    ap.add_argument("--torch-sketch-rank", type=int, default=0,
-                    help="rank of a case with the PyTorch sketch instead of the Triton kernel (0 = skip it)")
-    ap.add_argument("--profile", action="store_true", help="also profile 3 steps of exact and BASIS R=32")
+    ap.add_argument("what", choices=["micro", "frontier", "optim"])
+    ap.add_argument("--out", type=Path, default=Path("runs/basis_bench"))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override section.key=value")
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=None, help="blocks (default 12)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compressions", default="2,4,8,32,128,512", help="micro and optim: compressions")
+    ap.add_argument("--sets", default="all=2,4,8,32,128,512;mlp=2,4,8,32,128,512",
+                    help="BASIS layer sets and their compressions: 'all=2,8;all-unfused=8;mlp=8,512'")
+    ap.add_argument("--compile-cases", default="", help="BASIS cases to also run compiled, ';'-separated")
+    ap.add_argument("--no-compile-exact", action="store_true")
+    ap.add_argument("--widths", default="768,2048", help="micro: model widths")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop the interleaved steps after this long")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--set", dest="sets_", action="append", default=[], help="config override section.key=value")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    base = [*GPT2_SMALL, f"train.steps={args.steps}", f"train.device={args.device}", *args.sets]
-    cases = {"exact": ["method.name=exact"]}
-    for r in (int(v) for v in args.ranks.split(",") if v):
-        cases[f"basis R={r}"] = ["method.name=basis", f"method.rank={r}"]
-    if args.spec_rank:  # the MLP as two BasisLinear layers (SPEC §1.6 structure: h stays saved)
-        cases[f"basis R={args.spec_rank} unfused MLP"] = [
-            "method.name=basis", f"method.rank={args.spec_rank}", "method.fuse_mlp=false"]
-    if args.torch_sketch_rank:  # same as the paper-layer case but with the PyTorch (GEMM) sketch
-        cases[f"basis R={args.torch_sketch_rank} PyTorch sketch"] = [
-            "method.name=basis", f"method.rank={args.torch_sketch_rank}"]
-    if args.attn_rank:
-        cases[f"basis R={args.attn_rank} all Linears"] = [
-            "method.name=basis", f"method.rank={args.attn_rank}", "method.layers=" + ",".join(ALL_LINEARS)]
-    results = {}
-    for name, extra in cases.items():
-        results[name] = run_case(name, [*base, *extra], device, args.steps, measure_step=3,
-                                 torch_sketch=name.endswith("PyTorch sketch"))
-        gc.collect()  # the case's model and optimizer are unreachable now; free them before the next case
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        r = results[name]
-        print(f"{name}: peak {r.get('peak_bytes', 0) / 2**30:.2f} GiB, activation "
-              f"{r.get('activation_bytes', 0) / 2**30:.2f} GiB, step {1000 * r['step_time_s']:.1f} ms, "
-              f"val {r['val_loss']:.4f}", flush=True)
-    ex = results["exact"]
-    rows = []
-    for name, r in results.items():
-        row = {"case": name, "step_time_ms": 1000 * r["step_time_s"], "val_loss": r["val_loss"],
-               "time_ratio": r["step_time_s"] / ex["step_time_s"], "delta_val": r["val_loss"] - ex["val_loss"]}
-        if "peak_bytes" in r:
-            row.update(peak_gib=r["peak_bytes"] / 2**30, activation_gib=r["activation_bytes"] / 2**30,
-                       saved_gib=r["saved_bytes"] / 2**30,
-                       activation_saving=1 - r["activation_bytes"] / ex["activation_bytes"])
-        rows.append(row)
-    micro = []
-    if device.type == "cuda":
-        cfg = load_config(None, base)
-        n = cfg.train.batch_size * cfg.model.seq_len
-        micro = [sketch_microbench(device, n, cfg.model.hidden, r) for r in (1, 32, 128)]
-    md = [f"# BASIS vs exact: GPT d=768, 12 layers, T=1024, batch 16, bf16, {args.steps} steps "
-          f"({results['exact']['tokens']:,} tokens) per case", "", markdown_table(rows, COLUMNS), "",
-          "activation = peak − (weights + grads + AdamW state); saved = allocated after forward − before.", ""]
-    for name, r in results.items():
-        md.append(f"## What autograd saves: {name} ({r['saved_hooks_bytes'] / 2**30:.3f} GiB in saved tensors)")
-        md.append(markdown_table(
-            [{"shape": "x".join(map(str, g["shape"])), "dtype": g["dtype"], "count": g["count"],
-              "MiB": g["bytes"] / 2**20} for g in r["saved_groups"]],
-            [("shape", "shape"), ("dtype", "dtype"), ("count", "count"), ("MiB", "MiB")]))
-        md.append("")
-    if args.profile and device.type == "cuda":
-        for name in ("exact", "basis R=32"):
-            if name in cases:
-                md += [f"## Profile: {name} (3 steps, top kernels by GPU time)", "", "```",
-                       profile_case([*base, *cases[name]], device), "```", ""]
-    if micro:
-        md += ["## Sketch cost (ms) vs the dW GEMM it replaces (one MLP down-projection input)", "",
-               markdown_table(micro, [(k, k) for k in micro[0]])]
     command = "python -m chainfree.bench.basis_bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_result(args.out, "basis_bench", {"command": command, "rows": rows, "results": results,
-                                           "sketch_microbench": micro}, "\n".join(md))
-    plot_losses({n: r["records"] for n, r in results.items()}, args.out / "basis_bench_loss.png",
-                title="BASIS vs exact, GPT d=768 L=12")
-    print("\n".join(md))
+    comps = _floats(args.compressions)
+    if args.what == "micro":
+        rows = args.batch * args.seq
+        res = micro(device, rows, [int(w) for w in args.widths.split(",")], comps)
+        md = [f"# BASIS sketch cost vs the exact dW GEMM it replaces ({rows} rows, bf16)", "",
+              markdown_table(res, MICRO_COLUMNS), "",
+              "sketches / dW: fused sketch of X (forward) + of dY with bias sums (backward) over the exact dW GEMM "
+              "dY^T X; read bound: one read of X and dY at 4.8 TB/s; all BASIS work: sketches + rank-R dW GEMM + "
+              "the draw. Mean of 50 back-to-back calls, median of 5 rounds."]
+        write_result(args.out, args.tag or "basis_micro", {"command": command, "rows": res}, "\n".join(md))
+        return
+    base = [*width_config(args.width, args.layers, args.batch, args.seq), *args.sets_]
+    if args.what == "frontier":
+        cases = baseline_cases(not args.no_compile_exact)
+        compiled = [c.strip() for c in args.compile_cases.split(";") if c.strip()]
+        sets = {k.strip(): _floats(v) for k, v in (item.split("=") for item in args.sets.split(";") if item.strip())}
+        cases.update(basis_cases(sets, compiled))
+        baseline = "exact" if args.no_compile_exact else "exact+compile"
+        title = f"BASIS frontier, GPT d={args.width} L={args.layers or 12} T={args.seq} batch {args.batch}, bf16"
+    else:
+        cases = {"exact adamw": ["method.name=exact"],
+                 "exact sgd": ["method.name=exact", "train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9"]}
+        for c in comps:
+            for opt, extra in (("adamw", []), ("sgd", ["train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9"])):
+                for scalars in ("true", "false"):
+                    cases[f"basis c={c:g} {opt} scalars={scalars}"] = [
+                        "method.name=basis", f"method.compression={c:g}", ALL_LINEARS, f"method.scalars={scalars}",
+                        *extra]
+        baseline = "exact adamw"
+        title = f"BASIS x optimizer, GPT d={args.width} L={args.layers or 12} T={args.seq} batch {args.batch}"
+    results = run_cases(base, cases, args.steps, device, args.warmup, measure_step=3, budget_s=args.budget_s)
+    tag = args.tag or (f"d{args.width}" if args.what == "frontier" else f"optim_d{args.width}")
+    write_frontier(args.out, tag, title, results, baseline, base, command,
+                   {"steps": args.steps, "cases": cases})
+    print(json.dumps({n: {k: r.get(k) for k in ("activation_ratio", "step_ms", "time_ratio", "val_loss",
+                                                 "delta_val")} for n, r in results.items()}, indent=1))
 
 
 if __name__ == "__main__":
