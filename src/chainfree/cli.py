@@ -12,21 +12,41 @@ import typer
 
 from chainfree.bench.cli import bench_app
 from chainfree.errors import ChainfreeError
+from chainfree.methods import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train networks without paying the full price of backprop; compare against exact backprop.")
 app.add_typer(bench_app, name="bench")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with [model] [data] [train] [method]")]
+
+def _version(value: bool) -> None:
+    if value:
+        from chainfree import __version__
+
+        typer.echo(f"chainfree {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the chainfree version and exit")] = False) -> None:
+    """Train networks without paying the full price of backprop; compare against exact backprop."""
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="TOML file with \\[model] \\[data] \\[train] \\[method] sections, or a bundled preset name "
+    "(gpt-tiny, mamba3-tiny, gpt-small, ...)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="training steps (train.steps)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | cuda:N | auto")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="gpt | mamba2 | mamba3 | hybrid")]
 OutOpt = Annotated[Path, typer.Option("--out", help="output folder (rerun to resume)")]
+RunOpt = Annotated[Path, typer.Option("--out", help="folder of a trained run: `chainfree train --out DIR`'s DIR, or "
+                                      "DIR/<method> of `chainfree compare --out DIR`")]
+MethodOpt = Annotated[str | None, typer.Option("--method", help=f"gradient method: {' | '.join(METHODS)}")]
 
 
 @app.command()
-def train(out: OutOpt, model: ModelOpt = None, method: Annotated[str | None, typer.Option("--method")] = None,
+def train(out: OutOpt, model: ModelOpt = None, method: MethodOpt = None,
           config: ConfigOpt = None, set_: SetOpt = None, steps: StepsOpt = None, device: DeviceOpt = None) -> None:
     """Train one model with one method; writes config.toml, metrics.jsonl, checkpoint/, loss.png."""
     from chainfree.config import load_config
@@ -70,7 +90,7 @@ def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll
 
 
 @app.command()
-def generate(out: OutOpt, prompt: Annotated[str, typer.Option("--prompt", help="text to continue")] = "\n",
+def generate(out: RunOpt, prompt: Annotated[str, typer.Option("--prompt", help="text to continue")] = "\n",
              max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 200,
              temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.8,
              top_k: Annotated[int | None, typer.Option("--top-k")] = 50,

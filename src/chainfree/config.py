@@ -355,14 +355,17 @@ def presets() -> list[str]:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A TOML file path, or the name of a bundled preset (e.g. 'gpt-small', 'configs/gpt-50m.toml')."""
+    """A TOML file path, or the name of a bundled preset (e.g. 'gpt-small', 'gpt-small.toml',
+    'configs/gpt-50m.toml'). A path with any other folder is read or refused, never replaced by a preset."""
     path = Path(path)
     if path.is_file():
         return path
     preset = PRESET_DIR / f"{path.stem}.toml"
-    if preset.is_file():
+    names_a_preset = path.parent in (Path("."), Path("configs")) and path.suffix in ("", ".toml")
+    if names_a_preset and preset.is_file():
         return preset
-    raise ConfigError(f"config file {path} does not exist (bundled presets: {', '.join(presets())})")
+    hint = f"; the bundled preset of that name is --config {path.stem}" if preset.is_file() else ""
+    raise ConfigError(f"config file {path} does not exist{hint} (bundled presets: {', '.join(presets())})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> RunConfig:

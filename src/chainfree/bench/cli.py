@@ -23,7 +23,8 @@ bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="gpt | mamba2 | mamba3 | hybrid")]
 MethodOpt = Annotated[str, typer.Option("--method", help="exact | basis | sus | lbi | hbll")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with [model] [data] [train] [method]")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="TOML file with \\[model] \\[data] \\[train] \\[method] sections, or a bundled preset name")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
 CkptOpt = Annotated[Path | None, typer.Option("--checkpoint", help="run folder of `chainfree train --out DIR`")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto")]
@@ -31,6 +32,8 @@ OutOpt = Annotated[Path, typer.Option("--out", help="results folder")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="file stem of the results (default: derived)")]
 SeqOpt = Annotated[str | None, typer.Option("--seq-lens", help="comma-separated sequence lengths to sweep")]
 DEFAULT_OUT = Path("benchmarks/results")
+SCRATCH_OUT = Path("runs/bench")  # fidelity's default: a quick check must not overwrite committed results
+ScratchOutOpt = Annotated[Path, typer.Option("--out", help="results folder (pass benchmarks/results to publish)")]
 
 
 def _command() -> str:
@@ -116,7 +119,8 @@ def _load_model(cfg, device: torch.device, checkpoint: Path | None, trained: dic
 
 @bench_app.command()
 def fidelity(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
-             checkpoint: CkptOpt = None, device: DeviceOpt = "cpu", out: OutOpt = DEFAULT_OUT, name: NameOpt = None,
+             checkpoint: CkptOpt = None, device: DeviceOpt = "cpu", out: ScratchOutOpt = SCRATCH_OUT,
+             name: NameOpt = None,
              k: Annotated[int, typer.Option("--k", help="estimates per batch (fresh randomness each)")] = 8,
              batches: Annotated[int, typer.Option("--batches", help="M minibatches (>= 3 for error bars)")] = 4,
              reference: Annotated[str, typer.Option("--reference", help="auto | copy | self")] = "auto",

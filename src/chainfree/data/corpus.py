@@ -129,12 +129,12 @@ def text_files(cfg: DataConfig) -> Corpus:
 
 def hf_dataset(cfg: DataConfig) -> Corpus:
     """A Hugging Face dataset (e.g. HuggingFaceFW/fineweb-edu, or 'text'/'json' with data_files); each
-    record's `hf_text_field` is one document. Needs `pip install chainfree[hf]` and, for hub datasets,
+    record's `hf_text_field` is one document. Needs `pip install 'chainfree[data]'` and, for hub datasets,
     network access or a local HF cache."""
     try:
         import datasets
     except ImportError:
-        raise DataError("data.corpus='hf' needs the `datasets` package: pip install 'chainfree[hf]'") from None
+        raise DataError("data.corpus='hf' needs the `datasets` package: pip install 'chainfree[data]'") from None
     kwargs = {"split": cfg.hf_split}
     if cfg.hf_config:
         kwargs["name"] = cfg.hf_config

@@ -67,12 +67,21 @@ class Sus(Method):
                 f"SUS needs a model with swappable attention (chainfree LanguageModel.set_attention); got "
                 f"{type(model).__name__}. For Hugging Face models use chainfree.integrations.hf"
             )
-        if set_attention(self.attention_fn()) == 0:
+        n_attn = set_attention(self.attention_fn())
+        if n_attn == 0:
             kind = getattr(getattr(model, "cfg", None), "kind", "?")
             raise ConfigError(
                 f"SUS changes the attention backward, but this model (model.kind={kind!r}) has no attention "
                 "blocks; use model.kind='gpt' or 'hybrid'"
             )
+        n_blocks = len(getattr(model, "blocks", ()))
+        if 0 < n_attn < n_blocks:  # e.g. hybrid: the Mamba blocks' gradients stay exact
+            from chainfree.logging import console
+
+            attn_every = getattr(getattr(model, "cfg", None), "attn_every", "?")
+            console.print(f"note: SUS changes the backward of {n_attn} of the model's {n_blocks} blocks (the "
+                          f"attention ones, model.attn_every={attn_every}); the other blocks train exactly, so "
+                          "SUS here stays close to exact backprop", markup=False, highlight=False)
         return model
 
     def step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
