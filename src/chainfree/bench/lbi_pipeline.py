@@ -184,7 +184,7 @@ def _run(rank: int, world: int, spec: CompareSpec, device: torch.device) -> None
                     sent = {"activation_grad_message": n_mb * msg * elem,
                             "activation_grad_canvas": n_mb * canvas * elem}
                 sent["shared_grad_allreduce"] = _allreduce_shared(model)
-                loss = float(torch.stack(losses).mean()) if losses else float("nan")
+                loss = float(torch.stack(losses).detach().mean()) if losses else float("nan")
                 return loss, sent
 
         else:  # dense DDP on the LBI model's backbone, 1/W of the batch per rank
