@@ -183,7 +183,11 @@ class FullyShardedDataParallel(DataParallel):
         return None
 
     def checkpoint_views(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-        return _FullModelState(model), _FullOptimizerState(optimizer)
+        """Full-tensor views, gathered here on every rank (collective); loading scatters them back."""
+        views = _FullModelState(model), _FullOptimizerState(optimizer)
+        for view in views:
+            view.gather()
+        return views
 
 
 @contextlib.contextmanager
@@ -210,12 +214,16 @@ class _FullModelState:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._cached: dict[str, torch.Tensor] | None = None
+        self._full: dict[str, torch.Tensor] | None = None
+
+    def gather(self) -> None:
+        """All-gather the full tensors now (every rank must call it, in the same order)."""
+        self._full = {k: _full(v) for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self._cached is None:
-            self._cached = {k: _full(v) for k, v in self.model.state_dict().items()}
-        return self._cached
+        if self._full is None:
+            raise RuntimeError("_FullModelState.gather() must run on every rank before state_dict()")
+        return self._full
 
     def load_state_dict(self, full: dict[str, torch.Tensor]) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -241,14 +249,21 @@ class _FullOptimizerState:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+        self._full: dict[str, Any] | None = None
 
     def _params(self) -> list[Any]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def state_dict(self) -> dict[str, Any]:
+    def gather(self) -> None:
+        """All-gather the full optimizer state now (every rank, same order: the state's parameter order)."""
         sd = self.optimizer.state_dict()
-        state = {idx: {k: _full(v) for k, v in s.items()} for idx, s in sd["state"].items()}
-        return {"state": state, "param_groups": sd["param_groups"]}
+        state = {idx: {k: _full(v) for k, v in s.items()} for idx, s in sorted(sd["state"].items())}
+        self._full = {"state": state, "param_groups": sd["param_groups"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._full is None:
+            raise RuntimeError("_FullOptimizerState.gather() must run on every rank before state_dict()")
+        return self._full
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor

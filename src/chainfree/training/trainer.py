@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,16 @@ def evaluate(method: Method, model: nn.Module, sampler: Any, n_batches: int, dev
     return mean
 
 
+@contextlib.contextmanager
+def main_rank_first(launch: Launch) -> Iterator[None]:
+    """Run the body on rank 0 first, then on the other ranks (for work that fills a shared cache)."""
+    if launch.distributed and not launch.is_main:
+        dist.barrier()
+    yield
+    if launch.distributed and launch.is_main:
+        dist.barrier()
+
+
 def seeded_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     """The unprepared model of cfg.model (vocab_size filled in), seeded with train.seed, in fp64 when
     train.dtype='fp64', on `device`: what every run, bench and comparison starts from."""
@@ -290,7 +300,8 @@ def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress
     tc = cfg.train
     method = method_from_config(cfg)  # validates the [method] section before any work
     trainer = Trainer(tc, method)
-    data = run_tokens(cfg)
+    with main_rank_first(trainer.launch):  # rank 0 builds the token cache, the others then read it
+        data = run_tokens(cfg)
     cfg.model.fit_vocab(data.vocab_size)
     state = trainer.setup(seeded_model(cfg, trainer.device))
     sampler = BatchSampler(data, tc.batch_size, cfg.model.seq_len, tc.seed, *trainer.strategy.batch_shard())
