@@ -65,7 +65,35 @@ def probe(n: int, d: int, c: float, model_dim: int = 2048, causal: bool = True, 
     return res
 
 
+def forward_configs(n: int, d: int, c: float, configs: list[tuple[int, int, int, int]], rounds: int = 5) -> dict:
+    """The sampling forward under each (BM, BN, num_warps, num_stages): median ms (or the compile error)."""
+    H = 2048 // d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = st.v2_forward(q, k, v, c, True, 1 / math.sqrt(d), 5, None)
+    res: dict = {}
+    for cfg in configs:
+        f = partial(st.v2_forward, q, k, v, c, True, 1 / math.sqrt(d), 5, None, True, cfg)
+        try:
+            out = f()
+            same = torch.equal(out[3], ref[3]) and torch.equal(out[2][out[3] > 0, 0], ref[2][ref[3] > 0, 0])
+            f()
+            torch.cuda.synchronize()
+            res[str(cfg)] = (statistics.median(_event_ms(f) for _ in range(rounds)), same)
+        except Exception as e:  # noqa: BLE001 - a config the compiler refuses is a result too
+            res[str(cfg)] = (float("nan"), type(e).__name__)
+    print(
+        f"fwd configs n={n} D={d} c={c:g}: " + " | ".join(f"{k} {t:.3f} {s}" for k, (t, s) in res.items()), flush=True
+    )
+    return res
+
+
 if __name__ == "__main__":
     for spec in sys.argv[1:] or ["16384,128,32"]:
+        if spec.startswith("cfg:"):
+            n, d, c = spec[4:].split(",")
+            grid = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3)]
+            forward_configs(int(n), int(d), float(c), grid)
+            continue
         n, d, c = spec.split(",")
         probe(int(n), int(d), float(c))

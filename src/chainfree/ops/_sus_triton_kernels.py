@@ -720,10 +720,9 @@ def _v2_tiles(
     N_K,
     qk_scale,
     c,
+    log2c,
     cand_rows,
-    CIDX,
-    CS2,
-    CA,
+    CENT,
     row_ok,
     CAND,
     MASKED: tl.constexpr,
@@ -737,8 +736,10 @@ def _v2_tiles(
     the same running-max frame, so p / l = W_ij / F_i(t)); its in-row inclusive prefix sum P, offset by the
     row's residual r (the systematic phase: accumulated rate minus U_i minus points passed, in (-1, 0]), gives
     the candidates: key j holds a point iff ceil(r + P_j) > max(0, ceil(r + P_j - a_j)), and that point's index
-    (kc + the lower ceil) is its slot in the row's candidate buffer, so no compaction is needed. Candidates
-    store (key, score in log2 units, a). The carry keeps the phase in (-1, 0] so fp32 sums stay small.
+    (kc + the lower ceil) is its slot in the row's candidate buffer, so no compaction is needed. A candidate
+    stores one int64: key << 32 | the fp32 bits of v, where v = the tile's running LSE (log2) if a < 1, else
+    the score + log2(c); the thinning ratio q/a is then min(1, 2^(v - final LSE)) in both cases (for a < 1 it
+    is W/W_run = 2^(lse_t - lse), independent of j). The carry keeps the phase in (-1, 0]: fp32 sums stay small.
     """
     for s0 in range(start, end, BN):
         kn = s0 + offs_n
@@ -769,10 +770,10 @@ def _v2_tiles(
             lo = tl.maximum(tl.ceil(y - a), 0.0)
             slot = kc[:, None] + lo.to(tl.int32)
             m = (hi > lo) & (slot < CAND) & row_ok[:, None]
-            ptr = cand_rows[:, None] + slot
-            tl.store(CIDX + ptr, tl.broadcast_to(kn[None, :], slot.shape), mask=m)
-            tl.store(CS2 + ptr, s, mask=m)
-            tl.store(CA + ptr, a, mask=m)
+            lse_t = m_new + tl.log2(l_i)
+            v = tl.where(a < 1.0, lse_t[:, None], s + log2c)
+            entry = (kn.to(tl.int64)[None, :] << 32) | (v.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+            tl.store(CENT + (cand_rows[:, None] + slot), entry, mask=m)
             t = r + tl.max(pre, 1)  # prefix sums are non-decreasing: the max is the last column, bit for bit
             passed = tl.maximum(tl.ceil(t), 0.0)
             kc += passed.to(tl.int32)
@@ -787,9 +788,7 @@ def _v2_fwd_kernel(
     V,
     O,
     LSE,
-    CIDX,
-    CS2,
-    CA,
+    CENT,
     KEPT,
     CNT,
     KEYCNT,
@@ -825,8 +824,8 @@ def _v2_fwd_kernel(
 ):
     """Exact forward (O, LSE) and, with SAMPLE, the row's kept keys of the 'thinned' draw.
 
-    Epilogue, once the row's LSE is known: each candidate j is kept iff u_ij < q_ij / a_ij (q = min(1, c W),
-    W from the stored score and the final LSE; u the contract hash, evaluated for candidates only); kept keys
+    Epilogue, once the row's LSE is known: each candidate j is kept iff u_ij < q_ij / a_ij (the ratio from the
+    stored v and the final LSE; u the contract hash, evaluated for candidates only); kept keys
     are compacted in ascending order into KEPT [rows, CAP], CNT = their number, or -1 for a fallback row
     (candidate mass > CAND - 1, or more than CAP kept), whose backward re-draws it densely with the Bernoulli
     rule. KEYCNT [B*HKV*N_K] counts, per key, the kept pairs pointing at it (the backward's key-major lists).
@@ -847,7 +846,7 @@ def _v2_fwd_kernel(
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     rows = (bh * N_Q + offs_m).to(tl.int64)
-    cand_rows = rows * CAND
+    cand_rows = (bh * N_Q + offs_m) * CAND  # int32: the host checks rows * CAND < 2^31
     row_term = seed.to(tl.uint32) * 0x27D4EB2F + bh.to(tl.uint32) * 0x165667B1 + offs_m.to(tl.uint32) * 0x9E3779B1
     u_row = tl.reshape(_uniform(row_term, (tl.zeros([1], tl.uint32) + 0xFFFFFFFF) * 0x85EBCA77), [BM])  # column 2^32-1
     r = -u_row
@@ -860,11 +859,11 @@ def _v2_fwd_kernel(
             hi = (pid_m + 1) * BM
     acc, l_i, m_i, r, kc = _v2_tiles(
         acc, l_i, m_i, r, kc, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, 0, mid, N_K, qk_scale, c,
-        cand_rows, CIDX, CS2, CA, row_ok, CAND, False, CAUSAL, BN, SAMPLE,
+        log2c, cand_rows, CENT, row_ok, CAND, False, CAUSAL, BN, SAMPLE,
     )  # fmt: skip
     acc, l_i, m_i, r, kc = _v2_tiles(
         acc, l_i, m_i, r, kc, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, mid, hi, N_K, qk_scale, c,
-        cand_rows, CIDX, CS2, CA, row_ok, CAND, True, CAUSAL, BN, SAMPLE,
+        log2c, cand_rows, CENT, row_ok, CAND, True, CAUSAL, BN, SAMPLE,
     )  # fmt: skip
     o = acc / l_i[:, None]
     tl.store(
@@ -876,7 +875,6 @@ def _v2_fwd_kernel(
         tl.debug_barrier()  # the candidates this program stored are read back below
         over = (kc.to(tl.float32) + r + u_row) > (CAND - 1)  # total candidate rate: deterministic given W
         live = tl.where(over | (~row_ok), 0, tl.minimum(kc, CAND))
-        lse2c = lse2 - log2c
         kept = tl.zeros([BM], tl.int32)
         offs_e = tl.arange(0, ECH)
         kv_base = (b * HKV + hk).to(tl.int64) * N_K
@@ -885,11 +883,11 @@ def _v2_fwd_kernel(
             sl = s0 + offs_e
             m = sl[None, :] < live[:, None]
             ptr = cand_rows[:, None] + sl[None, :]
-            j = tl.load(CIDX + ptr, mask=m, other=-1)
+            e = tl.load(CENT + ptr, mask=m, other=-1)
+            j = (e >> 32).to(tl.int32)
             m = m & (j >= 0)
-            s2 = tl.load(CS2 + ptr, mask=m, other=float("-inf"))
-            a = tl.load(CA + ptr, mask=m, other=1.0)
-            ratio = tl.minimum(tl.exp2(s2 - lse2c[:, None]), 1.0) / a
+            v = (e & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            ratio = tl.where(m, tl.exp2(v - lse2[:, None]), 0.0)
             u = _hash_uniform(row_term[:, None] + j.to(tl.uint32) * 0x85EBCA77)
             keep = m & ((u < ratio) | (ratio >= 1.0))
             pos = kept[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1

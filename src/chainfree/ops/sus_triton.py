@@ -321,8 +321,13 @@ def _sparse_config(d: int) -> tuple[int, int]:
     return 8, 1  # best of (8|16|32, 1|2|4) at n = 16k, D = 64 and 128 on an H100 (benchmarks/sus_probe.py)
 
 
-def _v2_fwd_config(d: int) -> tuple[int, int, int, int]:
+V2_FWD_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int]] = {}  # (D, sample) -> measured best
+
+
+def _v2_fwd_config(d: int, sample: bool = True) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) of the v2 forward; BN is the contract's TILE (sus_reference.TILE)."""
+    if (d, sample) in V2_FWD_CONFIGS:
+        return V2_FWD_CONFIGS[(d, sample)]
     return (128, TILE, 8, 3) if d == 128 else (128, TILE, 4, 3)
 
 
@@ -336,10 +341,12 @@ def v2_forward(
     seed: int,
     caps: tuple[int, int] | None,
     sample: bool = True,
+    config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(O, LSE [B*H*n] fp32 natural log, kept [B*H*n, cap] int32, count [B*H*n] int32 (-1: fallback row),
     per-key pair counts [B*Hkv*n_k] int32) of the 'thinned' draw, sampled inside the flash forward.
-    `sample=False` is the plain exact forward (the three sampling outputs are None)."""
+    `sample=False` is the plain exact forward (the three sampling outputs are None); `config` overrides
+    (BM, BN, num_warps, num_stages) (BN must stay TILE)."""
     kern = _kernels()
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -349,17 +356,20 @@ def v2_forward(
     cand_cap, cap = caps or capacities(c, n_k)
     rows = B * H * n_q
     if sample:
-        cidx = torch.full((rows, cand_cap), -1, device=dev, dtype=torch.int32)
-        cs2 = torch.empty(rows, cand_cap, device=dev, dtype=torch.float32)
-        ca = torch.empty(rows, cand_cap, device=dev, dtype=torch.float32)
+        if rows * cand_cap >= 2**31:
+            raise ValueError(
+                f"B*H*n_q*cand_cap = {rows * cand_cap} candidate slots exceed the kernel's int32 offsets: "
+                "split the batch or lower c"
+            )
+        cent = torch.full((rows, cand_cap), -1, device=dev, dtype=torch.int64)
         kept = torch.empty(rows, cap, device=dev, dtype=torch.int32)
         cnt = torch.empty(rows, device=dev, dtype=torch.int32)
         keycnt = torch.zeros(B * h_kv * n_k, device=dev, dtype=torch.int32)
     else:
-        cidx = cs2 = ca = kept = cnt = keycnt = lse  # unused pointers
-    bm, bn, warps, stages = _v2_fwd_config(d)
+        cent = kept = cnt = keycnt = lse  # unused pointers
+    bm, bn, warps, stages = config or _v2_fwd_config(d, sample)
     kern._v2_fwd_kernel[(triton_cdiv(n_q, bm), B * H)](
-        q, k, v, o, lse, cidx, cs2, ca, kept, cnt, keycnt,
+        q, k, v, o, lse, cent, kept, cnt, keycnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, H // h_kv, h_kv, n_q, n_k, scale * kern.LOG2E, float(c), math.log2(c), int(seed), cand_cap, cap,
