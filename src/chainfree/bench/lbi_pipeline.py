@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         f"# LBI region-parallel vs pipeline (GPipe, 1F1B) vs DDP, {args.world} ranks "
         f"({env.get('cuda_device') or 'CPU'})"
         f"\n\nModel {json.dumps(spec.model)}, LBI r={args.rank}, batch {spec.batch_size}, "
-        f"{spec.microbatches or 4 * args.world} micro-batches, dtype {spec.dtype}.\n\n{table}\n\n"
+        f"{spec.microbatches or 4 * args.world} micro-batches, dtype {spec.dtype}. Step: forward + backward, no "
+        f"optimizer; median / min / max over {spec.steps} interleaved rounds of the slowest rank's time; vs_ddp = "
+        f"median / DDP's median; bytes each rank sends in the backward."
+        + (" CPU processes (gloo): wall time on a shared CPU, a check of the harness, not a GPU measurement."
+           if spec.backend == "gloo" else "") + f"\n\n{table}\n\n"
         f"torch {env.get('torch')}, commit {env.get('git_commit')}, backend {spec.backend}. Command: `{command}`\n")
     print(table, flush=True)
 
