@@ -307,3 +307,71 @@ def memory(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, 
     json_path, md_path = write_result(out, stem, payload, md)
     typer.echo(md_path.read_text())
     typer.echo(f"-> {json_path}")
+
+
+@bench_app.command()
+def baselines(entries: Annotated[str, typer.Option(
+                  "--entries", help="compare-style entries, e.g. exact,exact+compile,exact+cudagraphs,exact+ckpt,"
+                  "exact+sac,basis")] = "exact,exact+compile,exact+ckpt,exact+sac",
+              model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, device: DeviceOpt = "auto",
+              out: OutOpt = DEFAULT_OUT, name: NameOpt = None,
+              rounds: Annotated[int, typer.Option("--rounds", help="interleaving rounds")] = 5,
+              steps: Annotated[int, typer.Option("--steps", help="timed steps per entry per round")] = 5,
+              warmup: Annotated[int, typer.Option("--warmup", help="untimed steps per entry (compilation)")] = 3,
+              sweep: Annotated[str | None, typer.Option(
+                  "--sweep", help="section.key=v1,v2,... measured one value after another, e.g. "
+                  "model.n_layers=8,16,32,64")] = None) -> None:
+    """Step time and memory of methods beside the exact baselines (compile, CUDA graphs, checkpointing), interleaved."""
+    from chainfree.bench.cases import load_batch, resolve_device
+    from chainfree.bench.report import markdown_table, write_result
+    from chainfree.bench.speed import ENTRY_COLUMNS, measure_entries
+    from chainfree.training.compare import entry_configs, parse_entries
+
+    if rounds < 1 or steps < 1 or warmup < 0:
+        raise ConfigError("--rounds and --steps must be >= 1, --warmup >= 0")
+    parsed = parse_entries(entries)
+    values: list[str | None] = [None]
+    key = None
+    if sweep:
+        if "=" not in sweep:
+            raise ConfigError(f"--sweep {sweep!r} must look like section.key=v1,v2 (e.g. model.n_layers=8,16)")
+        key, raw = sweep.split("=", 1)
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"--sweep {sweep!r} lists no values")
+    rows: list[dict[str, Any]] = []
+    last: dict[str, Any] = {}
+    for value in values:
+        extra = [f"{key}={value}"] if key else []
+        cfgs = entry_configs(parsed, config, list(set_ or []) + extra, model, None, device)
+        exact_cfg = cfgs["exact"]
+        dev = resolve_device(exact_cfg.train.device)
+        batch = load_batch(exact_cfg)
+        for cfg in cfgs.values():
+            cfg.model.vocab_size = exact_cfg.model.vocab_size
+        last = measure_entries(cfgs, batch, dev, rounds, steps, warmup)
+        for r in last["rows"]:
+            r["ratio_range"] = (f"{r['time_ratio_min']:.2f}-{r['time_ratio_max']:.2f}"
+                                if r.get("time_ratio_min") is not None and r["method"] != "exact" else None)
+            r["noise"] = "within noise" if r.get("within_noise") else None
+            r["sdpa_backend"] = ", ".join(r.get("sdpa") or [])
+            if key:
+                r[key] = value
+            rows.append(r)
+        typer.echo(f"{key or 'run'}={value}: " + ", ".join(f"{r['method']} {r['step_ms']:.2f} ms"
+                                                           for r in last["rows"]))
+    m = last["shapes"]
+    stem = name or f"baselines_{m['model']}_{'cuda' if 'cuda' in last['device'] else 'cpu'}"
+    timer = "CUDA events" if last["timer"] == "cuda_events" else "CPU wall time (perf_counter) -- not a GPU claim"
+    md = (f"# Methods beside the exact baselines: {m['model']} d={m['d_model']} L={m['n_layers']} "
+          f"batch {m['batch']} ({m['dtype']})\n\n"
+          f"Timer: {timer}. Every entry is built and warmed up ({warmup} steps, compilation included), then timed "
+          f"interleaved: {rounds} rounds x {steps} steps, order rotating. *time vs exact* = median over rounds of "
+          "the per-round median ratio; *within noise* = the rounds disagree on faster vs slower. Memory: one step "
+          "per entry, others idle; activation = peak - allocated before - gradients; peak = own weights + "
+          "optimizer state + gradients + activation. A step = method step + clip + AdamW (fused on CUDA).\n\n"
+          + markdown_table(rows, ([(key, key)] if key else []) + ENTRY_COLUMNS))
+    payload = {**last, "command": _command(), "rows": rows, "entries": [e.label for e in parsed], "sweep": sweep}
+    json_path, md_path = write_result(out, stem, payload, md)
+    typer.echo(md_path.read_text())
+    typer.echo(f"-> {json_path}")

@@ -68,3 +68,113 @@ SPEED_COLUMNS = {
     "op": [("method", "method"), ("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_ratio", "fwd ratio"),
            ("fwd_bwd_ratio", "fwd+bwd ratio")],
 }
+
+
+def _own_static_bytes(case: StepCase) -> int:
+    """Weights, buffers and optimizer state of one case (unique storages)."""
+    seen, total = set(), 0
+    tensors = [*case.model.parameters(), *case.model.buffers(),
+               *(t for s in case.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _timed_steps(case: StepCase, n: int, device: torch.device) -> list[float]:
+    """Seconds of each of `n` consecutive training steps (CUDA events on a GPU, wall time elsewhere)."""
+    import time
+
+    if device.type != "cuda":
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            case.step()
+            out.append(time.perf_counter() - t0)
+        return out
+    events = []
+    torch.cuda.synchronize(device)
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        case.step()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) / 1e3 for s, e in events]
+
+
+def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                    rounds: int = 5, steps: int = 5, warmup: int = 3, baseline: str = "exact") -> dict[str, Any]:
+    """Step time and memory of compare-style entries (`exact`, `exact+compile`, `exact+ckpt`, `basis`, ...; one
+    RunConfig each), timed interleaved: every case is built and warmed up (compilation happens there), then
+    `rounds` times each case runs `steps` timed steps in turn, the order rotating. Reported per entry: median
+    step, min, p10-p90, the per-round ratio to `baseline` (median, min, max, within noise). Memory: one step per
+    case with the others idle (their gradients freed), so activation = peak - allocated before - gradients;
+    own peak = own weights/optimizer state + gradients + activation."""
+    import time
+
+    from chainfree.bench.memory import case_memory
+    from chainfree.bench.report import sdpa_backends
+    from chainfree.training.compare import timing_stats
+
+    if baseline not in cfgs:
+        raise ConfigError(f"the entries must include the baseline {baseline!r}")
+    cases: dict[str, StepCase] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for label, cfg in cfgs.items():
+        t0 = time.perf_counter()
+        case = build_step_case(cfg, cfg.method_name, cfg.method_params, batch, device)
+        for _ in range(warmup):
+            case.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cases[label] = case
+        rows[label] = {"method": label, "params": cfg.method_params, "warmup_s": time.perf_counter() - t0,
+                       "options": {k: getattr(cfg.train, k) for k in
+                                   ("compile", "compile_mode", "activation_checkpoint", "grad_accum")}}
+    times: dict[str, list[float]] = {label: [] for label in cases}
+    labels = list(cases)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            times[label] += _timed_steps(cases[label], steps, device)
+    bounds = [steps * (r + 1) for r in range(rounds)]
+    stats = timing_stats(times, bounds, baseline, skip_session_starts=False)  # warm-up was done before
+    for label, case in cases.items():
+        s = stats[label]
+        row = rows[label]
+        row.update(step_ms=s["step_time_s"] * 1e3, step_min_ms=min(times[label]) * 1e3,
+                   step_p10_ms=s["step_time_p10_s"] * 1e3, step_p90_ms=s["step_time_p90_s"] * 1e3,
+                   time_ratio=s.get("time_ratio"), time_ratio_min=s.get("time_ratio_min"),
+                   time_ratio_max=s.get("time_ratio_max"), within_noise=s.get("time_ratio_within_noise"),
+                   round_time_ratios=s.get("round_time_ratios"), tokens_per_s=batch[0].numel() / s["step_time_s"])
+        mem = case_memory(case, warmup=0)
+        own = _own_static_bytes(case)
+        row.update({k: mem.get(k) for k in ("activation_bytes", "grad_bytes", "saved_peak_bytes", "memory_source")})
+        if mem.get("activation_bytes") is not None:
+            row["own_static_bytes"] = own
+            row["own_peak_bytes"] = own + mem["grad_bytes"] + mem["activation_bytes"]
+        try:
+            row["sdpa"] = sdpa_backends(case.step)["backends"]
+        except Exception as e:  # noqa: BLE001 -- a compiled graph may refuse the dispatch mode
+            row["sdpa"] = [f"not observable ({type(e).__name__})"]
+    base = rows[baseline]
+    for row in rows.values():
+        for key in ("activation_bytes", "own_peak_bytes"):
+            if row.get(key) is not None and base.get(key):
+                row[key.replace("_bytes", "_ratio")] = row[key] / base[key]
+            row[key.replace("_bytes", "_mib")] = row[key] / 2**20 if row.get(key) is not None else None
+    for case in cases.values():
+        _release(case)
+    return {"bench": "baselines", "device": str(device), "timer": "cuda_events" if device.type == "cuda" else
+            "wall_clock", "rounds": rounds, "steps_per_round": steps, "warmup": warmup,
+            "shapes": shapes(next(iter(cfgs.values())), batch), "rows": list(rows.values())}
+
+
+ENTRY_COLUMNS = [("method", "entry"), ("step_ms", "step ms (median)"), ("step_min_ms", "min"),
+                 ("time_ratio", "time vs exact"), ("ratio_range", "per round"), ("noise", "noise"),
+                 ("own_peak_mib", "peak MiB"), ("own_peak_ratio", "peak vs exact"),
+                 ("activation_mib", "activation MiB"), ("activation_ratio", "activation vs exact"),
+                 ("sdpa_backend", "SDPA"), ("warmup_s", "build+warm-up s")]

@@ -143,16 +143,17 @@ def _quantile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def timing_stats(step_times: dict[str, list[float]], bounds: list[int],
-                 baseline: str = BASELINE) -> dict[str, dict[str, Any]]:
+def timing_stats(step_times: dict[str, list[float]], bounds: list[int], baseline: str = BASELINE,
+                 skip_session_starts: bool = True) -> dict[str, dict[str, Any]]:
     """Per entry: median step time, p10-p90 spread, per-round medians, per-round ratio against `baseline`
     (median, min, max, within_noise) and the wall-clock after each step.
 
     `step_times[label][i]` is the time of step i+1; `bounds` are the round ends. Session starts (step 0 of
     each resumed round) are excluded from the statistics; in the wall-clock they count as the median step,
-    except the very first step of the run, which counts as measured.
+    except the very first step of the run, which counts as measured. `skip_session_starts=False` keeps
+    every step (timings taken after a separate warm-up).
     """
-    starts = {0, *bounds[:-1]}
+    starts = {0, *bounds[:-1]} if skip_session_starts else set()
     out: dict[str, dict[str, Any]] = {}
     for label, times in step_times.items():
         kept_idx = [i for i in range(len(times)) if i not in starts] or list(range(len(times)))
