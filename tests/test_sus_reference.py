@@ -327,3 +327,85 @@ def test_dispatch_to_kernel_module(monkeypatch):
     assert sus_mod._triton_supports(fake, q, k7, v7, False)
     with pytest.raises(ValueError, match="variant"):
         sus_attention(q, k, v, variant="systematic", backend="triton", enable_gqa=True)
+
+
+# One fresh interpreter per run: the forward and the float64 backward with huge c must be exact in every
+# process, whatever the thread count, allocation addresses or thread timing of that process.
+_FRESH_PROCESS_CHECK = r"""
+import json, math, sys
+import torch
+import torch.nn.functional as F
+from chainfree.ops.sus import sus_attention
+
+torch.set_num_threads(int(sys.argv[1]))
+worst = {"forward": 0.0, "backward": 0.0}
+cases = [  # (B, H, Hkv, n, D, causal, block_rows): the reported case first, then GQA / several blocks
+    (1, 2, 2, 96, 16, True, None), (2, 4, 2, 70, 8, False, 16), (1, 3, 1, 33, 8, True, 7)]
+for seed, (B, H, Hkv, n, D, causal, rows) in enumerate(cases):
+    torch.manual_seed(seed)
+    q = torch.randn(B, H, n, D, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, n, D, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(B, H, n, D, dtype=torch.float64)
+    kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
+    s = q @ kr.transpose(-1, -2) / math.sqrt(D)  # plain float64 attention and its autograd gradients
+    if causal:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.softmax(s, -1) @ vr
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    kl, vl = (t.repeat_interleave(H // Hkv, 1) for t in leaves[1:])
+    sl = (leaves[0] @ kl.transpose(-1, -2) / math.sqrt(D))
+    if causal:
+        sl = sl.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.autograd.grad(torch.softmax(sl, -1) @ vl, leaves, do)
+    for variant in ("bernoulli", "thinned"):
+        for c in (10**6, 1e300):
+            xs = [t.clone().requires_grad_() for t in (q, k, v)]
+            o = sus_attention(*xs, c=c, is_causal=causal, enable_gqa=H != Hkv, variant=variant, block_rows=rows)
+            got = torch.autograd.grad(o, xs, do)
+            worst["forward"] = max(worst["forward"], (o.detach() - ref).abs().max().item())
+            if c == 1e300:  # every nonzero weight kept: the backward is exact attention backprop
+                err = max((a - b).abs().max().item() for a, b in zip(got, want))
+                worst["backward"] = max(worst["backward"], err)
+print(json.dumps(worst))
+"""
+
+
+def _fresh_process_errors(runs: int, threads: int = 2) -> list[dict[str, float]]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = []
+    results = []
+    for _ in range(runs):  # two at a time: each process's threads compete with the other's
+        procs.append(subprocess.Popen([sys.executable, "-c", _FRESH_PROCESS_CHECK, str(threads)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if len(procs) == 2:
+            results += [p.communicate() for p in procs]
+            procs = []
+    results += [p.communicate() for p in procs]
+    errors = []
+    for out, err in results:
+        assert out.strip(), err
+        errors.append(json.loads(out.strip().splitlines()[-1]))
+    return errors
+
+
+# float64 attention over <= 96 keys: |rounding| <= ~n*eps*max|v| ~ 1e-14 for both computations, so 1e-12
+# leaves two decades of margin yet is a thousand times below the ~1e-9 deviations a broken path produces.
+FRESH_TOL = 1e-12
+
+
+def test_float64_forward_and_huge_c_backward_exact_in_fresh_processes():
+    for worst in _fresh_process_errors(2):
+        assert worst["forward"] < FRESH_TOL and worst["backward"] < FRESH_TOL, worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [2, 1])
+def test_float64_exactness_stress_many_fresh_processes(threads):
+    errors = _fresh_process_errors(60 if threads == 2 else 20, threads)
+    bad = [e for e in errors if not (e["forward"] < FRESH_TOL and e["backward"] < FRESH_TOL)]
+    assert not bad, f"{len(bad)} of {len(errors)} fresh processes not exact: {bad[:3]}"
