@@ -88,8 +88,28 @@ def forward_configs(n: int, d: int, c: float, configs: list[tuple[int, int, int,
     return res
 
 
+def modes(n: int, d: int, c: float, rounds: int = 5) -> None:
+    """The sampling forward's timing probes: full, without the store, without the prefix sum, tensor-core
+    prefix sum, and the plain forward, each at the D's default config."""
+    H = 2048 // d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = []
+    for label, sample, mode in (("plain", False, 0), ("full", True, 0), ("no-store", True, 1),
+                                ("no-cumsum", True, 2), ("tc-prefix", True, 3)):  # fmt: skip
+        f = partial(st.v2_forward, q, k, v, c, True, 1 / math.sqrt(d), 5, None, sample, None, mode)
+        f()
+        torch.cuda.synchronize()
+        out.append(f"{label} {statistics.median(_event_ms(f) for _ in range(rounds)):.3f}")
+    print(f"fwd modes n={n} D={d} c={c:g}: " + " | ".join(out), flush=True)
+
+
 if __name__ == "__main__":
     for spec in sys.argv[1:] or ["16384,128,32"]:
+        if spec.startswith("modes:"):
+            n, d, c = spec[6:].split(",")
+            modes(int(n), int(d), float(c))
+            continue
         if spec.startswith("cfg:"):
             n, d, c = spec[4:].split(",")
             grid = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3)]

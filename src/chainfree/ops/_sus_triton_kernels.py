@@ -729,6 +729,7 @@ def _v2_tiles(
     CAUSAL: tl.constexpr,
     BN: tl.constexpr,
     SAMPLE: tl.constexpr,
+    SMODE: tl.constexpr,
 ):
     """Flash-attention key tiles [start, end) with the 'thinned' candidate draw folded in.
 
@@ -764,7 +765,13 @@ def _v2_tiles(
         m_i = m_new
         if SAMPLE:
             a = tl.minimum(p * (c / l_i)[:, None], 1.0)
-            pre = tl.cumsum(a, 1)
+            if SMODE == 2:  # timing probe: no prefix sum
+                pre = a
+            elif SMODE == 3:  # timing probe: prefix sum on the tensor cores (bf16 operand)
+                tri = (offs_n[:, None] <= offs_n[None, :]).to(tl.bfloat16)
+                pre = tl.dot(a.to(tl.bfloat16), tri)
+            else:
+                pre = tl.cumsum(a, 1)
             y = r[:, None] + pre
             hi = tl.ceil(y)
             lo = tl.maximum(tl.ceil(y - a), 0.0)
@@ -773,7 +780,8 @@ def _v2_tiles(
             lse_t = m_new + tl.log2(l_i)
             v = tl.where(a < 1.0, lse_t[:, None], s + log2c)
             entry = (kn.to(tl.int64)[None, :] << 32) | (v.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-            tl.store(CENT + (cand_rows[:, None] + slot), entry, mask=m)
+            if SMODE != 1:  # 1: timing probe without the candidate store
+                tl.store(CENT + (cand_rows[:, None] + slot), entry, mask=m)
             t = r + tl.max(pre, 1)  # prefix sums are non-decreasing: the max is the last column, bit for bit
             passed = tl.maximum(tl.ceil(t), 0.0)
             kc += passed.to(tl.int32)
@@ -821,6 +829,7 @@ def _v2_fwd_kernel(
     D: tl.constexpr,
     SAMPLE: tl.constexpr,
     ECH: tl.constexpr,
+    SMODE: tl.constexpr = 0,
 ):
     """Exact forward (O, LSE) and, with SAMPLE, the row's kept keys of the 'thinned' draw.
 
@@ -859,11 +868,11 @@ def _v2_fwd_kernel(
             hi = (pid_m + 1) * BM
     acc, l_i, m_i, r, kc = _v2_tiles(
         acc, l_i, m_i, r, kc, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, 0, mid, N_K, qk_scale, c,
-        log2c, cand_rows, CENT, row_ok, CAND, False, CAUSAL, BN, SAMPLE,
+        log2c, cand_rows, CENT, row_ok, CAND, False, CAUSAL, BN, SAMPLE, SMODE,
     )  # fmt: skip
     acc, l_i, m_i, r, kc = _v2_tiles(
         acc, l_i, m_i, r, kc, q, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, mid, hi, N_K, qk_scale, c,
-        log2c, cand_rows, CENT, row_ok, CAND, True, CAUSAL, BN, SAMPLE,
+        log2c, cand_rows, CENT, row_ok, CAND, True, CAUSAL, BN, SAMPLE, SMODE,
     )  # fmt: skip
     o = acc / l_i[:, None]
     tl.store(

@@ -328,7 +328,9 @@ def _v2_fwd_config(d: int, sample: bool = True) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) of the v2 forward; BN is the contract's TILE (sus_reference.TILE)."""
     if (d, sample) in V2_FWD_CONFIGS:
         return V2_FWD_CONFIGS[(d, sample)]
-    return (128, TILE, 8, 3) if d == 128 else (128, TILE, 4, 3)
+    if not sample:
+        return (128, TILE, 8, 3) if d == 128 else (128, TILE, 4, 3)
+    return (128, TILE, 8, 3) if d == 128 else (64, TILE, 4, 3)  # best of 5 tilings at n = 16k on an H200
 
 
 def v2_forward(
@@ -342,11 +344,13 @@ def v2_forward(
     caps: tuple[int, int] | None,
     sample: bool = True,
     config: tuple[int, int, int, int] | None = None,
+    probe_mode: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(O, LSE [B*H*n] fp32 natural log, kept [B*H*n, cap] int32, count [B*H*n] int32 (-1: fallback row),
     per-key pair counts [B*Hkv*n_k] int32) of the 'thinned' draw, sampled inside the flash forward.
     `sample=False` is the plain exact forward (the three sampling outputs are None); `config` overrides
-    (BM, BN, num_warps, num_stages) (BN must stay TILE)."""
+    (BM, BN, num_warps, num_stages) (BN must stay TILE). `probe_mode` 1-3 are timing probes with wrong
+    samples (1: no candidate store, 2: no prefix sum, 3: prefix sum on the tensor cores)."""
     kern = _kernels()
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -373,7 +377,8 @@ def v2_forward(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, H // h_kv, h_kv, n_q, n_k, scale * kern.LOG2E, float(c), math.log2(c), int(seed), cand_cap, cap,
-        CAUSAL=is_causal, BM=bm, BN=bn, D=d, SAMPLE=sample, ECH=32, num_warps=warps, num_stages=stages,
+        CAUSAL=is_causal, BM=bm, BN=bn, D=d, SAMPLE=sample, ECH=32, SMODE=probe_mode, num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     if not sample:
         return o, lse, None, None, None
