@@ -130,12 +130,13 @@ def time_interleaved(fns: dict[str, dict[str, Callable]], warmup: int, rounds: i
     return times
 
 
-def _sus_fn(c: float, causal: bool) -> Callable:
-    """chainfree.sus_attention on the Triton kernel (one seed drawn per call, as in training)."""
+def _sus_fn(c: float, causal: bool, variant: str = "thinned") -> Callable:
+    """chainfree.sus_attention on the Triton kernel (one seed drawn per call, as in training); variant
+    'thinned' runs the v2 kernel, 'bernoulli' the v1 kernel."""
     from chainfree.ops.sus import sus_attention
 
     def attn(q, k, v):
-        return sus_attention(q, k, v, is_causal=causal, c=c, backend="triton")
+        return sus_attention(q, k, v, is_causal=causal, c=c, backend="triton", variant=variant)
 
     return attn
 
@@ -149,7 +150,15 @@ def _sdpa_fn(name: str, causal: bool) -> Callable:
 
 
 def _bench_shape(
-    d: int, H: int, n: int, cs: list[float], causal: bool, tdtype: torch.dtype, warmup: int, rounds: int
+    d: int,
+    H: int,
+    n: int,
+    cs: list[float],
+    causal: bool,
+    tdtype: torch.dtype,
+    warmup: int,
+    rounds: int,
+    v1_cs: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     """All rows of one (causal, D, n): the three exact rows, then SUS for every c, interleaved."""
     g = torch.Generator(device="cuda").manual_seed(n + d)
@@ -166,6 +175,8 @@ def _bench_shape(
             unavailable[name] = str(e).splitlines()[0][:200]
     for c in cs:
         fns[f"sus_c{c:g}"] = _phase_fns(_sus_fn(c, causal), q, k, v, do)
+    for c in v1_cs:
+        fns[f"sus_v1_c{c:g}"] = _phase_fns(_sus_fn(c, causal, "bernoulli"), q, k, v, do)
     times = time_interleaved(fns, warmup, rounds)
     flops = attention_flops(n, n, d, H, causal)
     base = {p: statistics.median(times["sdpa"][p]) for p in PHASES}
@@ -217,6 +228,7 @@ def run_attention_bench(
     plot: bool = True,
     warmup: int = 3,
     rounds: int = 0,
+    v1_cs: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Time SUS vs SDPA's default dispatch (+ forced FLASH and CUDNN rows) for every (causal, D, n, c); write
     JSON + markdown (+ PNG) to out_dir. `causal=None` runs both masks. `rounds=0` picks 15 rounds for
@@ -236,7 +248,7 @@ def run_attention_bench(
         for d in head_dims:
             for n in ns:
                 r = rounds or (15 if n <= 8192 else 8 if n <= 32768 else 5)
-                rows += _bench_shape(d, model_dim // d, n, cs, mask, tdtype, warmup, r)
+                rows += _bench_shape(d, model_dim // d, n, cs, mask, tdtype, warmup, r, tuple(v1_cs))
                 torch.cuda.empty_cache()
     from chainfree.ops import sus_triton
 
@@ -308,6 +320,111 @@ def _plot(rows: list[dict[str, Any]], path: Path, dtype: str, device: str) -> No
     save_figure(fig, path)
 
 
+class _ZeroBackwardAttention(torch.autograd.Function):
+    """Exact SDPA forward whose backward returns zeros: the 'limit' row (attention backward for free)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    @staticmethod
+    def backward(ctx, do):
+        return torch.zeros_like(do), torch.zeros_like(do), torch.zeros_like(do), None
+
+
+def zero_backward_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA calling convention; forward = default SDPA, backward = zeros (no compute at all)."""
+    if attn_mask is not None or dropout_p or scale is not None or enable_gqa:
+        raise ValueError("zero_backward_attention takes only q, k, v and is_causal (the GPT step bench's call)")
+    return _ZeroBackwardAttention.apply(q, k, v, is_causal)
+
+
+def run_step_bench(
+    seq_lens: list[int],
+    head_dims: list[int],
+    c: float = 32.0,
+    d_model: int = 768,
+    n_layers: int = 12,
+    vocab: int = 8192,
+    out_dir: Path | str = "benchmarks/results",
+    name: str = "step_sus",
+    warmup: int = 2,
+    rounds: int = 6,
+) -> dict[str, Any]:
+    """GPT training step (batch 1, bf16 autocast, fused AdamW, grad clip, chunked CE) with exact attention
+    (SDPA default dispatch), SUS attention (`chainfree.sus_attention`, default CUDA kernel) and the limit
+    (exact forward, zero attention backward) at every (head dim, T); one model, attention swapped between
+    steps, methods interleaved round by round. prize_share = (exact - sus) / (exact - limit)."""
+    from functools import partial
+
+    from chainfree.config import ModelConfig
+    from chainfree.models.lm import LanguageModel
+    from chainfree.ops.sus import sus_attention
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the SUS step benchmark needs a CUDA GPU")
+    rows: list[dict[str, Any]] = []
+    fns = {
+        "exact": F.scaled_dot_product_attention,
+        "sus": partial(sus_attention, c=c),
+        "sus_v1": partial(sus_attention, c=c, variant="bernoulli"),
+        "limit": zero_backward_attention,
+    }
+    for d in head_dims:
+        for T in seq_lens:
+            torch.manual_seed(0)
+            cfg = ModelConfig(kind="gpt", vocab_size=vocab, seq_len=T, d_model=d_model, n_layers=n_layers,
+                              n_heads=d_model // d)  # fmt: skip
+            model = LanguageModel(cfg).cuda()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            ids = torch.randint(0, vocab, (1, T + 1), device="cuda")
+            x, y = ids[:, :-1], ids[:, 1:]
+
+            def step(model=model, opt=opt, x=x, y=y):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            times: dict[str, list[float]] = {m: [] for m in fns}
+            for r in range(warmup + rounds):
+                for m, fn in fns.items():
+                    model.set_attention(fn)
+                    t = _event_ms(step)
+                    if r >= warmup:
+                        times[m].append(t)
+            med = {m: statistics.median(ts) for m, ts in times.items()}
+            for m, ts in times.items():
+                row = {"D": d, "heads": d_model // d, "T": T, "method": m, "step_ms": med[m], "min_ms": min(ts),
+                       "max_ms": max(ts), "speedup_vs_exact": med["exact"] / med[m]}  # fmt: skip
+                if m.startswith("sus"):
+                    row["prize_share"] = (med["exact"] - med["sus"]) / (med["exact"] - med["limit"])
+                rows.append(row)
+                print(f"step D={d} T={T} {m}: {med[m]:.2f} ms (x{row['speedup_vs_exact']:.2f})", flush=True)
+            del model, opt
+            torch.cuda.empty_cache()
+    config = {
+        "model": f"GPT d={d_model}, {n_layers} layers, vocab {vocab}, batch 1, tied embeddings, chunked CE",
+        "train": "bf16 autocast, fused AdamW, grad clip 1.0, eager (no torch.compile for any row)",
+        "exact": "F.scaled_dot_product_attention default dispatch", "sus": f"chainfree.sus_attention c={c:g}",
+        "limit": "exact forward, attention backward returns zeros",
+        "timing": f"CUDA events per step, {warmup} warm-up rounds, median of {rounds} interleaved rounds",
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "source_commit": os.environ.get("CHAINFREE_GIT_COMMIT"),
+    }  # fmt: skip
+    payload = {"config": config, "rows": rows}
+    columns = [
+        ("D", "D"), ("T", "T"), ("method", "method"), ("step_ms", "step ms"), ("min_ms", "min"), ("max_ms", "max"),
+        ("speedup_vs_exact", "speedup vs exact"), ("prize_share", "share of limit"),
+    ]  # fmt: skip
+    title = (f"# GPT training step: SUS vs exact vs limit ({torch.cuda.get_device_name(0)})\n\n"
+             f"{config['model']}; {config['train']}. limit = {config['limit']}.\n\n")  # fmt: skip
+    write_result(Path(out_dir), name, payload, title + markdown_table(rows, columns))
+    return payload
+
+
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
@@ -322,10 +439,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--mask", choices=["both", "causal", "non-causal"], default="both")
     p.add_argument("--rounds", type=int, default=0)
-    p.add_argument("--name", default="attention_sus")
+    p.add_argument("--v1-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
+    p.add_argument("--name", default=None)
+    p.add_argument("--step", action="store_true", help="GPT training step bench instead (--ns = sequence lengths)")
     a = p.parse_args(argv)
+    if a.step:
+        run_step_bench(a.ns, a.head_dims, a.cs[0], out_dir=a.out, name=a.name or "step_sus")
+        return
     causal = None if a.mask == "both" else a.mask == "causal"
-    run_attention_bench(a.ns, a.head_dims, a.cs, causal, a.model_dim, a.dtype, a.out, a.name, rounds=a.rounds)
+    run_attention_bench(a.ns, a.head_dims, a.cs, causal, a.model_dim, a.dtype, a.out, a.name or "attention_sus",
+                        rounds=a.rounds, v1_cs=tuple(a.v1_cs))  # fmt: skip
 
 
 if __name__ == "__main__":
