@@ -1,13 +1,13 @@
 """What the speed and memory benches run: one training step of a method, or one isolated module, built
-exactly as the training loop builds them (same seed, model, `method.prepare`, optimizer, autocast), so a
-ratio against exact differs only in the gradient computation."""
+exactly as the training loop builds them -- the Trainer's own setup (seeded model from the model factory,
+`method.prepare`, train.activation_checkpoint / train.compile, optimizer) and its own `train_step`
+(autocast, grad_accum, clip, optimizer, zero_grad) -- so a ratio against exact differs only in the
+gradient computation."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from statistics import median
 from typing import Any
 
 import torch
@@ -16,59 +16,56 @@ from torch import nn
 from chainfree.config import RunConfig
 from chainfree.errors import ConfigError
 from chainfree.methods import Method, build_method
-from chainfree.models.lm import LanguageModel
-from chainfree.train import autocast_context, build_optimizer
-from chainfree.training.options import apply_train_options, compile_step_begin
+from chainfree.methods.base import Launch
+from chainfree.runtime import resolve_device, sync, time_fn
+from chainfree.training import Trainer, TrainState, autocast_context, seeded_model
 
 OPS = ("step", "block", "attn", "mlp")  # 'attention' (SUS kernel sweep) lives in chainfree.bench.attention
+__all__ = ["OPS", "StepCase", "build_model", "build_step_case", "load_batch", "op_closures", "op_module",
+           "resolve_device", "shapes", "sync", "time_fn"]
 
 
 @dataclass
 class StepCase:
-    """A prepared model + optimizer + batch for one method; `step()` is one full training step."""
+    """A Trainer set up for one method on one device-resident batch; `step()` is one full training step."""
 
     name: str
-    model: nn.Module
     method: Method
-    optimizer: torch.optim.Optimizer
     inputs: torch.Tensor
     targets: torch.Tensor
     cfg: RunConfig
     device: torch.device
+    trainer: Trainer
+    state: TrainState
+
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.state.optimizer
 
     def step(self) -> None:
-        """method.step + clip + optimizer.step + zero_grad, as in chainfree.train (learning rate fixed)."""
-        if self.cfg.train.compile:
-            compile_step_begin(self.cfg.train.compile_mode)
-        with autocast_context(self.cfg.train, self.device):
-            self.method.step(self.model, self.inputs, self.targets)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = self.cfg.train.grad_clip
-        torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Trainer.train_step on the case's batch (the learning rate follows the run's schedule)."""
+        self.trainer.train_step(self.state, (self.inputs, self.targets))
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     """The unprepared model of `cfg`, seeded like the training loop (vocab_size must be set)."""
-    if cfg.model.vocab_size <= 0:
+    if cfg.model.kind != "vision" and cfg.model.vocab_size <= 0:
         raise ConfigError("model.vocab_size must be set before building a bench model (it comes from the data)")
-    torch.manual_seed(cfg.train.seed)
-    model = LanguageModel(cfg.model)
-    if cfg.train.dtype == "fp64":
-        model = model.double()
-    return model.to(device)
+    return seeded_model(cfg, device)
 
 
 def build_step_case(cfg: RunConfig, method_name: str, params: dict[str, Any], batch: tuple[torch.Tensor, torch.Tensor],
                     device: torch.device) -> StepCase:
-    model = build_model(cfg, device)
+    """One process, one device: the Trainer's single-device strategy whatever the launch."""
     method = build_method(method_name, params)
-    model = method.prepare(model)
-    apply_train_options(model, cfg.train, method.uses_autograd_step)  # train.compile / activation_checkpoint
-    optimizer = build_optimizer(model, cfg.train, device)
+    trainer = Trainer(cfg.train, method, device=device, launch=Launch(), strategy="single")
+    state = trainer.setup(build_model(cfg, device))
     x, y = (t.to(device) for t in batch)
-    return StepCase(method_name, model, method, optimizer, x, y, cfg, device)
+    return StepCase(method_name, method, x, y, cfg, device, trainer, state)
 
 
 def op_module(case: StepCase, op: str) -> nn.Module:
@@ -112,56 +109,15 @@ def op_closures(case: StepCase, op: str) -> dict[str, Callable[[], Any]]:
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
-    """Median time of fn in ms: CUDA events around each call on a GPU, perf_counter wall time on CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times: list[float] = []
-    if device.type == "cuda":
-        events = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
-        timer = "cuda_events"
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        timer = "wall_clock"
-    return {"median_ms": median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats,
-            "warmup": warmup, "timer": timer}
-
-
 def load_batch(cfg: RunConfig, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training batch of the configured corpus (sets model.vocab_size from the tokenizer when 0)."""
-    from chainfree.data import BatchSampler, load_tokens
+    """One training batch of the configured corpus (fills in model.vocab_size from the tokenizer when 0)."""
+    from chainfree.data import BatchSampler
+    from chainfree.training.trainer import run_tokens
 
-    data = load_tokens(cfg.data)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = data.vocab_size
+    data = run_tokens(cfg)
+    cfg.model.fit_vocab(data.vocab_size)
     sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
     return sampler.batch("train", step)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when visible; a clear error when cuda is asked for and absent."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def shapes(cfg: RunConfig, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
