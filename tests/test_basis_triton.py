@@ -30,18 +30,17 @@ def test_triton_sketch_matches_reference(rows, width, rank):
     gen = torch.Generator().manual_seed(rows + width + rank)
     plan = draw_plan(rows, rank, "cpu", generator=gen)
     m = torch.randn(rows, width, generator=gen)
-    shifts, signs = plan.shifts.to(DEVICE), plan.signs.to(DEVICE)
+    sign_bits, shift_bits = plan.sign_bits.to(DEVICE), plan.shift_bits.to(DEVICE)
     for dtype in (torch.float32, torch.bfloat16):
         md = m.to(dtype)
-        ref = sketch_ref(md.double(), plan.shifts, plan.signs, plan.rank, with_colsum=True)  # float64 truth
-        sk, m_sq, sk_sq, colsum = (t.cpu().double() for t in sketch_triton(md.to(DEVICE), shifts, signs, plan.rank,
-                                                                           with_colsum=True))
+        ref = sketch_ref(md.double(), plan.sign_bits, plan.shift_bits, plan.rank, with_colsum=True)  # float64 truth
+        sk, stats, colsum = (t.cpu().double() for t in sketch_triton(md.to(DEVICE), sign_bits, shift_bits, plan.rank,
+                                                                     with_colsum=True))
         assert sk.shape == (plan.rank, width)
         tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the float32 sum
         torch.testing.assert_close(sk, ref[0], rtol=tol, atol=tol * float(ref[0].abs().max()))
-        torch.testing.assert_close(m_sq, ref[1], rtol=1e-5, atol=0)
-        torch.testing.assert_close(sk_sq, ref[2], rtol=1e-5, atol=0)
-        torch.testing.assert_close(colsum, ref[3], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(stats, ref[1], rtol=1e-5, atol=0)
+        torch.testing.assert_close(colsum, ref[2], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not triton_runs, reason="needs triton with CUDA (or TRITON_INTERPRET=1)")
@@ -95,8 +94,8 @@ def test_cuda_kernel_matches_cpu_reference_in_training_shapes():
     for rows, width, rank in ((4096, 768, 32), (4096, 3072, 512), (4096, 768, 2048), (4100, 96, 8)):
         plan = draw_plan(rows, rank, "cuda")
         m = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-        ref = sketch_ref(m.double(), plan.shifts, plan.signs, plan.rank, True)
-        got = sketch_triton(m, plan.shifts, plan.signs, plan.rank, True)
+        ref = sketch_ref(m.double(), plan.sign_bits, plan.shift_bits, plan.rank, True)
+        got = sketch_triton(m, plan.sign_bits, plan.shift_bits, plan.rank, True)
         torch.testing.assert_close(got[0].double(), ref[0], rtol=8e-3, atol=8e-3 * float(ref[0].abs().max()))
         for a, b in zip(got[1:], ref[1:], strict=True):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-3)

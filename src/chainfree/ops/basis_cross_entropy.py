@@ -32,8 +32,8 @@ def _block_sketch(m: torch.Tensor, plan: SketchPlan, start: int) -> tuple[torch.
     """
     acc = _accum_dtype(m.dtype)
     if start % plan.rank == 0:
-        sk, m_sq, _, _ = sketch(m, plan.rows_slice(start, start + m.shape[0]))
-        return sk.to(acc), m_sq
+        sk, stats, _ = sketch(m, plan.rows_slice(start, start + m.shape[0]))
+        return sk.to(acc), stats[0]
     return sketch_block_ref(m.to(acc), plan, start), torch.linalg.vector_norm(m, dtype=acc).square()
 
 

@@ -18,8 +18,8 @@ R is either a fixed `rank` or `ceil(B / compression)`, resolved from the rows of
 over between batch sizes and context lengths.
 
 Saved per sketched projection: the weight (a parameter), the unscaled sketch S X (R x N_in, compute
-dtype), gamma_X (a 0-d tensor), the draw (B int8 signs + ceil(B/R) int32 shifts): about 1 byte per row
-instead of 2 N_in bytes for a bf16 X. The scalar factor multiplies the small (N_out x N_in) product, so
+dtype; float32 for small R), gamma_X (a 0-d tensor), the draw (B + ceil(B/R) random int32): about 4 bytes
+per row instead of 2 N_in bytes for a bf16 X. The scalar factor multiplies the small (N_out x N_in) product, so
 the dW GEMM runs over R rows in the compute dtype (bf16 tensor cores under autocast).
 
 Fused MLPs: composed of separate BASIS linears an MLP still saves its hidden activations for the
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from chainfree.errors import ConfigError
-from chainfree.ops.basis_sketch import SketchPlan, draw_plan, gamma, resolve_rank, sketch
+from chainfree.ops.basis_sketch import SketchPlan, draw_bits, gamma, resolve_rank, sketch
 
 # Sketch rows when neither a rank nor a compression is given (the paper's main setting).
 DEFAULT_RANK = 32
@@ -71,29 +71,29 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Draw:
-    """A layer-step's sketch of its input: plan, unscaled sketch S X and gamma_X."""
+    """A layer-step's sketch of its input: the draw (as its raw bits), unscaled sketch S X and gamma_X."""
 
     def __init__(self, m: torch.Tensor, rank: int, scalars: bool) -> None:
-        self.plan = draw_plan(m.shape[0], rank, m.device)
-        sk, m_sq, sk_sq, _ = sketch(m, self.plan)
+        self.bits = draw_bits(m.shape[0], rank, m.device)
+        sk, stats, _ = sketch(m, SketchPlan.from_bits(self.bits, m.shape[0], rank))
         self.sketch = sk
-        self.gamma = gamma(m_sq, sk_sq, scalars) if scalars else None
+        self.gamma = gamma(stats) if scalars else None
 
-    def saved(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        return self.sketch, self.gamma, self.plan.shifts, self.plan.signs
+    def saved(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return self.sketch, self.gamma, self.bits
 
 
 def _weight_grad(
     dy: torch.Tensor, saved: tuple, rank: int, shrink: float, weight: torch.Tensor, want_db: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dW, db or None) from dY and one layer's saved (S X, gamma_X, shifts, signs)."""
-    x_sk, gamma_x, shifts, signs = saved
-    plan = SketchPlan(shifts=shifts, signs=signs, rank=rank)
-    dy_sk, m_sq, sk_sq, colsum = sketch(dy, plan, with_colsum=want_db)
+    """(dW, db or None) from dY and one layer's saved (S X, gamma_X, draw bits)."""
+    x_sk, gamma_x, bits = saved
+    plan = SketchPlan.from_bits(bits, dy.shape[0], rank)
+    dy_sk, stats, colsum = sketch(dy, plan, with_colsum=want_db)
     factor = (1.0 - shrink) ** 2
     if gamma_x is not None:
-        factor = factor * gamma_x * gamma(m_sq, sk_sq, True)
-    dw = (dy_sk.t() @ x_sk).to(_acc(dy.dtype)).mul_(factor).to(weight.dtype)
+        factor = gamma_x * gamma(stats) * factor
+    dw = torch.mm(dy_sk.t().to(dy.dtype), x_sk.to(dy.dtype)).to(_acc(dy.dtype)).mul_(factor).to(weight.dtype)
     return dw, colsum
 
 
@@ -108,7 +108,7 @@ class BasisLinearFunction(torch.autograd.Function):
             y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
             r = resolve_rank(x2.shape[0], rank, compression)
             draw = _Draw(x2, r, scalars) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(weight, *(draw.saved() if draw else (None,) * 4))
+        ctx.save_for_backward(weight, *(draw.saved() if draw else (None,) * 3))
         ctx.meta = (dtype, x.dtype, x.shape, r, shrink, bias is not None)
         return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -183,8 +183,8 @@ class BasisMLPFunction(torch.autograd.Function):
             del hidden
             du = (d_hidden @ w1c).view(u_shape).to(u_dtype) if need[0] else None
             want_db1, want_db2 = b1 is not None and need[2], has_b2 and need[4]
-            dw1, db1 = _weight_grad(d_hidden, tuple(saved[:4]), rank, shrink, w1, want_db1) if need[1] else (None, None)
-            dw2, db2 = _weight_grad(dy2, tuple(saved[4:]), rank, shrink, w2, want_db2) if need[3] else (None, None)
+            dw1, db1 = _weight_grad(d_hidden, tuple(saved[:3]), rank, shrink, w1, want_db1) if need[1] else (None, None)
+            dw2, db2 = _weight_grad(dy2, tuple(saved[3:]), rank, shrink, w2, want_db2) if need[3] else (None, None)
             if db1 is None and want_db1:
                 db1 = d_hidden.sum(0, dtype=_acc(dtype))
             if db2 is None and want_db2:
@@ -232,11 +232,11 @@ class BasisSwiGLUFunction(torch.autograd.Function):
             dg = torch.ops.aten.silu_backward(dh.mul_(a), g)
             del g, a, dh
             du = (dg @ wgc).addmm_(da, wuc).view(u_shape).to(u_dtype) if need[0] else None
-            inp = tuple(saved[:4])
+            inp = tuple(saved[:3])
             want = (bg is not None and need[2], bu is not None and need[4], has_bd and need[6])
             dwg, dbg = _weight_grad(dg, inp, rank, shrink, wg, want[0]) if need[1] else (None, None)
             dwu, dbu = _weight_grad(da, inp, rank, shrink, wu, want[1]) if need[3] else (None, None)
-            dwd, dbd = _weight_grad(dy2, tuple(saved[4:]), rank, shrink, wd, want[2]) if need[5] else (None, None)
+            dwd, dbd = _weight_grad(dy2, tuple(saved[3:]), rank, shrink, wd, want[2]) if need[5] else (None, None)
             if dbg is None and want[0]:
                 dbg = dg.sum(0, dtype=acc)
             if dbu is None and want[1]:

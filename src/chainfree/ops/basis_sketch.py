@@ -14,10 +14,10 @@ the authors' uniform balanced hash (a random permutation of arange(B) mod R), so
 structure the variance is the same; rows next to each other (neighbouring tokens, the most correlated
 ones) never collide, which can only lower it. What it buys is speed and memory: every bucket reads
 contiguous runs of rows (no gather through a permutation, no randperm/sort per layer-step), and the
-draw is G int32 shifts plus B int8 signs (about one byte per row saved for backward).
+draw is one randint call of B + G int32 (about 4 bytes per row saved for backward).
 
 The draw is made in forward and saved, so X in forward and dY in backward are sketched with the same
-(h, s), as the estimator requires. `sketch` returns the unscaled sketch S M, ||M||_F^2, ||S M||_F^2 and
+(h, s), as the estimator requires. `sketch` returns the unscaled sketch S M, [||M||_F^2, ||S M||_F^2] and
 optionally M's column sums (the exact bias gradient, which comes for free with dY's read). On CUDA it
 runs the fused Triton kernel (chainfree.ops.basis_sketch_triton), elsewhere `sketch_ref`, its PyTorch
 twin; both are wrapped in a torch.library custom op while torch.compile traces, so BASIS layers compile
@@ -39,32 +39,52 @@ GAMMA_EPS = 1e-8
 
 @dataclass(frozen=True)
 class SketchPlan:
-    """One draw of the group-shift hash: row k of group g (row g*R + k) goes to bucket (k + shifts[g]) % R."""
+    """One draw of the group-shift hash, as raw random bits (one int32 per row and one per group).
 
-    shifts: torch.Tensor  # (G,) int32 in [0, R)
-    signs: torch.Tensor  # (B,) int8, +1 or -1, in row order
+    Row j has sign +1 if bit 0 of sign_bits[j] is set, else -1; row k of group g (row g*R + k) goes to
+    bucket (k + shift_bits[g] % R) % R. Keeping the raw bits makes the draw a single randint call and lets
+    the kernel read signs and shifts straight from them.
+    """
+
+    sign_bits: torch.Tensor  # (B,) int32
+    shift_bits: torch.Tensor  # (G,) int32, G = ceil(B / R)
     rank: int
+
+    @classmethod
+    def from_bits(cls, bits: torch.Tensor, rows: int, rank: int) -> SketchPlan:
+        """The plan stored as one (B + G,) tensor (what the autograd Functions save)."""
+        return cls(sign_bits=bits[:rows], shift_bits=bits[rows:], rank=rank)
 
     @property
     def rows(self) -> int:
-        return self.signs.numel()
+        return self.sign_bits.numel()
+
+    @property
+    def signs(self) -> torch.Tensor:
+        """(B,) int8 +-1 in row order."""
+        return ((self.sign_bits & 1) * 2 - 1).to(torch.int8)
+
+    @property
+    def shifts(self) -> torch.Tensor:
+        """(G,) int64 in [0, R)."""
+        return self.shift_bits.long() % self.rank
 
     def buckets(self) -> torch.Tensor:
         """h: (B,) int64, the bucket of every row."""
-        j = torch.arange(self.rows, device=self.signs.device)
-        return (j % self.rank + self.shifts.long()[j // self.rank]) % self.rank
+        j = torch.arange(self.rows, device=self.sign_bits.device)
+        return (j % self.rank + self.shifts[j // self.rank]) % self.rank
 
     def sign_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """S: (R, B) dense, S[h(j), j] = s_j (for tests and small problems)."""
-        S = torch.zeros(self.rank, self.rows, dtype=dtype, device=self.signs.device)
-        S[self.buckets(), torch.arange(self.rows, device=self.signs.device)] = self.signs.to(dtype)
+        S = torch.zeros(self.rank, self.rows, dtype=dtype, device=self.sign_bits.device)
+        S[self.buckets(), torch.arange(self.rows, device=self.sign_bits.device)] = self.signs.to(dtype)
         return S
 
     def rows_slice(self, start: int, stop: int) -> SketchPlan:
         """The plan restricted to rows [start, stop); start must be a multiple of R (whole groups)."""
         assert start % self.rank == 0, "a row slice of a plan must start at a group boundary"
         g0, g1 = start // self.rank, -(-stop // self.rank)
-        return SketchPlan(shifts=self.shifts[g0:g1], signs=self.signs[start:stop], rank=self.rank)
+        return SketchPlan(sign_bits=self.sign_bits[start:stop], shift_bits=self.shift_bits[g0:g1], rank=self.rank)
 
 
 def resolve_rank(rows: int, rank: int | None, compression: float | None) -> int:
@@ -77,13 +97,21 @@ def resolve_rank(rows: int, rank: int | None, compression: float | None) -> int:
     return max(1, min(r, rows))
 
 
-def draw_plan(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None) -> SketchPlan:
-    """Draw shifts and signs from torch's RNG (reproducible under torch.manual_seed); rank is clamped to [1, rows]."""
+def draw_bits(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+    """The random bits of one draw for R = rank (clamped to [1, rows]): (rows + ceil(rows / R),) int32.
+
+    One randint call, reproducible under torch.manual_seed. Bits are uniform on [0, 2^31 - 1):
+    P(sign = +1) = 1/2 - 2^-32, P(shift = k) = 1/R up to R / 2^31.
+    """
     rank = max(1, min(rank, rows))
     groups = -(-rows // rank)
-    shifts = torch.randint(0, rank, (groups,), device=device, generator=generator, dtype=torch.int32)
-    signs = torch.randint(0, 2, (rows,), device=device, generator=generator, dtype=torch.int8).mul_(2).sub_(1)
-    return SketchPlan(shifts=shifts, signs=signs, rank=rank)
+    return torch.randint(0, 2**31 - 1, (rows + groups,), device=device, generator=generator, dtype=torch.int32)
+
+
+def draw_plan(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None) -> SketchPlan:
+    """A fresh draw of the hash for `rows` rows and R = rank (clamped to [1, rows])."""
+    return SketchPlan.from_bits(draw_bits(rows, rank, device, generator), rows, max(1, min(rank, rows)))
 
 
 def _accum(dtype: torch.dtype) -> torch.dtype:
@@ -91,22 +119,20 @@ def _accum(dtype: torch.dtype) -> torch.dtype:
 
 
 def sketch_ref(
-    m: torch.Tensor, shifts: torch.Tensor, signs: torch.Tensor, rank: int, with_colsum: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch twin of the fused kernel: (S m in m's dtype, ||m||^2, ||S m||^2, column sums or an empty tensor).
+    m: torch.Tensor, sign_bits: torch.Tensor, shift_bits: torch.Tensor, rank: int, with_colsum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch twin of the fused kernel: (S m in m's dtype, [||m||^2, ||S m||^2], column sums or an empty tensor).
 
     Norms and column sums are accumulated in float32 (float64 for float64 m); the sketch is summed in
-    that precision and rounded to m's dtype once, as the kernel does.
+    that precision and rounded to m's dtype once.
     """
     acc = _accum(m.dtype)
-    rows, width = m.shape
-    plan = SketchPlan(shifts=shifts, signs=signs, rank=rank)
-    signed = m.to(acc) * signs.to(acc)[:, None]
-    sk = torch.zeros(rank, width, dtype=acc, device=m.device).index_add_(0, plan.buckets(), signed)
-    m_sq = torch.linalg.vector_norm(m, dtype=acc).square()
-    sk_sq = sk.square().sum()
+    plan = SketchPlan(sign_bits=sign_bits, shift_bits=shift_bits, rank=rank)
+    signed = m.to(acc) * plan.signs.to(acc)[:, None]
+    sk = torch.zeros(rank, m.shape[1], dtype=acc, device=m.device).index_add_(0, plan.buckets(), signed)
+    stats = torch.stack((torch.linalg.vector_norm(m, dtype=acc).square(), sk.square().sum()))
     colsum = m.sum(0, dtype=acc) if with_colsum else m.new_empty(0, dtype=acc)
-    return sk.to(m.dtype), m_sq, sk_sq, colsum
+    return sk.to(m.dtype), stats, colsum
 
 
 _KERNEL = None
@@ -139,33 +165,34 @@ def supports(m: torch.Tensor) -> list[str]:
     return reasons
 
 
-def _sketch_impl(m, shifts, signs, rank, with_colsum):
+def _sketch_impl(m, sign_bits, shift_bits, rank, with_colsum):
     if not supports(m):
-        return _triton_sketch()(m, shifts, signs, rank, with_colsum)
-    return sketch_ref(m, shifts, signs, rank, with_colsum)
+        return _triton_sketch()(m, sign_bits, shift_bits, rank, with_colsum)
+    return sketch_ref(m, sign_bits, shift_bits, rank, with_colsum)
 
 
 @torch.library.custom_op("chainfree::basis_sketch", mutates_args=())
 def _sketch_op(
-    m: torch.Tensor, shifts: torch.Tensor, signs: torch.Tensor, rank: int, with_colsum: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sketch_impl(m, shifts, signs, rank, with_colsum)
+    m: torch.Tensor, sign_bits: torch.Tensor, shift_bits: torch.Tensor, rank: int, with_colsum: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sk, stats, colsum = _sketch_impl(m, sign_bits, shift_bits, rank, with_colsum)
+    return sk.to(m.dtype), stats, colsum  # one output dtype for the compiler
 
 
 @_sketch_op.register_fake
-def _(m, shifts, signs, rank, with_colsum):
+def _(m, sign_bits, shift_bits, rank, with_colsum):
     acc = _accum(m.dtype)
-    scalar = m.new_empty((), dtype=acc)
-    return (m.new_empty(rank, m.shape[1]), scalar, scalar.clone(),
-            m.new_empty(m.shape[1] if with_colsum else 0, dtype=acc))
+    return m.new_empty(rank, m.shape[1]), m.new_empty(2, dtype=acc), m.new_empty(m.shape[1] if with_colsum else 0,
+                                                                                 dtype=acc)
 
 
 def sketch(
     m: torch.Tensor, plan: SketchPlan, with_colsum: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(S m (R x N) in m's dtype, ||m||_F^2, ||S m||_F^2, column sums of m or None) for a (B, N) matrix m.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(S m (R x N), stats = [||m||_F^2, ||S m||_F^2], column sums of m or None) for a (B, N) matrix m.
 
-    Eager: calls the kernel (or the reference) directly, with no custom-op dispatch cost; under
+    The sketch is in m's dtype, or float32 where the kernel accumulated it across programs (small R: a
+    few KB). Eager: calls the kernel (or the reference) directly, with no custom-op dispatch cost; under
     torch.compile: through the custom op, which the compiler treats as one opaque call.
     """
     if m.dim() != 2 or m.shape[0] != plan.rows:
@@ -173,27 +200,26 @@ def sketch(
     if m.stride(1) != 1:
         m = m.contiguous()
     call = _sketch_op if torch.compiler.is_compiling() else _sketch_impl
-    sk, m_sq, sk_sq, colsum = call(m, plan.shifts, plan.signs, plan.rank, with_colsum)
-    return sk, m_sq, sk_sq, colsum if with_colsum else None
+    sk, stats, colsum = call(m, plan.sign_bits, plan.shift_bits, plan.rank, with_colsum)
+    return sk, stats, colsum if with_colsum else None
 
 
-def gamma(m_sq: torch.Tensor, sk_sq: torch.Tensor, scalars: bool) -> torch.Tensor | float:
-    """The invariant scalar ||M||_F / (||S M||_F + eps), or 1.0 without scalars."""
-    if not scalars:
-        return 1.0
-    return m_sq.sqrt() / (sk_sq.sqrt() + GAMMA_EPS)
+def gamma(stats: torch.Tensor) -> torch.Tensor:
+    """The invariant scalar ||M||_F / (||S M||_F + eps) from sketch stats [||M||^2, ||S M||^2]."""
+    root = stats.sqrt()
+    return root[0] / (root[1] + GAMMA_EPS)
 
 
 def scaled_sketch(m: torch.Tensor, plan: SketchPlan, scalars: bool, shrink: float) -> torch.Tensor:
-    """(1 - shrink) * gamma * S m in float32 (float64 for float64 m): the SPEC's X_hat, for tests and analysis."""
-    sk, m_sq, sk_sq, _ = sketch(m, plan)
-    return sk.to(_accum(m.dtype)) * (gamma(m_sq, sk_sq, scalars) * (1.0 - shrink))
+    """(1 - shrink) * gamma * S m in float32 (float64 for float64 m): the estimator's X_hat, for tests and analysis."""
+    sk, stats, _ = sketch(m, plan)
+    return sk.to(_accum(m.dtype)) * ((gamma(stats) if scalars else 1.0) * (1.0 - shrink))
 
 
 def sketch_block_ref(m: torch.Tensor, plan: SketchPlan, start: int) -> torch.Tensor:
     """S[:, start:start+len(m)] m: the contribution of a block of consecutive rows (R x N, m's dtype)."""
     stop = start + m.shape[0]
     j = torch.arange(start, stop, device=m.device)
-    buckets = (j % plan.rank + plan.shifts.long()[j // plan.rank]) % plan.rank
+    buckets = (j % plan.rank + plan.shifts[j // plan.rank]) % plan.rank
     signed = m * plan.signs[start:stop, None].to(m.dtype)
     return m.new_zeros(plan.rank, m.shape[1]).index_add_(0, buckets, signed)
