@@ -6,11 +6,24 @@ from the [method] section."""
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chainfree.config import RunConfig, build_dataclass
 from chainfree.errors import ConfigError
-from chainfree.methods.base import Launch, Method, StepStats
+
+if TYPE_CHECKING:
+    from chainfree.methods.base import Launch, Method, StepStats
+
+
+def __getattr__(name: str) -> Any:
+    """Method, StepStats and Launch load chainfree.methods.base (and torch) on first use, so listing the
+    registry (`chainfree --help`) stays light."""
+    if name in ("Launch", "Method", "StepStats"):
+        from chainfree.methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'chainfree.methods' has no attribute {name!r}")
+
 
 METHODS: dict[str, str] = {
     "exact": "chainfree.methods.exact:Exact",
