@@ -25,16 +25,16 @@ bl() {  # time limit (s), then the bench baselines arguments
   echo "+ chainfree bench baselines $*"
   timeout "$limit" python3 -m chainfree.cli bench baselines --device "$DEV" --out "$OUT" "$@" $EXTRA 2>&1 | tail -30
 }
-# GPT-2-small body: d=768, 12 layers, 12 heads, T=1024, batch 16, BPE vocab 8192 (tied head, chunked CE)
+# GPT-2-small body: d=768, 12 layers, 12 heads, T=1024, batch 16, BPE vocab 4096 (tied head, chunked CE)
 GPT2S="--model gpt --set model.d_model=768 --set model.n_layers=12 --set model.n_heads=12 --set model.seq_len=1024
-  --set train.batch_size=16 --set data.bpe_vocab_size=8192"
+  --set train.batch_size=16"
 case ",$PARTS," in *,gpt2s,*)
   bl 240 $GPT2S --entries "exact,exact+compile,exact+cudagraphs,exact+ckpt,exact+sac,basis" \
     --set method.rank="$BASIS_RANK" --rounds 5 --steps 4 --warmup 3 --name baselines_gpt2small_cuda ;;
 esac
 case ",$PARTS," in *,d2048,*)
   bl 200 --model gpt --set model.d_model=2048 --set model.n_layers=12 --set model.n_heads=16 \
-    --set model.seq_len=1024 --set train.batch_size=16 --set data.bpe_vocab_size=8192 \
+    --set model.seq_len=1024 --set train.batch_size=16 \
     --entries "exact,exact+compile,exact+ckpt,exact+sac,basis" --set method.rank="$BASIS_RANK" \
     --rounds 4 --steps 3 --warmup 2 --name baselines_gpt_d2048_cuda ;;
 esac
@@ -46,7 +46,7 @@ case ",$PARTS," in *,hbll,*)
 esac
 # LBI single-GPU step vs dense exact, eager and compiled (gpt-small preset: d=512, 6 layers, T=1024)
 case ",$PARTS," in *,lbi,*)
-  bl 150 --config gpt-small --entries "exact,exact+compile,exact+cudagraphs,lbi" --set train.batch_size=16 \
-    --rounds 5 --steps 4 --warmup 3 --name baselines_lbi_cuda ;;
+  bl 150 --config gpt-small --set data.bpe_vocab_size=4096 --set train.batch_size=16 \
+    --entries "exact,exact+compile,exact+cudagraphs,lbi" --rounds 5 --steps 4 --warmup 3 --name baselines_lbi_cuda ;;
 esac
 ls -la "$OUT"

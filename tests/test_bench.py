@@ -111,3 +111,17 @@ def test_memory_cpu_sees_checkpointing(tmp_path):
         rows[ac] = json.loads((tmp_path / f"{ac}.json").read_text())["rows"][0]
     assert rows["full"]["activation_bytes"] < rows["none"]["activation_bytes"]
     assert rows["full"]["weight_bytes"] == rows["none"]["weight_bytes"]
+
+
+def test_bench_baselines_interleaved_with_sweep(tmp_path):
+    invoke("bench", "baselines", "--device", "cpu", "--entries", "exact,exact+ckpt", *TINY, "--rounds", "2",
+           "--steps", "2", "--warmup", "1", "--sweep", "model.n_layers=1,2", "--out", str(tmp_path), "--name", "bl")
+    payload = json.loads((tmp_path / "bl.json").read_text())
+    rows = payload["rows"]
+    assert [(r["model.n_layers"], r["method"]) for r in rows] == [("1", "exact"), ("1", "exact+ckpt"),
+                                                                  ("2", "exact"), ("2", "exact+ckpt")]
+    for r in rows:
+        assert r["step_ms"] > 0 and len(r["round_time_ratios"]) == 2 and r["sdpa"] == ["cpu_flash"]
+    assert rows[1]["options"]["activation_checkpoint"] == "full"
+    assert rows[3]["activation_bytes"] < rows[2]["activation_bytes"]  # checkpointing seen in the memory figures
+    assert "| exact+ckpt |" in (tmp_path / "bl.md").read_text()

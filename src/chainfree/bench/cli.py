@@ -323,8 +323,7 @@ def baselines(entries: Annotated[str, typer.Option(
                   "model.n_layers=8,16,32,64")] = None) -> None:
     """Step time and memory of methods beside the exact baselines (compile, CUDA graphs, checkpointing), interleaved."""
     from chainfree.bench.cases import load_batch, resolve_device
-    from chainfree.bench.report import markdown_table, write_result
-    from chainfree.bench.speed import ENTRY_COLUMNS, measure_entries
+    from chainfree.bench.speed import measure_entries
     from chainfree.training.compare import entry_configs, parse_entries
 
     if rounds < 1 or steps < 1 or warmup < 0:
@@ -351,6 +350,10 @@ def baselines(entries: Annotated[str, typer.Option(
             cfg.model.vocab_size = exact_cfg.model.vocab_size
         last = measure_entries(cfgs, batch, dev, rounds, steps, warmup)
         for r in last["rows"]:
+            if r.get("error"):
+                r["noise"] = r["error"]
+                rows.append({**r, **({key: value} if key else {})})
+                continue
             r["ratio_range"] = (f"{r['time_ratio_min']:.2f}-{r['time_ratio_max']:.2f}"
                                 if r.get("time_ratio_min") is not None and r["method"] != "exact" else None)
             r["noise"] = "within noise" if r.get("within_noise") else None
@@ -359,7 +362,18 @@ def baselines(entries: Annotated[str, typer.Option(
                 r[key] = value
             rows.append(r)
         typer.echo(f"{key or 'run'}={value}: " + ", ".join(f"{r['method']} {r['step_ms']:.2f} ms"
-                                                           for r in last["rows"]))
+                                                           for r in last["rows"] if "step_ms" in r))
+        md_path = _write_baselines(out, name, rows, last, key, parsed, sweep, rounds, steps, warmup)
+    typer.echo(md_path.read_text())
+    typer.echo(f"-> {md_path.with_suffix('.json')}")
+
+
+def _write_baselines(out: Path, name: str | None, rows: list[dict[str, Any]], last: dict[str, Any], key: str | None,
+                     parsed: list, sweep: str | None, rounds: int, steps: int, warmup: int) -> Path:
+    """Write (or rewrite, after each sweep value, so a time limit keeps what was measured) the result files."""
+    from chainfree.bench.report import markdown_table, write_result
+    from chainfree.bench.speed import ENTRY_COLUMNS
+
     m = last["shapes"]
     stem = name or f"baselines_{m['model']}_{'cuda' if 'cuda' in last['device'] else 'cpu'}"
     timer = "CUDA events" if last["timer"] == "cuda_events" else "CPU wall time (perf_counter) -- not a GPU claim"
@@ -372,6 +386,5 @@ def baselines(entries: Annotated[str, typer.Option(
           "optimizer state + gradients + activation. A step = method step + clip + AdamW (fused on CUDA).\n\n"
           + markdown_table(rows, ([(key, key)] if key else []) + ENTRY_COLUMNS))
     payload = {**last, "command": _command(), "rows": rows, "entries": [e.label for e in parsed], "sweep": sweep}
-    json_path, md_path = write_result(out, stem, payload, md)
-    typer.echo(md_path.read_text())
-    typer.echo(f"-> {json_path}")
+    _, md_path = write_result(out, stem, payload, md)
+    return md_path

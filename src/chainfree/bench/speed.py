@@ -124,17 +124,27 @@ def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch
         raise ConfigError(f"the entries must include the baseline {baseline!r}")
     cases: dict[str, StepCase] = {}
     rows: dict[str, dict[str, Any]] = {}
+    failed: list[dict[str, Any]] = []
     for label, cfg in cfgs.items():
         t0 = time.perf_counter()
-        case = build_step_case(cfg, cfg.method_name, cfg.method_params, batch, device)
-        for _ in range(warmup):
-            case.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        options = {k: getattr(cfg.train, k) for k in ("compile", "compile_mode", "activation_checkpoint", "grad_accum")}
+        try:
+            case = build_step_case(cfg, cfg.method_name, cfg.method_params, batch, device)
+            for _ in range(warmup):
+                case.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as e:  # noqa: BLE001 -- one entry failing (OOM, a compile error) must not lose the others
+            if label == baseline:
+                raise
+            failed.append({"method": label, "options": options, "error": f"{type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}"})
+            case = None
+            _release(case)
+            continue
         cases[label] = case
         rows[label] = {"method": label, "params": cfg.method_params, "warmup_s": time.perf_counter() - t0,
-                       "options": {k: getattr(cfg.train, k) for k in
-                                   ("compile", "compile_mode", "activation_checkpoint", "grad_accum")}}
+                       "options": options}
     times: dict[str, list[float]] = {label: [] for label in cases}
     labels = list(cases)
     for r in range(rounds):
@@ -170,7 +180,7 @@ def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch
         _release(case)
     return {"bench": "baselines", "device": str(device), "timer": "cuda_events" if device.type == "cuda" else
             "wall_clock", "rounds": rounds, "steps_per_round": steps, "warmup": warmup,
-            "shapes": shapes(next(iter(cfgs.values())), batch), "rows": list(rows.values())}
+            "shapes": shapes(next(iter(cfgs.values())), batch), "rows": list(rows.values()) + failed}
 
 
 ENTRY_COLUMNS = [("method", "entry"), ("step_ms", "step ms (median)"), ("step_min_ms", "min"),
