@@ -87,8 +87,9 @@ def _bytes(tensors) -> int:
     return total
 
 
-def case_memory(case: StepCase, warmup: int = 1) -> dict[str, Any]:
-    """Memory figures of one step of `case` (after `warmup` steps, so optimizer state exists)."""
+def case_memory(case: StepCase, warmup: int = 1, saved_meter: bool = True) -> dict[str, Any]:
+    """Memory figures of one step of `case` (after `warmup` steps, so optimizer state exists). `saved_meter=False`
+    skips the saved-for-backward count (a compiled model would retrace under its hooks)."""
     for _ in range(warmup):
         case.step()
     params = list(case.model.parameters())
@@ -98,14 +99,18 @@ def case_memory(case: StepCase, warmup: int = 1) -> dict[str, Any]:
         "optimizer_bytes": _bytes(t for s in case.optimizer.state.values() for t in s.values()
                                   if torch.is_tensor(t) and t.numel() > 1),
     }
-    try:
-        with SavedTensorMeter(params + list(case.model.buffers())) as meter:
-            case.step()
-        row["saved_peak_bytes"] = meter.peak
-    except RuntimeError as e:  # torch.func refuses saved-tensor hooks
+    if not saved_meter:
         row["saved_peak_bytes"] = None
-        row["saved_note"] = str(e).splitlines()[0][:160]
-    if case.device.type != "cuda":
+        row["saved_note"] = "not counted (compiled model)"
+    else:
+        try:
+            with SavedTensorMeter(params + list(case.model.buffers())) as meter:
+                case.step()
+            row["saved_peak_bytes"] = meter.peak
+        except RuntimeError as e:  # torch.func refuses saved-tensor hooks
+            row["saved_peak_bytes"] = None
+            row["saved_note"] = str(e).splitlines()[0][:160]
+    if case.device.type != "cuda" and saved_meter:
         row.update(tracked_step_memory(case, row["grad_bytes"]))
     if case.device.type == "cuda":
         gc.collect()

@@ -160,16 +160,20 @@ def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch
                    time_ratio=s.get("time_ratio"), time_ratio_min=s.get("time_ratio_min"),
                    time_ratio_max=s.get("time_ratio_max"), within_noise=s.get("time_ratio_within_noise"),
                    round_time_ratios=s.get("round_time_ratios"), tokens_per_s=batch[0].numel() / s["step_time_s"])
-        mem = case_memory(case, warmup=0)
+        compiled = bool(case.cfg.train.compile)
+        mem = case_memory(case, warmup=0, saved_meter=not compiled)
         own = _own_static_bytes(case)
         row.update({k: mem.get(k) for k in ("activation_bytes", "grad_bytes", "saved_peak_bytes", "memory_source")})
         if mem.get("activation_bytes") is not None:
             row["own_static_bytes"] = own
             row["own_peak_bytes"] = own + mem["grad_bytes"] + mem["activation_bytes"]
-        try:
-            row["sdpa"] = sdpa_backends(case.step)["backends"]
-        except Exception as e:  # noqa: BLE001 -- a compiled graph may refuse the dispatch mode
-            row["sdpa"] = [f"not observable ({type(e).__name__})"]
+        if compiled:  # the modes would make dynamo retrace; inductor calls the same SDPA kernels as eager
+            row["sdpa"] = ["compiled graph"]
+        else:
+            try:
+                row["sdpa"] = sdpa_backends(case.step)["backends"]
+            except Exception as e:  # noqa: BLE001 -- a method's custom op may refuse the dispatch mode
+                row["sdpa"] = [f"not observable ({type(e).__name__})"]
     base = rows[baseline]
     for row in rows.values():
         for key in ("activation_bytes", "own_peak_bytes"):

@@ -197,9 +197,10 @@ def _memory(cfg: RunConfig, entry: Entry, batch: tuple[torch.Tensor, torch.Tenso
     from chainfree.bench.report import sdpa_backends
 
     case = build_step_case(cfg, entry.method, cfg.method_params, batch, device)
+    compiled = bool(cfg.train.compile)
     try:
-        row = case_memory(case, warmup=1)
-        row["sdpa"] = sdpa_backends(case.step)
+        row = case_memory(case, warmup=1, saved_meter=not compiled)
+        row["sdpa"] = {"backends": ["compiled graph"]} if compiled else sdpa_backends(case.step)
     finally:
         del case
         gc.collect()
