@@ -29,24 +29,25 @@ bl() {  # time limit (s), then the bench baselines arguments
 GPT2S="--model gpt --set model.d_model=768 --set model.n_layers=12 --set model.n_heads=12 --set model.seq_len=1024
   --set train.batch_size=16"
 case ",$PARTS," in *,gpt2s,*)
-  bl 240 $GPT2S --entries "exact,exact+compile,exact+cudagraphs,exact+ckpt,exact+sac,basis" \
+  bl 250 $GPT2S --entries "exact,exact+compile,exact+cudagraphs,exact+ckpt,exact+sac,basis" \
     --set method.rank="$BASIS_RANK" --rounds 5 --steps 4 --warmup 3 --name baselines_gpt2small_cuda ;;
 esac
 case ",$PARTS," in *,d2048,*)
-  bl 200 --model gpt --set model.d_model=2048 --set model.n_layers=12 --set model.n_heads=16 \
+  bl 120 --model gpt --set model.d_model=2048 --set model.n_layers=12 --set model.n_heads=16 \
     --set model.seq_len=1024 --set train.batch_size=16 \
-    --entries "exact,exact+compile,exact+ckpt,exact+sac,basis" --set method.rank="$BASIS_RANK" \
+    --entries "exact,exact+ckpt,exact+sac,basis" --set method.rank="$BASIS_RANK" \
     --rounds 4 --steps 3 --warmup 2 --name baselines_gpt_d2048_cuda ;;
 esac
-# HBLL depth sweep at the scale of docs/hbll.md (d=256, batch 16 x 128, BPE 4096): exact eager, compiled, CUDA graphs
+# HBLL depth sweep at the scale of docs/hbll.md (d=256, batch 16 x 128, BPE 4096): exact eager and compiled with
+# CUDA graphs (train.compile, mode reduce-overhead: the launch-bound baseline)
 case ",$PARTS," in *,hbll,*)
-  bl 300 --model gpt --set model.d_model=256 --set model.n_heads=4 --set model.seq_len=128 \
-    --set train.batch_size=16 --entries "exact,exact+compile,exact+cudagraphs,hbll" \
+  bl 200 --model gpt --set model.d_model=256 --set model.n_heads=4 --set model.seq_len=128 \
+    --set train.batch_size=16 --entries "exact,exact+cudagraphs,hbll" \
     --sweep model.n_layers=8,16,32,64 --rounds 5 --steps 5 --warmup 3 --name baselines_hbll_depth_cuda ;;
 esac
 # LBI single-GPU step vs dense exact, eager and compiled (gpt-small preset: d=512, 6 layers, T=1024)
 case ",$PARTS," in *,lbi,*)
-  bl 150 --config gpt-small --set data.bpe_vocab_size=4096 --set train.batch_size=16 \
-    --entries "exact,exact+compile,exact+cudagraphs,lbi" --rounds 5 --steps 4 --warmup 3 --name baselines_lbi_cuda ;;
+  bl 100 --config gpt-small --set data.bpe_vocab_size=4096 --set train.batch_size=16 \
+    --entries "exact,exact+compile,lbi" --rounds 5 --steps 4 --warmup 3 --name baselines_lbi_cuda ;;
 esac
 ls -la "$OUT"
