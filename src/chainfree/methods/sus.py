@@ -2,7 +2,7 @@
 
     chainfree train --model gpt --method sus --set method.c=32
 
-Only the attention backward changes (SPEC §2): the forward, the loss and every other gradient path are
+Only the attention backward changes (derivation in docs/sus.md): the forward, the loss and every other gradient path are
 exact, and the attention gradients are unbiased, so the loop, optimizer and schedule are the exact
 baseline's. With the reference backend the step also reports how many attention weights carried gradient
 (`sus_kept_per_row`, `sus_kept_fraction`) next to the loss.
@@ -27,7 +27,7 @@ class SusConfig:
     """`method.<key>` settings of SUS backprop."""
 
     c: int = 32  # expected attention weights per query row and head that carry gradient
-    variant: str = "bernoulli"  # 'bernoulli' (SPEC default) or 'systematic' (at most c per row, certain)
+    variant: str = "bernoulli"  # 'bernoulli' (independent keeps) or 'systematic' (at most c per row, certain)
     backend: str = "auto"  # 'auto' (Triton on CUDA when it supports the case), 'reference', 'triton'
     stats: bool = True  # report kept-entry counts (reference backend only; costs a few reductions)
 
@@ -45,8 +45,7 @@ class Sus(Method):
     Config = SusConfig
 
     def __init__(self, config: SusConfig | None = None) -> None:
-        super().__init__(config)
-        self.config.validate()
+        super().__init__(config)  # settings were validated once, when the config was built (method_config)
         self.stats = SusStats()
 
     def attention_fn(self):
