@@ -174,7 +174,7 @@ def _bench_shape(
         except RuntimeError as e:  # a forced backend that does not take this case
             unavailable[name] = str(e).splitlines()[0][:200]
     for c in cs:
-        fns[f"sus_c{c:g}"] = _phase_fns(_sus_fn(c, causal), q, k, v, do)
+        fns[f"sus_v2_c{c:g}"] = _phase_fns(_sus_fn(c, causal), q, k, v, do)
     for c in v1_cs:
         fns[f"sus_v1_c{c:g}"] = _phase_fns(_sus_fn(c, causal, "bernoulli"), q, k, v, do)
     times = time_interleaved(fns, warmup, rounds)
@@ -255,7 +255,8 @@ def run_attention_bench(
     config = {
         "ns": ns, "head_dims": head_dims, "cs": cs, "masks": ["causal" if m else "non-causal" for m in masks],
         "model_dim": model_dim, "batch": 1, "dtype": dtype,
-        "sus_kernel": getattr(sus_triton, "KERNEL", None),
+        "sus_rows": "sus_v2_c* = sus_attention(variant='thinned'): v2 kernel; sus_v1_c* = variant='bernoulli': v1 "
+        f"kernel (default of chainfree.sus_attention on CUDA: {sus_triton.KERNEL})",
         "baseline": "torch F.scaled_dot_product_attention, default backend dispatch (no sdpa_kernel context); "
                     "rows sdpa_flash / sdpa_cudnn force SDPBackend.FLASH_ATTENTION / CUDNN_ATTENTION",
         "timing": "CUDA events per call; methods and phases interleaved round by round after warm-up; "
@@ -366,7 +367,7 @@ def run_step_bench(
     rows: list[dict[str, Any]] = []
     fns = {
         "exact": F.scaled_dot_product_attention,
-        "sus": partial(sus_attention, c=c),
+        "sus": partial(sus_attention, c=c, variant="thinned"),
         "sus_v1": partial(sus_attention, c=c, variant="bernoulli"),
         "limit": zero_backward_attention,
     }
@@ -400,7 +401,7 @@ def run_step_bench(
                 row = {"D": d, "heads": d_model // d, "T": T, "method": m, "step_ms": med[m], "min_ms": min(ts),
                        "max_ms": max(ts), "speedup_vs_exact": med["exact"] / med[m]}  # fmt: skip
                 if m.startswith("sus"):
-                    row["prize_share"] = (med["exact"] - med["sus"]) / (med["exact"] - med["limit"])
+                    row["prize_share"] = (med["exact"] - med[m]) / (med["exact"] - med["limit"])
                 rows.append(row)
                 print(f"step D={d} T={T} {m}: {med[m]:.2f} ms (x{row['speedup_vs_exact']:.2f})", flush=True)
             del model, opt

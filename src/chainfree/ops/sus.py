@@ -99,7 +99,7 @@ def sus_attention(
     *,
     c: float = 32,
     generator: torch.Generator | None = None,
-    variant: str = "thinned",
+    variant: str = "bernoulli",
     backend: str = "auto",
     block_rows: int | None = None,
     stats: SusStats | None = None,
@@ -110,9 +110,10 @@ def sus_attention(
     `attn_mask` must be None and `dropout_p` 0. `c` bounds the expected number of attention weights per
     query row and head that carry gradient (q_ij = min(1, c·W_ij)). One seed is drawn from `generator`
     (default: torch's CPU generator) per call that needs a gradient; the backward replays it.
-    `variant`: 'thinned' (default; the CUDA kernel samples it inside the forward), 'bernoulli' (independent
-    keeps; on CUDA the v1 kernel, which samples in the backward) or 'systematic' (at most c entries per row
-    with certainty; reference backend only). All three are unbiased; `sus_reference` defines them.
+    `variant`: 'bernoulli' (default: independent keeps; on CUDA the v1 kernel, which samples in the
+    backward), 'thinned' (on CUDA the v2 kernel, which samples inside the forward: a faster backward but a
+    much slower forward, docs/sus_kernel.md) or 'systematic' (at most c entries per row with certainty;
+    reference backend only). All three are unbiased; `sus_reference` defines them.
     `stats`, if given, accumulates kept-entry counts in the backward (reference backend only; the kernel
     does not report them). No seed is drawn when no gradient is needed, so eval leaves the RNG alone.
     """
@@ -128,7 +129,7 @@ def sus_attention(
                 "backend='triton' needs chainfree.ops.sus_triton and triton (pip install 'chainfree[gpu]')"
             )
         if module is not None and (backend == "triton" or _triton_supports(module, query, key, value, is_causal)):
-            extra = {} if variant == "thinned" else {"kernel": "v1"}
+            extra = {"kernel": "v2"} if variant == "thinned" else {}
             return module.sus_attention_triton(
                 query, key, value, c=float(c), is_causal=bool(is_causal), scale=float(scale),
                 enable_gqa=enable_gqa, seed=seed, **extra,

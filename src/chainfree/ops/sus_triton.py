@@ -49,7 +49,8 @@ SAMPLERS = {"prefix": 1, "words": 3}  # the kernel's SAMPLER mode (2: count-only
 SAMPLER = "words"  # the default; measured against the others by benchmarks/sus_probe.py (docs/sus_kernel.md)
 MAX_KEYS_WORDS = 2**19  # "words" entries hold the 16-key word index in 15 bits
 KERNELS = ("v2", "v1")
-KERNEL = "v2"  # v2: 'thinned' draw inside the forward; v1: 'bernoulli' draw in the backward (sampler above)
+KERNEL = "v1"  # v1: 'bernoulli' draw in the backward (sampler above); v2: 'thinned' draw inside the forward
+# v1 stays the default: v2's backward is faster but its forward is 5-7x SDPA's (docs/sus_kernel.md)
 VARIANT_OF = {"v2": "thinned", "v1": "bernoulli"}
 
 
@@ -128,7 +129,7 @@ def _check_inputs(
         )
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, variant: str = "thinned") -> bool:
+def supports(q: torch.Tensor, k: torch.Tensor, variant: str = "bernoulli") -> bool:
     """Whether a kernel handles this case and contract (else callers use the PyTorch reference)."""
     if variant not in VARIANT_OF.values() or not q.is_cuda or q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
         return False
