@@ -1,7 +1,7 @@
 """GPU tests of the SUS Triton kernels (skipped without CUDA; run them on the device machine).
 
-v2 (the default, 'thinned' contract, sampled in the forward) is checked against the PyTorch reference draw for
-draw; v1 ('bernoulli', sampled in the backward) keeps its gradient check while it remains selectable.
+v1 (the default, 'bernoulli' contract, sampled in the backward) and v2 ('thinned', sampled in the forward)
+are each checked against the PyTorch reference draw for draw.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from chainfree.ops.sus_reference import capacities, sus_attention_reference
-from chainfree.ops.sus_triton import supports, sus_attention_triton
+from chainfree.ops.sus_triton import row_capacity, supports, sus_attention_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytestmark = [pytest.mark.gpu]
@@ -40,9 +40,10 @@ SHAPES = [  # B, H, H_kv, n, D, causal
 
 
 @cuda
+@pytest.mark.parametrize("kernel", ["v2", "v1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,H_kv,n,D,causal", SHAPES)
-def test_forward_matches_sdpa(B, H, H_kv, n, D, causal, dtype):
+def test_forward_matches_sdpa(B, H, H_kv, n, D, causal, dtype, kernel):
     """Output error vs a float64 oracle is within 2x of SDPA's own error (+ one rounding unit), with the
     forward sampling (inputs need grad) and without."""
     q, k, v, _ = _inputs(B, H, H_kv, n, D, dtype, seed=n)
@@ -51,7 +52,7 @@ def test_forward_matches_sdpa(B, H, H_kv, n, D, causal, dtype):
     unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     for grad in (False, True):
         leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
-        out = sus_attention_triton(*leaves, c=8.0, is_causal=causal, enable_gqa=H != H_kv, seed=1)
+        out = sus_attention_triton(*leaves, c=8.0, is_causal=causal, enable_gqa=H != H_kv, seed=1, kernel=kernel)
         assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
         assert _rel(out, ref) <= 2 * _rel(sdpa, ref) + unit
 
@@ -97,7 +98,7 @@ def _kernel_keep(q, k, v, c, causal, seed, caps):
     return torch.where(fallback, bern, keep.view(B, H, n, -1))
 
 
-def _grad_check(B, H, H_kv, n, D, causal, dtype, kernel, caps):
+def _grad_check(B, H, H_kv, n, D, causal, dtype, caps):
     """Kernel gradients = float64 gradients of the kernel's own draws (to the dtype's rounding), and those
     draws = the reference's for the same seed except in a few rows (fp32 rounding of W and of the prefix
     sums can flip a decision that sits within rounding of its threshold)."""
@@ -105,17 +106,14 @@ def _grad_check(B, H, H_kv, n, D, causal, dtype, kernel, caps):
     q, k, v, do = _inputs(B, H, H_kv, n, D, dtype, seed=n + 1, spread=1.5)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     kw = {"cap": caps[1], "cand_cap": caps[0]} if caps else {}
-    out = sus_attention_triton(*leaves, c=c, is_causal=causal, enable_gqa=H != H_kv, seed=seed, kernel=kernel, **kw)
+    out = sus_attention_triton(*leaves, c=c, is_causal=causal, enable_gqa=H != H_kv, seed=seed, kernel="v2", **kw)
     out.backward(do)
     ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    variant = "thinned" if kernel == "v2" else "bernoulli"
-    ref = sus_attention_reference(*ref_leaves, c, causal, 1 / math.sqrt(D), seed, variant=variant, caps=caps)
+    ref = sus_attention_reference(*ref_leaves, c, causal, 1 / math.sqrt(D), seed, variant="thinned", caps=caps)
     ref.backward(do.float())
     for got, want in zip(leaves, ref_leaves, strict=True):
         assert got.grad.dtype == dtype and torch.isfinite(got.grad).all()
         assert _rel(got.grad, want.grad) < 3e-2  # a handful of flipped decisions among ~n*H*c pairs
-    if kernel != "v2":
-        return
     keep = _kernel_keep(q, k, v, c, causal, seed, caps or capacities(c, n))
     exact = _grads_given_keep(q, k, v, do, keep, c, causal, 1 / math.sqrt(D))
     tol = 1.5e-2 if dtype == torch.bfloat16 else 3e-3
@@ -133,13 +131,54 @@ def test_v2_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype,
     caps (cand_cap, cap) = (16, 4) sends most rows through both fallback rules (candidate mass above the
     buffer, more kept than cap); (512, 2) only the second: those rows are re-drawn with the Bernoulli rule
     in the backward, exactly as the reference prescribes."""
-    _grad_check(B, H, H_kv, n, D, causal, dtype, "v2", caps)
+    _grad_check(B, H, H_kv, n, D, causal, dtype, caps)
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,H_kv,n,D,causal", SHAPES[1:])
-def test_v1_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal):
-    _grad_check(B, H, H_kv, n, D, causal, torch.bfloat16, "v1", None)
+@pytest.mark.parametrize("cap", [None, 4])
+def test_v1_gradients_match_reference_same_seed(B, H, H_kv, n, D, causal, dtype, cap):
+    """v1: same seed => the same 'bernoulli' draws as the reference. Kept sets can differ only where u_ij lies
+    within float32 rounding of q_ij (expected count ~1e-6 n c), so gradients agree to the dtype's rounding.
+    cap=4 forces row-buffer overflow: those rows take the kernel's dense re-draw path."""
+    c, seed = 6.0, 987654
+    q, k, v, do = _inputs(B, H, H_kv, n, D, dtype, seed=n + 1, spread=1.5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sus_attention_triton(*leaves, c=c, is_causal=causal, enable_gqa=H != H_kv, seed=seed, cap=cap, kernel="v1")
+    out.backward(do)
+    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    ref = sus_attention_reference(*ref_leaves, c, causal, 1 / math.sqrt(D), seed)
+    ref.backward(do.float())
+    tol = 1.5e-2 if dtype == torch.bfloat16 else 3e-3
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        assert got.grad.dtype == dtype and torch.isfinite(got.grad).all()
+        assert _rel(got.grad, want.grad) < tol
+
+
+@cuda
+@pytest.mark.parametrize("sampler", ["prefix", "words"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kept_pairs_match_reference_draws(sampler, causal):
+    """The sampler's compacted pairs equal the PyTorch port's (same layout, same hashes; "words" through its
+    intermediate layout in both)."""
+    from chainfree.ops import sus_sparse
+    from chainfree.ops import sus_triton as st
+
+    B, H, n, D, c, seed = 1, 4, 333, 64, 5.0, 31337
+    q, k, v, _ = _inputs(B, H, H, n, D, torch.bfloat16, seed=3)
+    scale = 1 / math.sqrt(D)
+    _, lse = st.flash_forward(q, k, v, causal, scale)
+    cap = row_capacity(c, n)
+    idx, cnt = st.sample_kept_pairs(q, k, lse, c, causal, scale, seed, cap, sampler=sampler)
+    idx_r, cnt_r = sus_sparse.sample_kept_pairs(
+        q.float().cpu(), k.float().cpu(), lse.cpu(), c, causal, scale, seed, cap, words=sampler == "words"
+    )
+    same = cnt.cpu() == cnt_r
+    assert (~same).sum() <= 2  # see the rounding argument above
+    slots = torch.arange(cap)[None, :] < cnt_r[:, None].clamp(max=cap)
+    rows = (same & (cnt_r <= cap))[:, None] & slots  # overflowed rows' slots are never read
+    assert torch.equal(idx.cpu()[rows], idx_r[rows])
 
 
 @cuda
@@ -215,7 +254,7 @@ def test_v2_unbiased_against_exact(caps):
 
     def grads(cc, seed):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        sus_attention_triton(*leaves, c=cc, is_causal=True, seed=seed, **kw).backward(do)
+        sus_attention_triton(*leaves, c=cc, is_causal=True, seed=seed, kernel="v2", **kw).backward(do)
         return torch.cat([t.grad.float().flatten() for t in leaves])
 
     exact = grads(1e30, 0)
