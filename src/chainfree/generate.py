@@ -164,9 +164,11 @@ def load_trained(out_dir: Path, device: str = "auto") -> tuple[LanguageModel, An
     if not (out_dir / "config.toml").is_file() or not has_checkpoint(ckpt):
         raise _not_a_run(out_dir)
     state, _ = load_model_state(ckpt)  # verified before any model is built
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    from chainfree.runtime import resolve_device
+
+    dev = resolve_device(device)
     cfg = load_config(out_dir / "config.toml", [f'train.device="{dev}"'])
-    data, model, _ = build_run(cfg, torch.device(dev))
+    data, model, _ = build_run(cfg, dev)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
