@@ -55,20 +55,11 @@ def checkpoint_overrides(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
 
 
 def checkpoint_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The model tensors of the run's latest checkpoint (tied aliases restored)."""
-    import json
+    """The model tensors of the run's checkpoint (tied aliases restored), read through the verified reader
+    (`chainfree.checkpoint.load_model_state`: SHA-256 of every file, one-line CheckpointError otherwise)."""
+    from chainfree.checkpoint import load_model_state
 
-    from safetensors.torch import load_file
-
-    root = run_dir / "checkpoint"
-    try:
-        folder = root / json.loads((root / "latest").read_text())["folder"]
-        state = json.loads((folder / "state.json").read_text())
-        weights = load_file(str(folder / "model.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint in {root} is unreadable ({e}); train again or pick another run") from None
-    for alias, target in state.get("tied", {}).items():
-        weights[alias] = weights[target]
+    weights, _ = load_model_state(run_dir / "checkpoint")
     return weights
 
 
@@ -139,8 +130,7 @@ def fidelity(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None
     cfg, trained = _config(config, set_, model, method, device, checkpoint)
     dev = resolve_device(cfg.train.device)
     data = load_tokens(cfg.data)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = data.vocab_size
+    cfg.model.fit_vocab(data.vocab_size)
     sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
     batch_list = sample_batches(sampler, batches, dev)
     base = _load_model(cfg, dev, checkpoint, trained)
@@ -208,11 +198,25 @@ def speed(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, s
           repeats: Annotated[int, typer.Option("--repeats")] = 10, seq_lens: SeqOpt = None,
           ns: Annotated[str | None, typer.Option("--ns", help="--op attention: sequence lengths")] = None,
           cs: Annotated[str | None, typer.Option("--cs", help="--op attention: keep rates c")] = None,
-          head_dims: Annotated[str | None, typer.Option("--head-dims", help="--op attention: head dims")] = None
+          head_dims: Annotated[str | None, typer.Option("--head-dims", help="--op attention: head dims")] = None,
+          limit: Annotated[bool, typer.Option("--limit", help="--op step --method sus: GPT step sweep (T = --ns, "
+                           "default 8k,16k,32k) vs exact and the zero-attention-backward limit (CUDA)")] = False
           ) -> None:
     """Median step (or module fwd / fwd+bwd) time of a method and of exact, in one process."""
     if op == "attention":
         _attention(method, out, ns, cs, head_dims, name)
+        return
+    if op == "step" and limit:  # chainfree.bench.attention.run_step_bench (SUS kernel owner's bench)
+        if method != "sus":
+            raise ConfigError(f"--limit is the SUS long-context step sweep; use --method sus (got {method!r})")
+        from chainfree.bench.attention import run_step_bench
+
+        parse = lambda raw, conv, dflt: [conv(x) for x in raw.split(",") if x.strip()] if raw else dflt  # noqa: E731
+        try:
+            run_step_bench(parse(ns, int, [8192, 16384, 32768]), parse(head_dims, int, [64]),
+                           parse(cs, float, [32.0])[0], out_dir=out, name=name or "step_sus")
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
         return
     from chainfree.bench.cases import resolve_device
     from chainfree.bench.report import markdown_table, plot_ratio_vs_seq_len, write_result
