@@ -200,3 +200,15 @@ def test_model_factory_builds_every_kind_and_each_trains_one_step(kind, extra):
 def test_unknown_model_kind_names_the_key():
     with pytest.raises(ConfigError, match="model.kind"):
         load_config(overrides=["model.kind='resnet'"])
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default():
+    from chainfree.checkpoint import config_diff
+
+    current = load_config().to_dict()
+    old = {section: dict(values) for section, values in current.items()}
+    for key in ("compile", "compile_mode", "activation_checkpoint", "grad_accum", "strategy"):
+        del old["train"][key]
+    assert config_diff(old, current) == []
+    changed = load_config(overrides=["train.grad_accum=2"]).to_dict()
+    assert config_diff(old, changed) == ["train.grad_accum: checkpoint None vs now 2"]

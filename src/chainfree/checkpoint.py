@@ -259,11 +259,18 @@ def load_model_state(root: Path) -> tuple[dict[str, torch.Tensor], VerifiedCheck
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint's config and the run's. A setting the checkpoint does not
+    have (added to chainfree after it was written) counts as equal when the run keeps its default."""
+    from chainfree.config import SECTIONS, setting_defaults
+
+    defaults = {section: setting_defaults(cls) for section, cls in SECTIONS.items()}
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(a) | set(b)):
             if (section, key) in RESUMABLE_KEYS:
+                continue
+            if key not in a and key in defaults.get(section, {}) and b.get(key) == defaults[section][key]:
                 continue
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")

@@ -261,6 +261,11 @@ def _check(ok: bool, key: str, message: str) -> None:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
+def setting_defaults(cls: type) -> dict[str, Any]:
+    """Default value of every setting of a config dataclass."""
+    return dataclasses.asdict(cls())
+
+
 def coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert a TOML/--set value to a dataclass field's type, or raise a ConfigError naming the key."""
     if isinstance(annotation, str):
