@@ -18,7 +18,8 @@ MLP (keeps only the MLP input) or not (keeps GELU's input, no recompute GEMM), e
 Measured per case: activation memory of one step (CUDA: peak allocated during the step minus what was
 allocated before it minus the gradients), step time (median over steps >= `--warmup`, p10-p90 spread,
 median of the per-step ratio to compiled exact), val loss on fixed val windows after the equal token
-budget. Writes basis_frontier_d{width}.{json,md} and a memory-vs-time PNG labelled with Δval.
+budget (the model's uncompiled forward on the val windows of chainfree.training.trainer.evaluate).
+Writes basis_frontier_d{width}.{json,md} and a memory-vs-time PNG labelled with Δval.
 
 `optim` is `frontier` with optimizer variants instead of baselines (AdamW vs SGD-momentum, invariant
 scalars on/off at each compression), for small models on CPU.
@@ -43,7 +44,7 @@ from chainfree.config import load_config
 from chainfree.data import BatchSampler, load_tokens
 from chainfree.logging import pyplot
 from chainfree.methods import method_from_config
-from chainfree.training.trainer import Trainer, evaluate, seeded_model
+from chainfree.training.trainer import Trainer, autocast_context, seeded_model
 
 ALL_LINEARS = "method.layers=*.mlp.*,*.attn.*_proj,head"
 MLP_ONLY = "method.layers=*.mlp.*,head"
@@ -118,7 +119,7 @@ def micro(device: torch.device, rows: int, widths: list[int], compressions: list
                 plan = draw_plan(rows, rank, device)
                 sx = _mean_ms(lambda: sketch(x, plan), device)  # noqa: B023
                 sdy = _mean_ms(lambda: sketch(dy, plan, with_colsum=True), device)  # noqa: B023
-                x_sk, dy_sk = sketch(x, plan)[0], sketch(dy, plan)[0]
+                x_sk, dy_sk = sketch(x, plan)[0].to(bf16), sketch(dy, plan)[0].to(bf16)  # float32 for small R
                 ref = sketch_ref(dy, plan.sign_bits, plan.shift_bits, plan.rank)[0].float()
                 rel_err = float((dy_sk.float() - ref).abs().max() / ref.abs().max())
                 small = _mean_ms(lambda: dy_sk.t() @ x_sk, device)  # noqa: B023
@@ -252,8 +253,7 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
                    step_ms=1e3 * statistics.median(times), step_ms_p10=1e3 * qs[0], step_ms_p90=1e3 * qs[-1],
                    first_step_s=r["times"][0], train_loss_last10=statistics.fmean(r["losses"][-10:]),
                    records=[{"step": i + 1, "train_loss": loss} for i, loss in enumerate(r["losses"])],
-                   val_loss=evaluate(r["method"], r["state"].model, r["sampler"], cfg.train.eval_batches, device,
-                                     cfg.train),
+                   val_loss=val_loss(r["state"].model, r["sampler"], cfg.train.eval_batches, device, cfg.train),
                    method=r["method"].describe() if hasattr(r["method"], "describe") else cfg.method,
                    step_times_s=r["times"])
         if cfg.method_name == "basis":
@@ -266,6 +266,24 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
     if cuda:
         torch.cuda.empty_cache()
     return {name: r["result"] for name, r in runs.items()}
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, sampler: BatchSampler, n_batches: int, device: torch.device, train: Any) -> float:
+    """Mean loss over the fixed val windows, through the model's *uncompiled* forward.
+
+    The same windows as chainfree.training.trainer.evaluate; calling `model.forward` directly skips the
+    compiled wrapper, which would otherwise recompile for eval mode (tens of seconds per compiled case).
+    """
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(n_batches):
+        x, y = (t.to(device) for t in sampler.batch("val", i))
+        with autocast_context(train, device):
+            total += float(model.forward(x, y))
+    model.train(was_training)
+    return total / n_batches
 
 
 def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
