@@ -1,4 +1,10 @@
-"""SUS attention on the GPU: exact flash forward, O(n^2 D + n c D) sampled backward (Triton).
+"""SUS attention on the GPU: exact flash forward, sampled O(n c D) backward (Triton), two kernels.
+
+v1 (KERNEL, the default; 'bernoulli' contract) is described below. v2 (`kernel='v2'`, the 'thinned' contract
+of `sus_reference.py`) draws the keep set inside the flash forward (`v2_forward`: candidates by systematic
+sampling against the running softmax normaliser, thinned once the row's LSE is known) and its backward
+(`v2_backward`) is a row-major dQ pass that files every kept pair under its key plus a key-major dK/dV pass:
+no QK^T recompute and no fp32 atomics. docs/sus_kernel.md has the design table and the measurements.
 
 Semantics are those of `sus_reference.py` and the random-source contract of `sus_random.py`: the
 backward replaces W by W~ (W_ij / q_ij kept with probability q_ij = min(1, c W_ij), else 0) wherever W
@@ -529,11 +535,16 @@ def sus_attention_triton(
 
 
 __all__ = [
+    "KERNEL",
+    "KERNELS",
     "SusAttentionTriton",
+    "SusAttentionV2",
     "flash_forward",
     "row_capacity",
     "sample_kept_pairs",
     "sparse_backward",
     "supports",
     "sus_attention_triton",
+    "v2_backward",
+    "v2_forward",
 ]
