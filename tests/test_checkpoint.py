@@ -107,3 +107,15 @@ def test_byte_flipped_weights_are_refused_by_the_model_reader(stopped_run):
     with pytest.raises(CheckpointError, match="corrupt") as e:
         load_model_state(ckpt)
     one_line(e)
+
+
+def test_bench_reads_checkpoints_through_the_verified_reader(stopped_run):
+    from chainfree.bench.cli import checkpoint_weights
+
+    assert checkpoint_weights(stopped_run)  # intact: the weights
+    weights = next((stopped_run / "checkpoint").glob("step_*")) / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-3] ^= 0x10
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint_weights(stopped_run)
