@@ -16,7 +16,8 @@ exact with full and selective activation checkpointing (train.activation_checkpo
 Linears (attention included) and on the MLPs + head, at each compression of `--compressions`, fused
 MLP (keeps only the MLP input) or not (keeps GELU's input, no recompute GEMM), eager and compiled.
 Measured per case: activation memory of one step (CUDA: peak allocated during the step minus what was
-allocated before it minus the gradients), step time (median over steps >= `--warmup`, p10-p90 spread,
+allocated before it minus the gradients; CPU: torch's MemTracker peak minus weights, optimizer state
+and gradients), step time (median over steps >= `--warmup`, p10-p90 spread,
 median of the per-step ratio to compiled exact), val loss on fixed val windows after the equal token
 budget (the model's uncompiled forward on the val windows of chainfree.training.trainer.evaluate).
 Writes basis_frontier_d{width}.{json,md} and a memory-vs-time PNG labelled with Δval.
@@ -195,6 +196,22 @@ def _grad_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
+def cpu_step_memory(trainer: Trainer, state: Any, batch: Any) -> dict[str, Any]:
+    """One training step under torch's MemTracker (follows every storage alive during the step): the CPU
+    stand-in for the CUDA allocator's peak. activation = peak - (weights, buffers, optimizer state) - grads."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(state.model, state.optimizer)
+    with tracker:
+        trainer.train_step(state, batch)
+    peak = max(int(v.get("Total", 0)) for v in tracker.get_tracker_snapshot("peak").values())
+    tensors = [*state.model.parameters(), *state.model.buffers(),
+               *(t for st in state.optimizer.state.values() for t in st.values() if torch.is_tensor(t))]
+    static = sum(t.numel() * t.element_size() for t in tensors)
+    return {"activation_bytes": peak - static - _grad_bytes(state.model), "memory_source": "torch MemTracker"}
+
+
 def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: torch.device, warmup: int,
               measure_step: int, budget_s: float) -> dict[str, dict[str, Any]]:
     """Train every case through its own Trainer, interleaved step by step; return per-case measurements."""
@@ -232,6 +249,11 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
                 if measure:
                     before = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
+            if not cuda and step == measure_step:
+                r["result"].update(cpu_step_memory(r["trainer"], r["state"], batch))
+                r["times"].append(math.nan)  # the tracked step is not timed
+                r["losses"].append(math.nan)
+                continue
             t0 = time.perf_counter()
             stats = r["trainer"].train_step(r["state"], batch)
             if cuda:
@@ -247,12 +269,13 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
     for r in runs.values():
         cfg = r["cfg"]
         res = r["result"]
-        times = r["times"][warmup:] or r["times"]
+        times = [t for t in r["times"][warmup:] if not math.isnan(t)] or [t for t in r["times"] if not math.isnan(t)]
         qs = statistics.quantiles(times, n=10) if len(times) >= 10 else [min(times)] * 9
         res.update(steps=done_steps, tokens=done_steps * cfg.train.batch_size * cfg.model.seq_len,
                    step_ms=1e3 * statistics.median(times), step_ms_p10=1e3 * qs[0], step_ms_p90=1e3 * qs[-1],
                    first_step_s=r["times"][0], train_loss_last10=statistics.fmean(r["losses"][-10:]),
-                   records=[{"step": i + 1, "train_loss": loss} for i, loss in enumerate(r["losses"])],
+                   records=[{"step": i + 1, "train_loss": loss} for i, loss in enumerate(r["losses"])
+                            if not math.isnan(loss)],
                    val_loss=val_loss(r["state"].model, r["sampler"], cfg.train.eval_batches, device, cfg.train),
                    method=r["method"].describe() if hasattr(r["method"], "describe") else cfg.method,
                    step_times_s=r["times"])
@@ -291,7 +314,8 @@ def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
     bt, warm = base["step_times_s"], 0
     for r in results.values():
         n = min(len(r["step_times_s"]), len(bt))
-        ratios = [a / b for a, b in zip(r["step_times_s"][warm:n], bt[warm:n], strict=True)][5:]
+        ratios = [a / b for a, b in zip(r["step_times_s"][warm:n], bt[warm:n], strict=True)
+                  if not (math.isnan(a) or math.isnan(b))][5:]
         r["time_ratio"] = statistics.median(ratios) if ratios else math.nan
         r["delta_val"] = r["val_loss"] - base["val_loss"]
         if "activation_bytes" in r and "activation_bytes" in base:
@@ -334,7 +358,8 @@ def write_frontier(out: Path, tag: str, title: str, results: dict[str, dict[str,
     md = [f"# {title}: {tokens:,} tokens per case, cases interleaved step by step", "",
           f"Baseline of the ratios: **{baseline}**. Settings: `{' '.join(base)}`.", "",
           markdown_table(rows, FRONTIER_COLUMNS), "",
-          "activation = peak allocated during one step − allocated before it − gradients (CUDA only); step time: "
+          "activation = peak allocated during one step − allocated before it − gradients (CPU: MemTracker peak − "
+          "weights, optimizer state, gradients); step time: "
           "median over steps after warm-up, p10/p90 spread; time vs base: median of per-step ratios "
           "(interleaved steps); val loss on fixed val windows after the same steps and batches.", ""]
     for name, r in results.items():
