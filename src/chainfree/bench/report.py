@@ -105,8 +105,8 @@ def environment() -> dict[str, Any]:
 
 
 def _git_state() -> tuple[str | None, bool | None]:
-    """Short commit of the source tree and whether tracked files differ from it; CHAINFREE_GIT_COMMIT stands in
-    where the code runs from a copy without .git (the GPU machines)."""
+    """Short commit of the source tree and whether tracked files differ from it; CHAINFREE_GIT_COMMIT, when set,
+    names the commit instead (a copied tree on a GPU machine may carry no .git, or a stale one)."""
     here = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
@@ -118,7 +118,7 @@ def _git_state() -> tuple[str | None, bool | None]:
             dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    if commit is None and os.environ.get("CHAINFREE_GIT_COMMIT"):
+    if os.environ.get("CHAINFREE_GIT_COMMIT"):  # set by whoever shipped the tree: wins over a stale .git there
         commit = os.environ["CHAINFREE_GIT_COMMIT"]
     return commit, dirty
 

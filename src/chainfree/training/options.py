@@ -151,6 +151,7 @@ def compile_model(model: nn.Module, mode: str = "default", whole_model: bool = T
     that call blocks themselves. CUDA-graph modes need `compile_step_begin` at the start of every step.
     """
     check_compile_mode(mode)
+    prime_caches(model)
     kwargs: dict[str, Any] = {} if mode == "default" else {"mode": mode}
     if whole_model:
         model.compile(**kwargs)
@@ -162,6 +163,24 @@ def compile_model(model: nn.Module, mode: str = "default", whole_model: bool = T
     for block in blocks:
         block.compile(**kwargs)
     return len(blocks)
+
+
+def prime_caches(model: nn.Module) -> int:
+    """Fill the lazily built caches of the model (the RoPE cos/sin tables of every attention layer, for the
+    model's seq_len) before compiling. Built inside a compiled graph, such a cache becomes a graph output that is
+    stored on the module: under CUDA graphs the next replay overwrites it while the module still holds it.
+    Returns how many caches were filled."""
+    seq_len = next((m.cfg.seq_len for m in model.modules() if hasattr(getattr(m, "cfg", None), "seq_len")), None)
+    param = next(model.parameters(), None)
+    if seq_len is None or param is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        rope = getattr(module, "rope", None)
+        if callable(rope) and hasattr(module, "_rope"):
+            rope(seq_len, param.device)
+            count += 1
+    return count
 
 
 def compile_step_begin(mode: str) -> None:
