@@ -5,7 +5,8 @@
 # and activation memory. Fused AdamW, bf16 autocast, chunked cross-entropy, SDPA default dispatch (recorded).
 #
 #   PARTS=gpt2s,d2048 bash benchmarks/baselines_gpu.sh      # GPT-2-small (d=768, 12 layers) and d=2048
-#   PARTS=hbll,lbi    bash benchmarks/baselines_gpu.sh      # HBLL at 8..64 layers, LBI, vs compiled exact
+#   PARTS=hbll,lbi    bash benchmarks/baselines_gpu.sh      # HBLL and LBI at 8..64 layers (HBLL_DEPTHS), LBI at
+#                                                           # gpt-small, vs exact eager / compiled / CUDA graphs
 #
 # On the offline GPU machine first build .whl/ and .cache/ here (scripts/device_prep.sh) and carry both.
 # Results (JSON + markdown) go to $OUT (default benchmarks/results); DEV=cpu EXTRA="--set ..." for a dry run.
@@ -38,12 +39,13 @@ case ",$PARTS," in *,d2048,*)
     --entries "exact,exact+ckpt,exact+sac,basis" --set method.rank="$BASIS_RANK" \
     --rounds 4 --steps 3 --warmup 2 --name baselines_gpt_d2048_cuda ;;
 esac
-# HBLL depth sweep at the scale of docs/hbll.md (d=256, batch 16 x 128, BPE 4096): exact eager and compiled with
-# CUDA graphs (train.compile, mode reduce-overhead: the launch-bound baseline)
+# HBLL (and LBI) depth sweep at the scale of docs/hbll.md (d=256, batch 16 x 128, BPE 4096): exact eager and
+# compiled with CUDA graphs (train.compile, mode reduce-overhead: the launch-bound baseline)
 case ",$PARTS," in *,hbll,*)
-  bl 200 --model gpt --set model.d_model=256 --set model.n_heads=4 --set model.seq_len=128 \
-    --set train.batch_size=16 --entries "exact,exact+cudagraphs,hbll" \
-    --sweep model.n_layers=8,16,32,64 --rounds 5 --steps 5 --warmup 3 --name baselines_hbll_depth_cuda ;;
+  bl "${HBLL_LIMIT:-200}" --model gpt --set model.d_model=256 --set model.n_heads=4 --set model.seq_len=128 \
+    --set train.batch_size=16 --entries "exact,exact+cudagraphs,hbll,lbi" \
+    --sweep model.n_layers="${HBLL_DEPTHS:-8,16,32,64}" --rounds 5 --steps 5 --warmup 3 \
+    --name baselines_hbll_lbi_depth_cuda ;;
 esac
 # LBI single-GPU step vs dense exact, eager and compiled (gpt-small preset: d=512, 6 layers, T=1024)
 case ",$PARTS," in *,lbi,*)
