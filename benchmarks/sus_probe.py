@@ -90,13 +90,14 @@ def forward_configs(n: int, d: int, c: float, configs: list[tuple[int, int, int,
 
 def modes(n: int, d: int, c: float, rounds: int = 5) -> None:
     """The sampling forward's timing probes: full, without the store, without the prefix sum, tensor-core
-    prefix sum, and the plain forward, each at the D's default config."""
+    prefix sum, the experimental row-by-row candidate store (same samples as full), and the plain forward,
+    each at the D's default config."""
     H = 2048 // d
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, H, n, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = []
     for label, sample, mode in (("plain", False, 0), ("full", True, 0), ("no-store", True, 1),
-                                ("no-cumsum", True, 2), ("tc-prefix", True, 3)):  # fmt: skip
+                                ("no-cumsum", True, 2), ("tc-prefix", True, 3), ("row-extract", True, 4)):  # fmt: skip
         f = partial(st.v2_forward, q, k, v, c, True, 1 / math.sqrt(d), 5, None, sample, None, mode)
         f()
         torch.cuda.synchronize()

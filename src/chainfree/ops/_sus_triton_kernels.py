@@ -780,7 +780,16 @@ def _v2_tiles(
             lse_t = m_new + tl.log2(l_i)
             v = tl.where(a < 1.0, lse_t[:, None], s + log2c)
             entry = (kn.to(tl.int64)[None, :] << 32) | (v.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-            if SMODE != 1:  # 1: timing probe without the candidate store
+            if SMODE == 4:  # experimental: a row's candidates one at a time, by reductions, as [BM] stores
+                rem = m
+                for _ in range(0, tl.max(tl.sum(rem.to(tl.int32), 1), 0)):
+                    col = tl.min(tl.where(rem, offs_n[None, :], BN), 1)
+                    sel = offs_n[None, :] == col[:, None]
+                    e_row = tl.sum(tl.where(sel, entry, 0), 1)
+                    s_row = tl.sum(tl.where(sel, slot, 0), 1)
+                    tl.store(CENT + (cand_rows + s_row), e_row, mask=col < BN)
+                    rem = rem & (~sel)
+            elif SMODE != 1:  # 1: timing probe without the candidate store
                 tl.store(CENT + (cand_rows[:, None] + slot), entry, mask=m)
             t = r + tl.max(pre, 1)  # prefix sums are non-decreasing: the max is the last column, bit for bit
             passed = tl.maximum(tl.ceil(t), 0.0)

@@ -357,7 +357,9 @@ def v2_forward(
     per-key pair counts [B*Hkv*n_k] int32) of the 'thinned' draw, sampled inside the flash forward.
     `sample=False` is the plain exact forward (the three sampling outputs are None); `config` overrides
     (BM, BN, num_warps, num_stages) (BN must stay TILE). `probe_mode` 1-3 are timing probes with wrong
-    samples (1: no candidate store, 2: no prefix sum, 3: prefix sum on the tensor cores)."""
+    samples (1: no candidate store, 2: no prefix sum, 3: prefix sum on the tensor cores); 4 is an
+    experimental store path with the same samples (each row's candidates stored one per round via
+    reductions instead of one masked [BM, BN] scatter; checked under TRITON_INTERPRET=1, not timed)."""
     kern = _kernels()
     B, H, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
