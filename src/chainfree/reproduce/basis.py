@@ -44,7 +44,7 @@ def case_overrides(scale: str, device: str) -> list[str]:
 
 def run(out: Path, scale: str, device: str, overrides: list[str]) -> None:
     """Train exact and BASIS R in RANKS under identical seed/data; write basis_reproduction.{json,md}."""
-    from chainfree.train import train  # heavy import, only when the reproduction runs
+    from chainfree.training.trainer import train  # heavy import, only when the reproduction runs
 
     out = Path(out)
     base = case_overrides(scale, device)
