@@ -253,3 +253,19 @@ def test_readout_ce_with_saved_gradient_equals_cross_entropy():
     for res in results[:2]:
         for got, ref in zip(res, results[2], strict=True):
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_tree_parallel_strategy_choice():
+    """HBLL picks 'hbll_tree' under torchrun unless method.distributed='data'; the strategy gives every rank
+    the whole batch and refuses a method that is not tree-parallel."""
+    from chainfree.errors import ConfigError
+    from chainfree.methods.base import Launch
+
+    two = Launch(rank=1, world_size=2)
+    assert HBLL(HBLLConfig()).strategy(two) == "hbll_tree"
+    assert HBLL(HBLLConfig(distributed="data")).strategy(two) == "ddp"
+    assert HBLL(HBLLConfig()).strategy(Launch()) == "single"
+    strategy = hbll_tree.TreeParallel(two)
+    assert strategy.batch_shard() == (0, 1)
+    with pytest.raises(ConfigError, match="method.distributed='tree'"):  # no process group here: not tree-parallel
+        strategy.wrap(torch.nn.Linear(2, 2), HBLL(HBLLConfig()), torch.device("cpu"))

@@ -181,3 +181,25 @@ def test_pipeline_and_ddp_comparison_harness_gradients_and_bytes():
     assert records[0]["modes"]["ddp"]["backward_bytes"]["grad_allreduce"] == n_params * 8
     rows = summarize(records)
     assert [r["mode"] for r in rows] == ["region", "gpipe", "1f1b", "ddp"] and rows[-1]["vs_ddp"] == 1.0
+
+
+def test_strategy_choice_and_clear_errors():
+    """LBI picks 'lbi_region' under torchrun only with method.distributed='region'; the strategy refuses a
+    world size that is not the number of regions, and the autograd backward, with one line naming the fix."""
+    from chainfree.errors import ConfigError
+    from chainfree.methods.base import Launch
+    from chainfree.methods.lbi import LBI, LBIConfig
+    from chainfree.parallel.region import RegionParallel
+
+    two = Launch(rank=0, world_size=2)
+    assert LBI(LBIConfig(distributed="region")).strategy(two) == "lbi_region"
+    assert LBI(LBIConfig()).strategy(two) == "ddp"
+    assert LBI(LBIConfig(distributed="region")).strategy(Launch()) == "single"
+    spec = RegionRunSpec(model={**MODEL, "n_layers": 4}, lbi={"region_size": 1, "rank": 2, "n_chunks": 2})
+    model = build_replica(spec, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"2 processes but 4 regions; set method.region_size"):
+        RegionParallel(two).wrap(model, LBI(LBIConfig(region_size=1)), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="method.backward='scan'"):
+        RegionParallel(Launch(0, 4)).wrap(model, LBI(LBIConfig(backward="autograd")), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="method.distributed"):
+        LBIConfig(distributed="pipeline").validate()
