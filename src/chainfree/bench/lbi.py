@@ -17,7 +17,7 @@ import dataclasses
 import json
 import platform
 import statistics
-import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,17 +188,14 @@ def bench_single(
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "gpus": torch.cuda.device_count(),
-        "git_commit": commit,
-    }
+    """chainfree.bench.report.environment() (versions, git commit, SDPA dispatch) plus this run's device."""
+    from chainfree.bench.report import environment as report_environment
+
+    env = report_environment()
+    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    env["gpus"] = torch.cuda.device_count()
+    env["git_commit"] = env.get("git_commit") or ""
+    return env
 
 
 def to_markdown(res: dict[str, Any]) -> str:
@@ -238,7 +235,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"- {name}: {parts}")
     if "region_parallel" in res:
         rp = res["region_parallel"]
-        lines += ["", "## Region-parallel (one region per GPU, NCCL)", ""]
+        lines += ["", "## Region-parallel (one region per rank: NCCL on GPUs, gloo on CPU)", ""]
         if "error" in rp:
             lines.append(f"error: {rp['error']}")
         else:
@@ -316,6 +313,7 @@ def main() -> None:
     ]
     res: dict[str, Any] = {
         "env": environment(device),
+        "command": "python -m chainfree.bench.lbi " + " ".join(sys.argv[1:]),
         "model": model_cfg,
         "batch_size": bs,
         "warmup": args.warmup,
