@@ -79,10 +79,17 @@ def test_ddp_on_gloo_matches_single_process(tiny, tmp_path):
             assert va == pytest.approx(vb, rel=1e-4)
 
 
+# methods over time train the character RNN (model.kind='char_rnn'), the others the tiny GPT
+RECURRENT = {name: {"model.kind": '"char_rnn"', "method.chunk": 8, "method.window": 4} if name == "hbll_time"
+             else {"model.kind": '"char_rnn"', "method.chunk": 8} for name in ("hbll_time", "tbptt")}
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_registered_method_trains_in_the_one_loop(name, tiny, tmp_path):
     """Each method plugs into chainfree.train (prepare + step) and produces finite, logged losses."""
-    cfg = load_config(overrides=tiny(**{"train.steps": 3, "train.eval_every": 3, "train.ckpt_every": 3}), method=name)
+    extra = RECURRENT.get(name, {})
+    cfg = load_config(overrides=tiny(**{"train.steps": 3, "train.eval_every": 3, "train.ckpt_every": 3}, **extra),
+                      method=name)
     summary = train(cfg, tmp_path, progress=False)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
