@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -77,7 +78,9 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option(
 @app.command()
 def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll")], out: OutOpt,
               scale: Annotated[str, typer.Option("--scale", help="small (CPU minutes) | full (GPU)")] = "small",
-              device: DeviceOpt = None, set_: SetOpt = None) -> None:
+              device: DeviceOpt = None, set_: SetOpt = None,
+              model: Annotated[str | None, typer.Option("--model", help="sus only: smollm2 | hf (pretrained)")] = None,
+              ) -> None:
     """Run a paper's experiment at a scale that fits the machine; writes its table beside the paper's."""
     from chainfree.errors import ConfigError
 
@@ -86,6 +89,11 @@ def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll
     if importlib.util.find_spec(f"chainfree.reproduce.{name}") is None:
         raise ConfigError(f"no reproduction named {name!r}; available: {', '.join(_reproductions())}")
     module = importlib.import_module(f"chainfree.reproduce.{name}")
+    if model is not None:  # a reproduction that runs on another model (sus: a pretrained LLM)
+        if "model" not in inspect.signature(module.run).parameters:
+            raise ConfigError(f"reproduce {name} does not take --model")
+        module.run(out, scale, device or "auto", list(set_ or []), model=model)
+        return
     module.run(out, scale, device or "auto", list(set_ or []))
 
 

@@ -31,6 +31,7 @@ mean(min(1, c·W)).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -83,8 +84,10 @@ class SwitchableAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, mode, layer):
-        w = torch.softmax(_scores(q, k, scale, causal), dim=-1)
-        out = torch.matmul(w, v)
+        # matmuls in the inputs' dtype (bf16 under autocast), softmax, sampling and dS in fp32 (fp64 stays fp64)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        w = torch.softmax(_scores(q, k, scale, causal).to(acc), dim=-1)
+        out = torch.matmul(w.to(q.dtype), v)
         if mode.record and mode.sparsity_cs:
             visible = float((w > 0).sum())
             row = mode.counts.setdefault(layer, {"visible": 0.0})
@@ -100,15 +103,17 @@ class SwitchableAttention(torch.autograd.Function):
     def backward(ctx, go):
         q, k, v, out = ctx.saved_tensors
         scale, causal, mode = ctx.params
-        w = torch.softmax(_scores(q, k, scale, causal), dim=-1)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        go = go.to(q.dtype)
+        w = torch.softmax(_scores(q, k, scale, causal).to(acc), dim=-1)
         if mode.c is not None:
             B, H, n_q, _ = q.shape
             bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1)
             rows = torch.arange(n_q, device=q.device)
             w, _, _ = sampled_weights(w, mode.c, mode.next_seed(), bh, rows, mode.variant)
-        delta = (go * out).sum(dim=-1, keepdim=True)  # D_i = dO_i . O_i, exact
-        ds = w * (torch.matmul(go, v.transpose(-1, -2)) - delta)
-        dv = torch.matmul(w.transpose(-1, -2), go)
+        delta = (go.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # D_i = dO_i . O_i, exact
+        ds = (w * (torch.matmul(go, v.transpose(-1, -2)).to(acc) - delta)).to(q.dtype)
+        dv = torch.matmul(w.to(q.dtype).transpose(-1, -2), go)
         dq = torch.matmul(ds, k) * scale
         dk = torch.matmul(ds.transpose(-1, -2), q) * scale
         return dq, dk, dv, None, None, None, None
@@ -127,6 +132,9 @@ class SwitchableAttentionFn:
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if torch.is_autocast_enabled(q.device.type) and q.dtype != torch.float64:
+            cdt = torch.get_autocast_dtype(q.device.type)  # rotary embeddings may have upcast q and k
+            q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         layer = self.calls % self.n_layers
         self.calls += 1
         return SwitchableAttention.apply(q, k, v, scale, bool(is_causal), self.mode, layer)
@@ -210,10 +218,10 @@ def measure(model: nn.Module, seqs: list[torch.Tensor], cs: tuple[float, ...], d
                 total -= 1
                 sus = torch.autograd.grad(loss, params, retain_graph=total > 0)
                 for i, (gs, ge) in enumerate(zip(sus, exact, strict=True)):
-                    err[ci, b, d, unit_of[i]] += float(((gs - ge).double() ** 2).sum())
+                    err[ci, b, d, unit_of[i]] += float(torch.linalg.vector_norm(gs - ge)) ** 2
         mode.c = None
         seconds.append(time.perf_counter() - t0)
-        log(f"    sequence {b + 1}/{m}: loss {float(loss):.3f}, {seconds[-1]:.1f}s")
+        log(f"    sequence {b + 1}/{m}: loss {float(loss.detach()):.3f}, {seconds[-1]:.1f}s")
     store.flush()
     gram = np.zeros((len(units), m, m))
     for i in range(len(params)):
@@ -263,5 +271,164 @@ def dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, default=float))
 
 
-__all__ = ["BackwardMode", "SwitchableAttention", "SwitchableAttentionFn", "jackknife_ratio", "measure",
-           "param_group", "sequences", "sparsity_rows", "summarize"]
+@dataclass(frozen=True)
+class Plan:
+    """The grid and sample sizes of one run. `sequences[n]` independent sequences of n tokens, `draws` SUS
+    draws per (sequence, c); `autocast` runs matmuls in bf16 (weights, gradients and softmax stay fp32)."""
+
+    ns: tuple[int, ...]
+    cs: tuple[float, ...]
+    sequences: dict[int, int]
+    draws: int
+    autocast: bool
+
+
+PLANS = {
+    # 2-core CPU: the c=32, n=2048 figure is the one that needs its standard error; n runs largest first
+    "small": Plan(ns=(2048, 1024, 512), cs=(8, 16, 32, 64), sequences={2048: 5, 1024: 4, 512: 4}, draws=1,
+                  autocast=True),
+    "full": Plan(ns=(4096, 2048, 1024, 512), cs=(8, 16, 32, 64), sequences={4096: 24, 2048: 32, 1024: 32, 512: 32},
+                 draws=2, autocast=True),
+}
+
+
+def _markdown(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    ns = sorted({r["n"] for r in rows})
+    cs = sorted({r["c"] for r in rows})
+    lines = ["| c \\ n | " + " | ".join(str(n) for n in ns) + " |", "|---|" + "|".join("---" for _ in ns) + "|"]
+    for c in cs:
+        cells = []
+        for n in ns:
+            r = next((r for r in rows if r["n"] == n and r["c"] == c), None)
+            cells.append(f"{100 * r['variance_increase']:.3g}% ± {100 * r['variance_increase_se']:.2g}" if r else "-")
+        lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
+    md = [f"# SUS variance on a pretrained LLM: {meta['model']}", "",
+          f"Text: {meta['text']}. Per n: M independent sequences (non-overlapping windows), K={meta['draws']} SUS "
+          f"draw(s) per sequence and c; {meta['precision']}. Cell: relative gradient-variance increase "
+          "100·E‖ĝ−g‖²/Var_b(g) ± jackknife SE over sequences (M per n: "
+          + ", ".join(f"n={n}: {rows[[r['n'] for r in rows].index(n)]['sequences']}" for n in ns) + ").", "",
+          *lines, "", "Paper: ~1% at c 25-30, n ~2000 (pretrained OPT-125m), decreasing with n.", ""]
+    groups = sorted({g for r in rows for g in r["groups"]})
+    for n in ns:
+        md += [f"## Per parameter group at n={n} (%, ± SE)", "",
+               "| c | " + " | ".join(groups) + " |", "|---|" + "|".join("---" for _ in groups) + "|"]
+        for r in (r for r in rows if r["n"] == n):
+            md.append(f"| {r['c']:g} | " + " | ".join(
+                f"{100 * r['groups'][g]['variance_increase']:.3g} ± {100 * r['groups'][g]['variance_increase_se']:.2g}"
+                for g in groups) + " |")
+        md.append("")
+    if sparsity:
+        n = max(r["n"] for r in sparsity)
+        md += [f"## Attention sparsity at n={n}: fraction of causally visible weights above 1/c, per layer", "",
+               "(entries SUS keeps with certainty; the rest carry gradient with probability c·W; kept = "
+               "mean min(1, c·W), the expected share that carries gradient)", "",
+               "| layer | " + " | ".join(f"W>1/{c:g}" for c in cs) + " | " + " | ".join(f"kept c={c:g}" for c in cs)
+               + " |", "|---|" + "|".join("---" for _ in range(2 * len(cs))) + "|"]
+        for r in (r for r in sparsity if r["n"] == n):
+            md.append(f"| {r['layer']} | " + " | ".join(f"{100 * r[f'above_1/{c:g}']:.2f}%" for c in cs) + " | "
+                      + " | ".join(f"{100 * r[f'kept_c{c:g}']:.2f}%" for c in cs) + " |")
+        md.append("")
+    if meta.get("precision_check"):
+        pc = meta["precision_check"]
+        md += [f"bf16-autocast check (one sequence, n={pc['n']}): ‖g_bf16 − g_fp32‖/‖g_fp32‖ = {pc['rel_error']:.3g}; "
+               f"‖g_bf16 − g_fp32‖² / Var_b(g) = {100 * pc['sq_over_var']:.3g}% (an upper bound on what rounding can "
+               "add to a cell: both gradients of a difference ĝ − g share one forward).", ""]
+    md += [f"Command: `{meta['command']}`; {meta['seconds']:.0f} s; environment in the JSON."]
+    return "\n".join(md) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], path: Path, title: str) -> None:
+    from chainfree.logging import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for n in sorted({r["n"] for r in rows}):
+        pts = sorted((r for r in rows if r["n"] == n), key=lambda r: r["c"])
+        ax.errorbar([r["c"] for r in pts], [100 * r["variance_increase"] for r in pts],
+                    yerr=[100 * r["variance_increase_se"] for r in pts], marker="o", capsize=3, label=f"n={n}")
+    ax.errorbar([27.5], [1.0], xerr=[[2.5], [2.5]], marker="*", ms=12, color="k", ls="none",
+                label="paper: ~1% at c 25-30, n~2000")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("c")
+    ax.set_ylabel("relative gradient variance increase (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if sparsity:
+        n = max(r["n"] for r in sparsity)
+        pts = [r for r in sparsity if r["n"] == n]
+        for key in [k for k in pts[0] if k.startswith("above_")]:
+            ax2.plot([r["layer"] for r in pts], [100 * r[key] for r in pts], marker=".", label=f"W > {key[6:]}")
+        ax2.set_yscale("log")
+        ax2.set_xlabel("layer")
+        ax2.set_ylabel("% of visible attention weights")
+        ax2.set_title(f"attention sparsity, n={n}")
+        ax2.grid(True, which="both", alpha=0.3)
+        ax2.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def run(out: Path, pretrained: str, plan: Plan, device: str, command: str, threads: int = 0, log=print) -> None:
+    """The experiment of the module docstring; results (JSON, markdown, PNG) rewritten after every n."""
+    import contextlib
+
+    from chainfree.bench.report import environment
+    from chainfree.config import DataConfig
+    from chainfree.models.hf import HFConfig, load_hf_model, token_data
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))  # fmt: skip
+    model = load_hf_model(HFConfig(pretrained, seq_len=max(plan.ns))).to(dev)
+    hf_cfg = model.hf.config
+    data = token_data(DataConfig(corpus="shakespeare"), model.tokenizer)
+    mode = BackwardMode(generator=torch.Generator().manual_seed(0), sparsity_cs=plan.cs)
+    model.set_attention(SwitchableAttentionFn(mode, hf_cfg.num_hidden_layers))
+    amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if plan.autocast else contextlib.nullcontext
+
+    class Amp(nn.Module):  # the forward under autocast; autograd.grad runs outside it, with explicit dtypes
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, y):
+            with amp():
+                return self.inner(x, y)
+
+    timed = Amp(model)
+    meta: dict[str, Any] = {
+        "model": f"{pretrained} ({type(model.hf).__name__}, {hf_cfg.num_hidden_layers} layers, "
+                 f"d={hf_cfg.hidden_size}, {hf_cfg.num_attention_heads}/{hf_cfg.num_key_value_heads} heads, "
+                 f"{model.num_params() / 1e6:.1f}M params)",
+        "text": f"Shakespeare (train split, {len(data.train):,} tokens of the model's tokenizer)",
+        "draws": plan.draws,
+        "precision": "bf16 autocast matmuls, fp32 weights, softmax and gradients" if plan.autocast else "fp32",
+        "command": command, "device": str(dev), "plan": dataclasses.asdict(plan),
+    }  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    sparsity: list[dict[str, Any]] = []
+    for n in plan.ns:
+        log(f"[sus/{pretrained}] n={n}: {plan.sequences[n]} sequences x (1 exact + {len(plan.cs)}x{plan.draws} SUS)")
+        mode.counts = {}
+        seqs = [s.to(dev) for s in sequences(data.train, n, plan.sequences[n], seed=n)]
+        raw = measure(timed, seqs, plan.cs, plan.draws, mode, out / f".grads_n{n}.npy", log=log)
+        rows += summarize(raw, n, plan.cs)
+        sparsity += sparsity_rows(mode.counts, n, plan.cs)
+        meta["seconds"] = time.perf_counter() - t_start
+        meta.setdefault("seconds_per_sequence", {})[n] = float(np.median(raw["seconds"]))
+        for r in rows[-len(plan.cs):]:
+            log(f"  n={n} c={r['c']:g}: +{100 * r['variance_increase']:.3f}% ± {100 * r['variance_increase_se']:.3f}%")
+        payload = {"meta": meta, "environment": environment(), "rows": rows, "sparsity": sparsity}
+        dump(out / "sus_pretrained.json", payload)
+        (out / "sus_pretrained.md").write_text(_markdown(rows, sparsity, meta))
+        _plot(rows, sparsity, out / "sus_pretrained.png", f"SUS on {pretrained}: variance increase vs c")
+    log((out / "sus_pretrained.md").read_text())
+
+
+__all__ = ["PLANS", "BackwardMode", "Plan", "SwitchableAttention", "SwitchableAttentionFn", "jackknife_ratio",
+           "measure", "param_group", "run", "sequences", "sparsity_rows", "summarize"]

@@ -95,9 +95,9 @@ SCALES: dict[str, Scale] = {
 
 
 def _device(device: str) -> torch.device:
-    if device in ("auto", ""):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from chainfree.runtime import resolve_device
+
+    return resolve_device(device or "auto")
 
 
 def attention_backend(cfg: RunConfig, device: torch.device) -> str:
@@ -270,10 +270,14 @@ def variance_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return md
 
 
-def run(out: Path, scale: str | Scale, device: str, overrides: list[str]) -> None:
+def run(out: Path, scale: str | Scale, device: str, overrides: list[str], model: str | None = None) -> None:
     """Pretrain exact, measure the variance grid, then train exact vs SUS; see the module docstring.
 
-    `scale` is 'small' | 'full' or a Scale (for custom grids from Python)."""
+    `scale` is 'small' | 'full' or a Scale (for custom grids from Python). `model` = 'smollm2' (or 'hf' with
+    `--set model.pretrained=PATH`) runs the variance experiment on that pretrained model instead
+    (chainfree.reproduce._sus_pretrained)."""
+    if model is not None and model != "gpt":
+        return run_pretrained(out, scale, device, overrides, model)
     from chainfree.data.tokens import BatchSampler
     from chainfree.train import train
 
@@ -352,4 +356,25 @@ def run(out: Path, scale: str | Scale, device: str, overrides: list[str]) -> Non
     print(full)
 
 
-__all__ = ["PAPER", "SCALES", "Scale", "run", "variance_grid", "variance_markdown"]
+def run_pretrained(out: Path, scale: str | Scale, device: str, overrides: list[str], model: str) -> None:
+    """`chainfree reproduce sus --model smollm2 [--scale small|full] [--set model.pretrained=PATH]`."""
+    from chainfree.config import parse_set
+    from chainfree.errors import ConfigError
+    from chainfree.reproduce import _sus_pretrained as pretrained
+
+    path = model if model != "hf" else ""
+    for item in overrides:
+        section, key, value = parse_set(item)
+        if (section, key) != ("model", "pretrained"):
+            raise ConfigError(f"--set {section}.{key}: the pretrained SUS reproduction takes only model.pretrained")
+        path = str(value)
+    if not path:
+        raise ConfigError("--model hf needs --set model.pretrained=PATH (a transformers folder or a .gguf file)")
+    if not isinstance(scale, str) or scale not in pretrained.PLANS:
+        raise ConfigError(f"--scale must be one of {tuple(pretrained.PLANS)} for a pretrained model, got {scale!r}")
+    command = f"chainfree reproduce sus --model {model} --scale {scale} --device {device}" + "".join(
+        f" --set {o}" for o in overrides)
+    pretrained.run(Path(out), path, pretrained.PLANS[scale], device, command)
+
+
+__all__ = ["PAPER", "SCALES", "Scale", "run", "run_pretrained", "variance_grid", "variance_markdown"]

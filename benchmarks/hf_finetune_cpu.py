@@ -1,0 +1,89 @@
+"""Fine-tune a pretrained LLM on CPU with exact, exact + activation checkpointing, SUS and BASIS.
+
+    python benchmarks/hf_finetune_cpu.py --out runs/hf_finetune --steps 12
+
+Runs `chainfree compare` (training/compare.py: same seed and batches, interleaved rounds, memory of one
+step per entry) on `--model hf --set model.pretrained=smollm2` at T=512, then evaluates the untouched
+pretrained model on the same val batches ("val before"), and writes one table (JSON + markdown) to
+benchmarks/results/hf_finetune_cpu.{json,md}. All entries share train.dtype (bf16 autocast matmuls on
+CPU by default here; fp32 weights and AdamW).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def val_before(overrides: list[str]) -> float:
+    from chainfree.config import load_config
+    from chainfree.data import BatchSampler
+    from chainfree.methods import build_method
+    from chainfree.training.trainer import build_run, evaluate
+
+    cfg = load_config(None, overrides)
+    device = torch.device("cpu")
+    data, model, method = build_run(cfg, device)
+    sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+    return evaluate(build_method("exact"), model, sampler, cfg.train.eval_batches, device, cfg.train)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/hf_finetune"))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pretrained", default="smollm2")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    from chainfree.bench.report import environment, markdown_table
+    from chainfree.training.compare import run_compare
+
+    overrides = ['model.kind="hf"', f'model.pretrained="{args.pretrained}"', "model.seq_len=512",
+                 "train.batch_size=1", f'train.dtype="{args.dtype}"', "train.lr=1e-4", "train.warmup_steps=2",
+                 "train.weight_decay=0.0", f"train.eval_every={args.steps}", "train.eval_batches=4",
+                 f"train.ckpt_every={args.steps}", 'train.device="cpu"', "method.c=32", "method.rank=32"]  # fmt: skip
+    methods = "exact,exact+ckpt,sus,basis"
+    command = f"python benchmarks/hf_finetune_cpu.py --out {args.out} --steps {args.steps} --rounds {args.rounds}"
+    t0 = time.perf_counter()
+    before = val_before([o for o in overrides if not o.startswith("method.")])
+    run_compare(args.out, methods, overrides=overrides, steps=args.steps, device="cpu", rounds=args.rounds,
+                command=command, progress=False)  # fmt: skip
+    report = json.loads((args.out / "report.json").read_text())
+    rows = []
+    exact = report["results"]["exact"]
+    for label, r in report["results"].items():
+        mem = r.get("memory") or {}
+        rows.append({"method": label, "val_before": before, "val_after": r.get("final_val_loss"),
+                     "delta_vs_exact": r["final_val_loss"] - exact["final_val_loss"],
+                     "step_time_s": r.get("step_time_s"), "time_ratio": r["step_time_s"] / exact["step_time_s"],
+                     "activation_mb": (mem.get("activation_bytes") or float("nan")) / 2**20,
+                     "peak_mb": (mem.get("peak_bytes") or float("nan")) / 2**20})  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    md = (f"# Fine-tuning {args.pretrained} on CPU at T=512 ({args.steps} AdamW steps, batch 1, lr 1e-4, "
+          f"train.dtype={args.dtype})\n\n"
+          + markdown_table(rows, [("method", "method"), ("val_before", "val before"), ("val_after", "val after"),
+                                  ("delta_vs_exact", "Δ val vs exact"), ("step_time_s", "step time (s)"),
+                                  ("time_ratio", "time ratio"), ("activation_mb", "activation (MiB)"),
+                                  ("peak_mb", "peak (MiB)")])
+          + f"\n\nSUS c=32 (reference backend on CPU), BASIS R=32 (default layers), exact+ckpt = "
+          "train.activation_checkpoint=full (training/options.py, per decoder layer). Val: 4 fixed val batches "
+          f"of Shakespeare (held-out plays). Command: `{command}`; commit {commit}; "
+          f"{time.perf_counter() - t0:.0f} s wall on a shared 2-core CPU.\n")  # fmt: skip
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "hf_finetune_cpu.json").write_text(json.dumps(
+        {"command": command, "commit": commit, "environment": environment(), "overrides": overrides,
+         "val_before": before, "rows": rows, "report": report}, indent=1, default=str))  # fmt: skip
+    (args.results / "hf_finetune_cpu.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
