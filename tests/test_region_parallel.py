@@ -133,8 +133,8 @@ def test_region_parallel_strategy_in_the_training_loop(tiny, tmp_path):
 
 def test_pipeline_and_ddp_comparison_harness_gradients_and_bytes():
     """The issue-21 comparison on 2 gloo ranks (float64): GPipe and 1F1B over the same two LBI stages and
-    region-parallel LBI give the single-process LBI gradients; dense DDP gives the dense model's; the
-    backward bytes per rank are what each protocol sends."""
+    region-parallel LBI give the single-process LBI gradients, as does the single-device mode on rank 0;
+    dense DDP gives the dense model's; the backward bytes per rank are what each protocol sends."""
     from chainfree.bench.lbi_pipeline import CompareSpec, spawn_compare, summarize
     from chainfree.config import ModelConfig
     from chainfree.methods.lbi import LBIConfig
@@ -158,7 +158,9 @@ def test_pipeline_and_ddp_comparison_harness_gradients_and_bytes():
     loss = model(x, y)
     loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for mode, expect in (("gpipe", ref), ("1f1b", ref), ("region", ref), ("ddp", dense_ref)):
+    single = records[0]["modes"]["single"]
+    assert not records[1]["modes"]["single"]["grads"] and single["loss"] == pytest.approx(float(loss.detach()))
+    for mode, expect in (("gpipe", ref), ("1f1b", ref), ("region", ref), ("ddp", dense_ref), ("single", ref)):
         seen: dict[str, torch.Tensor] = {}
         for rec in records:
             for name, grad in rec["modes"][mode]["grads"].items():
@@ -168,7 +170,7 @@ def test_pipeline_and_ddp_comparison_harness_gradients_and_bytes():
         assert set(seen) == set(expect), mode
         for name, grad in seen.items():
             torch.testing.assert_close(grad, expect[name], rtol=1e-10, atol=1e-13, msg=f"{mode} {name}")
-        if mode != "ddp":
+        if mode not in ("ddp", "single"):
             assert records[-1]["modes"][mode]["loss"] == pytest.approx(float(loss.detach()), rel=1e-12), mode
     # bytes: the last stage sends the gradients of (m_1 [B/2, C, r], canvas [B/2, T, d]) per micro-batch
     mb = 2
@@ -180,7 +182,7 @@ def test_pipeline_and_ddp_comparison_harness_gradients_and_bytes():
     n_params = sum(p.numel() for p in lm.parameters())
     assert records[0]["modes"]["ddp"]["backward_bytes"]["grad_allreduce"] == n_params * 8
     rows = summarize(records)
-    assert [r["mode"] for r in rows] == ["region", "gpipe", "1f1b", "ddp"] and rows[-1]["vs_ddp"] == 1.0
+    assert [r["mode"] for r in rows] == ["region", "gpipe", "1f1b", "ddp", "single"] and rows[3]["vs_ddp"] == 1.0
 
 
 def test_strategy_choice_and_clear_errors():

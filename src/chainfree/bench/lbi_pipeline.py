@@ -15,6 +15,7 @@ all modes alike):
               receives their gradients backward; the tied embedding/head gradient is all-reduced.
   ddp         the dense LanguageModel (the LBI model's backbone without the interface) trained by
               DistributedDataParallel, each rank on 1/W of the batch.
+  single      single-device LBI: rank 0 runs the whole scan backward on the whole batch, the others wait.
 Timed: one step (forward + backward, gradients in .grad, no optimizer), synchronised, the max over ranks.
 Bytes: region-parallel counts every byte it sends (`CommLog`); for the pipeline, the bytes are the
 activation gradients the schedule sends backward (per micro-batch, the shapes of m and canvas: counted from
@@ -42,11 +43,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from chainfree.bench.lbi_parallel import free_port
-from chainfree.methods.lbi import LBIConfig
+from chainfree.methods.lbi import LBIConfig, scan_backward
 from chainfree.models.lbi import LBIModel
 from chainfree.parallel.region import BACKWARD_CATEGORIES, CommLog, region_parallel_step, shared_parameters
 
-MODES = ("region", "gpipe", "1f1b", "ddp")
+MODES = ("region", "gpipe", "1f1b", "ddp", "single")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model=dict(kind="gpt", vocab_size=64, seq_len=32, d_model=32, n_layers=4, n_heads=4),
@@ -187,6 +188,14 @@ def _run(rank: int, world: int, spec: CompareSpec, device: torch.device) -> None
                 loss = float(torch.stack(losses).detach().mean()) if losses else float("nan")
                 return loss, sent
 
+        elif mode == "single":  # rank 0 alone: the single-device scan backward on the whole batch
+            jac = model.config.jacobian
+
+            def step(model=model, ids=ids, targets=targets, jac=jac) -> tuple[float, dict[str, int]]:
+                if rank != 0:
+                    return float("nan"), {}
+                return float(scan_backward(model, ids, targets, jac)), {}
+
         else:  # dense DDP on the LBI model's backbone, 1/W of the batch per rank
             lm = model.lm
             ddp = nn.parallel.DistributedDataParallel(lm, device_ids=[device] if cuda else None)
@@ -218,8 +227,9 @@ def _run(rank: int, world: int, spec: CompareSpec, device: torch.device) -> None
             run["loss"], run["bytes"] = loss, sent
     record: dict[str, Any] = {"rank": rank, "modes": {}}
     for mode, run in runs.items():
+        has_loss = mode == "ddp" or rank == (0 if mode == "single" else world - 1)
         rec: dict[str, Any] = {"step_s": run["times"], "backward_bytes": run["bytes"],
-                               "loss": run["loss"] if last or mode == "ddp" else float("nan")}
+                               "loss": run["loss"] if has_loss else float("nan")}
         if spec.save_grads:
             params = run["model"].lm.named_parameters() if mode == "ddp" else run["model"].named_parameters()
             rec["grads"] = {n: p.grad.detach().cpu() for n, p in params if p.grad is not None}
