@@ -91,7 +91,9 @@ def _need_transformers():
 
 
 def _cache_root() -> Path:
-    env = os.environ.get("CHAINFREE_CACHE")
+    """Where converted models live: $CHAINFREE_MODEL_CACHE, else $CHAINFREE_CACHE, else ~/.cache/chainfree.
+    (Entries are keyed by the source file's hash and never change, so one folder can serve every run.)"""
+    env = os.environ.get("CHAINFREE_MODEL_CACHE") or os.environ.get("CHAINFREE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "chainfree"
 
 
