@@ -20,8 +20,9 @@ CASES = {
     # name: (overrides, method, stop_at of a first, interrupted run or None)
     "ddp": ({"train.strategy": '"ddp"'}, "exact", None),
     "ddp_accum": ({"train.strategy": '"ddp"', "train.grad_accum": 2}, "exact", None),
-    "fsdp2": ({"train.strategy": '"fsdp2"'}, "exact", None),
     "fsdp2_resumed": ({"train.strategy": '"fsdp2"'}, "exact", 2),
+    "fsdp2_accum_ckpt": ({"train.strategy": '"fsdp2"', "train.grad_accum": 2, "train.activation_checkpoint": '"full"'},
+                         "exact", None),
     "ddp_flat_bll": ({"train.strategy": '"ddp"'}, "flat_bll", None),
 }
 

@@ -1,7 +1,9 @@
 """Strategies on gloo with 2 CPU processes against one process, in float64: data parallel (DDP, with and
 without gradient accumulation, for an autograd method and for one with its own backward) and FSDP2
-(fully_shard), including an interrupted-and-resumed FSDP2 run (full-tensor checkpoints)."""
+(fully_shard), including an interrupted-and-resumed FSDP2 run (full-tensor checkpoints) and FSDP2 with
+gradient accumulation (no reduce-scatter until the last micro-batch) over checkpointed blocks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,13 +55,23 @@ def launch_two_ranks(root: Path, cases: list[str]) -> Path:
     return root
 
 
-FAST = ["fsdp2"]  # one launch in the default suite; DDP in float32 is also covered by tests/test_train.py
-SLOW = [c for c in CASES if c not in FAST]
+SLOW = list(CASES)  # plain fsdp2 runs in the default suite, through the CLI
 
 
 @pytest.fixture(scope="module")
-def two_ranks_fast(tmp_path_factory) -> Path:
-    return launch_two_ranks(tmp_path_factory.mktemp("dist_fast"), FAST)
+def fsdp2_from_the_cli(tmp_path_factory) -> Path:
+    """`torchrun --nproc_per_node 2 -m chainfree.cli train --strategy fsdp2` (DDP through the CLI, in float32,
+    is tests/test_train.py's)."""
+    from conftest import tiny_overrides
+
+    out = tmp_path_factory.mktemp("fsdp2_cli")
+    sets = [a for kv in tiny_overrides(**FP64) for a in ("--set", kv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "chainfree.cli", "train", "--out", str(out), "--strategy", "fsdp2", *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +95,13 @@ def assert_same_trajectory(a: list, b: list, rel: float) -> None:
 REL = 1e-9
 
 
-def test_fsdp2_on_two_ranks_follows_the_single_process_trajectory(two_ranks_fast, single_process):
-    assert_same_trajectory(records(two_ranks_fast / "fsdp2"), single_process("exact"), REL)
+def test_fsdp2_on_two_ranks_follows_the_single_process_trajectory(fsdp2_from_the_cli, single_process):
+    assert_same_trajectory(records(fsdp2_from_the_cli), single_process("exact"), REL)
+    assert json.loads((fsdp2_from_the_cli / "summary.json").read_text())["strategy"] == "fsdp2"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ddp", "ddp_accum", "fsdp2_resumed"])
+@pytest.mark.parametrize("case", ["ddp", "ddp_accum", "fsdp2_resumed", "fsdp2_accum_ckpt"])
 def test_two_ranks_follow_the_single_process_trajectory(case, two_ranks, single_process):
     assert_same_trajectory(records(two_ranks / case), single_process("exact"), REL)
 
@@ -100,7 +113,7 @@ def test_ddp_all_reduces_the_gradients_of_a_method_with_its_own_backward(two_ran
 
 
 def test_helper_cases_are_the_ones_tested():
-    assert set(CASES) == {"ddp", "ddp_accum", "fsdp2", "fsdp2_resumed", "ddp_flat_bll"}
+    assert set(CASES) == {"ddp", "ddp_accum", "fsdp2_resumed", "fsdp2_accum_ckpt", "ddp_flat_bll"}
 
 
 def test_strategy_choice():

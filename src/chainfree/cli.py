@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from chainfree.bench.cli import bench_app
+from chainfree.config import MODEL_KINDS, STRATEGIES
 from chainfree.errors import ChainfreeError
 from chainfree.methods import METHODS
 
@@ -39,8 +40,10 @@ ConfigOpt = Annotated[Path | None, typer.Option(
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="training steps (train.steps)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | cuda:N | auto")]
-ModelOpt = Annotated[str | None, typer.Option("--model", help="gpt | mamba2 | mamba3 | hybrid")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help=f"model.kind: {' | '.join(MODEL_KINDS)}")]
 OutOpt = Annotated[Path, typer.Option("--out", help="output folder (rerun to resume)")]
+StrategyOpt = Annotated[str | None, typer.Option(
+    "--strategy", help=f"train.strategy under torchrun: {' | '.join(STRATEGIES)} (auto = the method's choice)")]
 RunOpt = Annotated[Path, typer.Option("--out", help="folder of a trained run: `chainfree train --out DIR`'s DIR, or "
                                       "DIR/<method> of `chainfree compare --out DIR`")]
 MethodOpt = Annotated[str | None, typer.Option("--method", help=f"gradient method: {' | '.join(METHODS)}")]
@@ -48,16 +51,22 @@ MethodOpt = Annotated[str | None, typer.Option("--method", help=f"gradient metho
 
 @app.command()
 def train(out: OutOpt, model: ModelOpt = None, method: MethodOpt = None,
-          config: ConfigOpt = None, set_: SetOpt = None, steps: StepsOpt = None, device: DeviceOpt = None) -> None:
-    """Train one model with one method; writes config.toml, metrics.jsonl, checkpoint/, loss.png."""
+          config: ConfigOpt = None, set_: SetOpt = None, steps: StepsOpt = None, device: DeviceOpt = None,
+          strategy: StrategyOpt = None) -> None:
+    """Train one model with one method; writes config.toml, metrics.jsonl, checkpoint/, loss.png.
+    Under torchrun (`torchrun --nproc_per_node N -m chainfree.cli train ...`) every rank trains and rank 0
+    writes."""
+    import os
+
     from chainfree.config import load_config
     from chainfree.train import train as run_train
 
-    cfg = load_config(config, set_, model=model, method=method, steps=steps, device=device)
+    cfg = load_config(config, set_, model=model, method=method, steps=steps, device=device, strategy=strategy)
     summary = run_train(cfg, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    typer.echo(f"final val loss {summary['final_val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f})"
-               f" -> {out}")
+    if os.environ.get("RANK", "0") == "0":
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        typer.echo(f"final val loss {summary['final_val_loss']:.4f} (unigram entropy "
+                   f"{summary['unigram_entropy']:.4f}) -> {out}")
 
 
 @app.command()

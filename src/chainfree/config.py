@@ -391,7 +391,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{path}: unknown section [{section}]; use [model], [data], [train], [method]")
             raw[section].update(values)
     shortcut_keys = {"model": ("model", "kind"), "method": ("method", "name"), "steps": ("train", "steps"),
-                     "device": ("train", "device"), "seed": ("train", "seed")}
+                     "device": ("train", "device"), "seed": ("train", "seed"),
+                     "strategy": ("train", "strategy")}
     for name, value in top.items():
         if value is not None:
             section, key = shortcut_keys[name]
