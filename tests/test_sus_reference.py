@@ -332,13 +332,14 @@ def test_dispatch_to_kernel_module(monkeypatch):
 # One fresh interpreter per run: the forward and the float64 backward with huge c must be exact in every
 # process, whatever the thread count, allocation addresses or thread timing of that process.
 _FRESH_PROCESS_CHECK = r"""
-import json, math, sys
+import hashlib, json, math, sys
 import torch
 import torch.nn.functional as F
 from chainfree.ops.sus import sus_attention
 
 torch.set_num_threads(int(sys.argv[1]))
 worst = {"forward": 0.0, "backward": 0.0}
+digest = hashlib.sha256()  # every output and gradient bit: identical in every process at one thread count
 cases = [  # (B, H, Hkv, n, D, causal, block_rows): the reported case first, then GQA / several blocks
     (1, 2, 2, 96, 16, True, None), (2, 4, 2, 70, 8, False, 16), (1, 3, 1, 33, 8, True, 7)]
 for seed, (B, H, Hkv, n, D, causal, rows) in enumerate(cases):
@@ -362,10 +363,13 @@ for seed, (B, H, Hkv, n, D, causal, rows) in enumerate(cases):
             xs = [t.clone().requires_grad_() for t in (q, k, v)]
             o = sus_attention(*xs, c=c, is_causal=causal, enable_gqa=H != Hkv, variant=variant, block_rows=rows)
             got = torch.autograd.grad(o, xs, do)
+            for t in (o.detach(), *got):
+                digest.update(t.contiguous().numpy().tobytes())
             worst["forward"] = max(worst["forward"], (o.detach() - ref).abs().max().item())
             if c == 1e300:  # every nonzero weight kept: the backward is exact attention backprop
                 err = max((a - b).abs().max().item() for a, b in zip(got, want))
                 worst["backward"] = max(worst["backward"], err)
+worst["digest"] = digest.hexdigest()
 print(json.dumps(worst))
 """
 
@@ -399,8 +403,10 @@ FRESH_TOL = 1e-12
 
 
 def test_float64_forward_and_huge_c_backward_exact_in_fresh_processes():
-    for worst in _fresh_process_errors(2):
+    errors = _fresh_process_errors(2)
+    for worst in errors:
         assert worst["forward"] < FRESH_TOL and worst["backward"] < FRESH_TOL, worst
+    assert len({e["digest"] for e in errors}) == 1  # bitwise the same in both processes
 
 
 @pytest.mark.slow
@@ -409,3 +415,5 @@ def test_float64_exactness_stress_many_fresh_processes(threads):
     errors = _fresh_process_errors(60 if threads == 2 else 20, threads)
     bad = [e for e in errors if not (e["forward"] < FRESH_TOL and e["backward"] < FRESH_TOL)]
     assert not bad, f"{len(bad)} of {len(errors)} fresh processes not exact: {bad[:3]}"
+    digests = {e["digest"] for e in errors}
+    assert len(digests) == 1, f"outputs/gradients differ bitwise across {len(errors)} processes ({len(digests)} kinds)"
