@@ -34,6 +34,25 @@ def val_before(overrides: list[str]) -> float:
     return evaluate(build_method("exact"), model, sampler, cfg.train.eval_batches, device, cfg.train)
 
 
+def saved_bytes(overrides: list[str], methods: str, label: str) -> int:
+    """Peak bytes autograd holds for backward during one training step of the entry (parameters excluded):
+    the activation memory that checkpointing and BASIS cut. One step per entry (MemTracker would take two
+    more, which this shared CPU cannot spare)."""
+    from chainfree.bench.cases import build_step_case, load_batch
+    from chainfree.bench.memory import SavedTensorMeter
+    from chainfree.training.compare import entry_configs, parse_entries
+
+    entries = parse_entries(methods)
+    entry = next(e for e in entries if e.label == label)
+    cfg = entry_configs(entries, None, overrides, None, None, "cpu")[label]
+    batch = load_batch(cfg)
+    case = build_step_case(cfg, entry.method, cfg.method_params, batch, torch.device("cpu"))
+    params = list(case.model.parameters()) + list(case.model.buffers())
+    with SavedTensorMeter(params) as meter:
+        case.step()
+    return int(meter.peak)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/hf_finetune"))
@@ -48,34 +67,35 @@ def main() -> None:
 
     overrides = ['model.kind="hf"', f'model.pretrained="{args.pretrained}"', "model.seq_len=512",
                  "train.batch_size=1", f'train.dtype="{args.dtype}"', "train.lr=1e-4", "train.warmup_steps=2",
-                 "train.weight_decay=0.0", f"train.eval_every={args.steps}", "train.eval_batches=4",
+                 "train.weight_decay=0.0", f"train.eval_every={args.steps}", "train.eval_batches=2",
                  f"train.ckpt_every={args.steps}", 'train.device="cpu"', "method.c=32", "method.rank=32"]  # fmt: skip
     methods = "exact,exact+ckpt,sus,basis"
     command = f"python benchmarks/hf_finetune_cpu.py --out {args.out} --steps {args.steps} --rounds {args.rounds}"
     t0 = time.perf_counter()
     before = val_before([o for o in overrides if not o.startswith("method.")])
     run_compare(args.out, methods, overrides=overrides, steps=args.steps, device="cpu", rounds=args.rounds,
-                command=command, progress=False)  # fmt: skip
+                command=command, progress=False, measure_memory=False)  # fmt: skip
+    saved = {label: saved_bytes(overrides, methods, label) for label in methods.split(",")}
     report = json.loads((args.out / "report.json").read_text())
     rows = []
     exact = report["results"]["exact"]
     for label, r in report["results"].items():
-        mem = r.get("memory") or {}
         rows.append({"method": label, "val_before": before, "val_after": r.get("final_val_loss"),
                      "delta_vs_exact": r["final_val_loss"] - exact["final_val_loss"],
                      "step_time_s": r.get("step_time_s"), "time_ratio": r["step_time_s"] / exact["step_time_s"],
-                     "activation_mb": (mem.get("activation_bytes") or float("nan")) / 2**20,
-                     "peak_mb": (mem.get("peak_bytes") or float("nan")) / 2**20})  # fmt: skip
+                     "saved_mib": saved[label] / 2**20, "saved_ratio": saved[label] / saved["exact"]})  # fmt: skip
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     md = (f"# Fine-tuning {args.pretrained} on CPU at T=512 ({args.steps} AdamW steps, batch 1, lr 1e-4, "
           f"train.dtype={args.dtype})\n\n"
           + markdown_table(rows, [("method", "method"), ("val_before", "val before"), ("val_after", "val after"),
                                   ("delta_vs_exact", "Δ val vs exact"), ("step_time_s", "step time (s)"),
-                                  ("time_ratio", "time ratio"), ("activation_mb", "activation (MiB)"),
-                                  ("peak_mb", "peak (MiB)")])
+                                  ("time_ratio", "time ratio"), ("saved_mib", "saved for backward (MiB)"),
+                                  ("saved_ratio", "saved ratio")])
           + f"\n\nSUS c=32 (reference backend on CPU), BASIS R=32 (default layers), exact+ckpt = "
-          "train.activation_checkpoint=full (training/options.py, per decoder layer). Val: 4 fixed val batches "
-          f"of Shakespeare (held-out plays). Command: `{command}`; commit {commit}; "
+          "train.activation_checkpoint=full (training/options.py, per decoder layer). Val: 2 fixed val batches "
+          "of Shakespeare (held-out plays). Saved for backward: peak bytes autograd holds during one training "
+          "step (parameters excluded; bench.memory.SavedTensorMeter). Step time: median wall time of the "
+          f"timed steps on a heavily shared 2-core CPU (noisy). Command: `{command}`; commit {commit}; "
           f"{time.perf_counter() - t0:.0f} s wall on a shared 2-core CPU.\n")  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "hf_finetune_cpu.json").write_text(json.dumps(
