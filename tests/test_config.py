@@ -33,7 +33,7 @@ def test_bad_values_name_the_key(override, key):
     "method, override, key",
     [("exact", "method.rank=3", "method.rank"),  # exact has no parameters
      ("basis", "method.rnak=3", "method.rnak"),  # typo
-     ("basis", "method.rank=0", "method.rank")],  # impossible value
+     ("basis", "method.rank=0", "rank must be")],  # impossible value
 )
 def test_method_settings_are_validated_by_the_method_config(method, override, key):
     from chainfree.methods import method_from_config
