@@ -273,21 +273,31 @@ def dump(path: Path, obj: Any) -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    """The grid and sample sizes of one run. `sequences[n]` independent sequences of n tokens, `draws` SUS
-    draws per (sequence, c); `autocast` runs matmuls in bf16 (weights, gradients and softmax stay fp32)."""
+    """What to measure, in order: stages (n, cs, M) -- M independent sequences of n tokens, each with one
+    exact and `draws` SUS gradients per c in cs. Results are rewritten after every stage, so the first
+    stages should be the figures that matter most. `autocast` runs matmuls in bf16 (weights, gradients,
+    softmax and sampling stay fp32)."""
 
-    ns: tuple[int, ...]
-    cs: tuple[float, ...]
-    sequences: dict[int, int]
+    stages: tuple[tuple[int, tuple[float, ...], int], ...]
     draws: int
     autocast: bool
 
+    @property
+    def cs(self) -> tuple[float, ...]:
+        return tuple(sorted({c for _, cs, _ in self.stages for c in cs}))
 
+    @property
+    def max_n(self) -> int:
+        return max(n for n, _, _ in self.stages)
+
+
+GRID_CS = (8.0, 16.0, 32.0, 64.0)
 PLANS = {
-    # 2-core CPU: the c=32, n=2048 figure is the one that needs its standard error; n runs largest first
-    "small": Plan(ns=(2048, 1024, 512), cs=(8, 16, 32, 64), sequences={2048: 5, 1024: 4, 512: 4}, draws=1,
-                  autocast=True),
-    "full": Plan(ns=(4096, 2048, 1024, 512), cs=(8, 16, 32, 64), sequences={4096: 24, 2048: 32, 1024: 32, 512: 32},
+    # a shared 2-core CPU: the headline cell (c=32, n=2048) first, then the c grid at n=512 and 1024, then
+    # the other c at n=2048 (new sequences: a stage never reuses another stage's windows)
+    "small": Plan(stages=((2048, (32.0,), 4), (512, GRID_CS, 4), (1024, GRID_CS, 3), (2048, (8.0, 16.0, 64.0), 3)),
+                  draws=1, autocast=True),
+    "full": Plan(stages=((2048, GRID_CS, 32), (4096, GRID_CS, 24), (1024, GRID_CS, 32), (512, GRID_CS, 32)),
                  draws=2, autocast=True),
 }
 
@@ -300,19 +310,19 @@ def _markdown(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], meta: 
         cells = []
         for n in ns:
             r = next((r for r in rows if r["n"] == n and r["c"] == c), None)
-            cells.append(f"{100 * r['variance_increase']:.3g}% ± {100 * r['variance_increase_se']:.2g}" if r else "-")
+            cells.append(f"{100 * r['variance_increase']:.3g}% ± {100 * r['variance_increase_se']:.2g} "
+                         f"[{r['sequences']}]" if r else "not measured")
         lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     md = [f"# SUS variance on a pretrained LLM: {meta['model']}", "",
           f"Text: {meta['text']}. Per n: M independent sequences (non-overlapping windows), K={meta['draws']} SUS "
           f"draw(s) per sequence and c; {meta['precision']}. Cell: relative gradient-variance increase "
-          "100·E‖ĝ−g‖²/Var_b(g) ± jackknife SE over sequences (M per n: "
-          + ", ".join(f"n={n}: {rows[[r['n'] for r in rows].index(n)]['sequences']}" for n in ns) + ").", "",
+          "100·E‖ĝ−g‖²/Var_b(g) ± jackknife SE over the M sequences [M].", "",
           *lines, "", "Paper: ~1% at c 25-30, n ~2000 (pretrained OPT-125m), decreasing with n.", ""]
     groups = sorted({g for r in rows for g in r["groups"]})
     for n in ns:
         md += [f"## Per parameter group at n={n} (%, ± SE)", "",
                "| c | " + " | ".join(groups) + " |", "|---|" + "|".join("---" for _ in groups) + "|"]
-        for r in (r for r in rows if r["n"] == n):
+        for r in sorted((r for r in rows if r["n"] == n), key=lambda r: r["c"]):
             md.append(f"| {r['c']:g} | " + " | ".join(
                 f"{100 * r['groups'][g]['variance_increase']:.3g} ± {100 * r['groups'][g]['variance_increase_se']:.2g}"
                 for g in groups) + " |")
@@ -369,6 +379,16 @@ def _plot(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], path: Path
     save_figure(fig, path)
 
 
+def render(json_path: Path, md_path: Path, png_path: Path) -> str:
+    """Markdown table and PNG from a result JSON written by `run` (e.g. to publish a copy under another name)."""
+    payload = json.loads(Path(json_path).read_text())
+    md = _markdown(payload["rows"], payload["sparsity"], payload["meta"])
+    Path(md_path).write_text(md)
+    _plot(payload["rows"], payload["sparsity"], Path(png_path), f"SUS on {payload['meta']['model'].split()[0]}: "
+          "variance increase vs c")
+    return md
+
+
 def run(out: Path, pretrained: str, plan: Plan, device: str, command: str, threads: int = 0, log=print) -> None:
     """The experiment of the module docstring; results (JSON, markdown, PNG) rewritten after every n."""
     import contextlib
@@ -384,10 +404,10 @@ def run(out: Path, pretrained: str, plan: Plan, device: str, command: str, threa
     t_start = time.perf_counter()
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))  # fmt: skip
-    model = load_hf_model(HFConfig(pretrained, seq_len=max(plan.ns))).to(dev)
+    model = load_hf_model(HFConfig(pretrained, seq_len=plan.max_n)).to(dev)
     hf_cfg = model.hf.config
     data = token_data(DataConfig(corpus="shakespeare"), model.tokenizer)
-    mode = BackwardMode(generator=torch.Generator().manual_seed(0), sparsity_cs=plan.cs)
+    mode = BackwardMode(generator=torch.Generator().manual_seed(0))
     model.set_attention(SwitchableAttentionFn(mode, hf_cfg.num_hidden_layers))
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if plan.autocast else contextlib.nullcontext
 
@@ -411,24 +431,27 @@ def run(out: Path, pretrained: str, plan: Plan, device: str, command: str, threa
         "command": command, "device": str(dev), "plan": dataclasses.asdict(plan),
     }  # fmt: skip
     rows: list[dict[str, Any]] = []
-    sparsity: list[dict[str, Any]] = []
-    for n in plan.ns:
-        log(f"[sus/{pretrained}] n={n}: {plan.sequences[n]} sequences x (1 exact + {len(plan.cs)}x{plan.draws} SUS)")
-        mode.counts = {}
-        seqs = [s.to(dev) for s in sequences(data.train, n, plan.sequences[n], seed=n)]
-        raw = measure(timed, seqs, plan.cs, plan.draws, mode, out / f".grads_n{n}.npy", log=log)
-        rows += summarize(raw, n, plan.cs)
-        sparsity += sparsity_rows(mode.counts, n, plan.cs)
+    sparsity: dict[int, dict[int, dict[str, float]]] = {}
+    for stage, (n, cs, count) in enumerate(plan.stages):
+        log(f"[sus/{pretrained}] n={n}: {count} sequences x (1 exact + {len(cs)}x{plan.draws} SUS), c in {cs}")
+        mode.counts = sparsity.setdefault(n, {})
+        mode.sparsity_cs = plan.cs
+        seqs = [s.to(dev) for s in sequences(data.train, n, count, seed=1000 * stage + n)]
+        raw = measure(timed, seqs, cs, plan.draws, mode, out / f".grads_n{n}.npy", log=log)
+        new_rows = summarize(raw, n, cs)
+        rows += new_rows
         meta["seconds"] = time.perf_counter() - t_start
-        meta.setdefault("seconds_per_sequence", {})[n] = float(np.median(raw["seconds"]))
-        for r in rows[-len(plan.cs):]:
+        meta.setdefault("seconds_per_sequence", {})[f"{n}:{','.join(f'{c:g}' for c in cs)}"] = float(
+            np.median(raw["seconds"]))
+        for r in new_rows:
             log(f"  n={n} c={r['c']:g}: +{100 * r['variance_increase']:.3f}% ± {100 * r['variance_increase_se']:.3f}%")
-        payload = {"meta": meta, "environment": environment(), "rows": rows, "sparsity": sparsity}
+        table = [r for m, counts in sparsity.items() for r in sparsity_rows(counts, m, plan.cs)]
+        payload = {"meta": meta, "environment": environment(), "rows": rows, "sparsity": table}
         dump(out / "sus_pretrained.json", payload)
-        (out / "sus_pretrained.md").write_text(_markdown(rows, sparsity, meta))
-        _plot(rows, sparsity, out / "sus_pretrained.png", f"SUS on {pretrained}: variance increase vs c")
+        (out / "sus_pretrained.md").write_text(_markdown(rows, table, meta))
+        _plot(rows, table, out / "sus_pretrained.png", f"SUS on {pretrained}: variance increase vs c")
     log((out / "sus_pretrained.md").read_text())
 
 
 __all__ = ["PLANS", "BackwardMode", "Plan", "SwitchableAttention", "SwitchableAttentionFn", "jackknife_ratio",
-           "measure", "param_group", "run", "sequences", "sparsity_rows", "summarize"]
+           "measure", "param_group", "render", "run", "sequences", "sparsity_rows", "summarize"]
