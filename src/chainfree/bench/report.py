@@ -250,6 +250,8 @@ READING_GUIDE = """## How to read this
   better. A method is worth its approximation only where it beats the exact baselines (`exact+ckpt`,
   `exact+sac`, `exact+compile`, ...) on some axis; **dominated by** names an exact baseline that is at least
   as good on loss, time and memory.
+* **this machine**: losses are deterministic for a given torch build, device and thread count; times and memory
+  are those of the machine named at the bottom, and a run elsewhere (or under other load) gives other times.
 * Plots: `loss_vs_tokens.png` (learning per token: the gradient quality), `loss_vs_time.png` (learning per
   second: what a user waits for; training steps only, the first step of each resumed round counted as a median
   step), `loss.png` (per step).
