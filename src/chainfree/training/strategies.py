@@ -152,10 +152,11 @@ class DataParallel(SingleDevice):
 
 class FullyShardedDataParallel(DataParallel):
     """FSDP2: parameters, gradients and optimizer state sharded over the ranks
-    (torch.distributed.fsdp.fully_shard on every block, then on the root so the embedding, final norm and
-    a tied head form one unit). Gradients are reduce-scattered in autograd hooks, so only methods whose
-    step is autograd through the model qualify. Checkpoints hold the full, unsharded tensors, so a run
-    can resume under any strategy and world size that trains the same global batch."""
+    (torch.distributed.fsdp.fully_shard on every residual block -- chainfree blocks of every kind, a
+    Hugging Face model's decoder layers -- then on the root, so the embedding, final norm and a tied head
+    form one unit). Gradients are reduce-scattered in autograd hooks, so only methods whose
+    step is autograd through the model qualify. Checkpoints hold the full, unsharded tensors, in the
+    same layout as a single-process run's."""
 
     name = "fsdp2"
 
@@ -168,9 +169,13 @@ class FullyShardedDataParallel(DataParallel):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        from chainfree.training.options import iter_blocks
+
         mesh = init_device_mesh(device.type, (self.launch.world_size,))
-        blocks = getattr(model, "blocks", None)
-        for block in blocks if isinstance(blocks, nn.ModuleList) else ():
+        blocks = list(iter_blocks(model))  # chainfree blocks of every kind, Hugging Face decoder layers
+        if not blocks and isinstance(getattr(model, "blocks", None), nn.ModuleList):
+            blocks = list(model.blocks)
+        for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         self._hooked = True
