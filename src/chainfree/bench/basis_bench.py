@@ -266,6 +266,8 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
             r["times"].append(dt)
             r["losses"].append(stats.loss)
         done_steps = step + 1
+        if done_steps % 10 == 0:
+            print(f"step {done_steps}/{steps} of {len(names)} interleaved cases", flush=True)
     for r in runs.values():
         cfg = r["cfg"]
         res = r["result"]
