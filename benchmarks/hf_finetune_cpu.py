@@ -35,12 +35,13 @@ def val_before(overrides: list[str]) -> float:
 
 
 def saved_bytes(overrides: list[str], methods: str, label: str) -> int:
-    """Peak bytes autograd holds for backward during one training step of the entry (parameters excluded):
-    the activation memory that checkpointing and BASIS cut. One step per entry (MemTracker would take two
-    more, which this shared CPU cannot spare)."""
+    """Bytes autograd holds for backward at the end of one training forward of the entry (parameters
+    excluded; the peak of saved tensors is reached there): the activation memory that checkpointing and
+    BASIS cut. A forward per entry instead of E2's two-step MemTracker pass, which this CPU cannot spare."""
     from chainfree.bench.cases import build_step_case, load_batch
     from chainfree.bench.memory import SavedTensorMeter
     from chainfree.training.compare import entry_configs, parse_entries
+    from chainfree.training.trainer import autocast_context
 
     entries = parse_entries(methods)
     entry = next(e for e in entries if e.label == label)
@@ -48,8 +49,10 @@ def saved_bytes(overrides: list[str], methods: str, label: str) -> int:
     batch = load_batch(cfg)
     case = build_step_case(cfg, entry.method, cfg.method_params, batch, torch.device("cpu"))
     params = list(case.model.parameters()) + list(case.model.buffers())
-    with SavedTensorMeter(params) as meter:
-        case.step()
+    x, y = case.inputs, case.targets
+    with SavedTensorMeter(params) as meter, autocast_context(cfg.train, torch.device("cpu")):
+        loss = case.model(x, y)
+    del loss
     return int(meter.peak)
 
 
@@ -67,7 +70,7 @@ def main() -> None:
 
     overrides = ['model.kind="hf"', f'model.pretrained="{args.pretrained}"', "model.seq_len=512",
                  "train.batch_size=1", f'train.dtype="{args.dtype}"', "train.lr=1e-4", "train.warmup_steps=2",
-                 "train.weight_decay=0.0", f"train.eval_every={args.steps}", "train.eval_batches=2",
+                 "train.weight_decay=0.0", f"train.eval_every={args.steps}", "train.eval_batches=1",
                  f"train.ckpt_every={args.steps}", 'train.device="cpu"', "method.c=32", "method.rank=32"]  # fmt: skip
     methods = "exact,exact+ckpt,sus,basis"
     command = f"python benchmarks/hf_finetune_cpu.py --out {args.out} --steps {args.steps} --rounds {args.rounds}"
@@ -92,10 +95,10 @@ def main() -> None:
                                   ("time_ratio", "time ratio"), ("saved_mib", "saved for backward (MiB)"),
                                   ("saved_ratio", "saved ratio")])
           + f"\n\nSUS c=32 (reference backend on CPU), BASIS R=32 (default layers), exact+ckpt = "
-          "train.activation_checkpoint=full (training/options.py, per decoder layer). Val: 2 fixed val batches "
-          "of Shakespeare (held-out plays). Saved for backward: peak bytes autograd holds during one training "
-          "step (parameters excluded; bench.memory.SavedTensorMeter). Step time: median wall time of the "
-          f"timed steps on a heavily shared 2-core CPU (noisy). Command: `{command}`; commit {commit}; "
+          "train.activation_checkpoint=full (training/options.py, per decoder layer). Val: 1 fixed val batch "
+          "of 512 tokens of Shakespeare (held-out plays). Saved for backward: bytes autograd holds at the end of "
+          "one training forward (parameters excluded; bench.memory.SavedTensorMeter). Step time: median wall time "
+          f"of the timed steps on a heavily shared 2-core CPU (noisy). Command: `{command}`; commit {commit}; "
           f"{time.perf_counter() - t0:.0f} s wall on a shared 2-core CPU.\n")  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "hf_finetune_cpu.json").write_text(json.dumps(

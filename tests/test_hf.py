@@ -287,3 +287,15 @@ def test_jackknife_ratio_matches_the_direct_estimate():
     assert var == pytest.approx(direct, rel=1e-12)
     assert ratio == pytest.approx(num.mean() / direct, rel=1e-12)
     assert 0 < se < ratio
+
+
+def test_sus_under_bf16_autocast_with_mixed_qkv_dtypes(one_thread):
+    """LLaMA's rotary embedding upcasts q and k to fp32 under autocast while v stays bf16: the attention
+    function must still run (at the autocast dtype), as in `train.dtype=bf16` runs and on CUDA."""
+    model = chainfree.apply(tiny_llama().float(), "sus", c=4, backend="reference")
+    ids = ids_for()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

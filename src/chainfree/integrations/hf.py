@@ -83,6 +83,10 @@ def attention_forward(
             f"{label} supports causal or full attention only, not padding or custom masks; "
             "train on unpadded (packed) sequences or use attn_implementation='sdpa'"
         )
+    if not (query.dtype == key.dtype == value.dtype):  # e.g. rotary embeddings upcast q, k under autocast
+        dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) \
+            else query.dtype  # fmt: skip
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = attn_fn(query, key, value, is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
