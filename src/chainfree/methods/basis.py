@@ -106,6 +106,8 @@ class BasisConfig:
 def _make_config(config: BasisConfig | dict[str, Any] | None, kwargs: dict[str, Any]) -> BasisConfig:
     from chainfree.config import build_dataclass  # config imports nothing from methods at module level
 
+    if isinstance(kwargs.get("layers"), tuple):
+        kwargs = {**kwargs, "layers": list(kwargs["layers"])}
     if isinstance(config, BasisConfig):
         return dataclasses.replace(config, **kwargs) if kwargs else config
     if config is not None and not isinstance(config, dict):
