@@ -379,6 +379,25 @@ def _plot(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], path: Path
     save_figure(fig, path)
 
 
+def merge(json_paths: list[Path], out_json: Path) -> dict[str, Any]:
+    """One result from several runs of `run` (e.g. stages run as separate processes): rows concatenated,
+    the sparsity table of the first run that measured each n, the commands and seconds of all."""
+    payloads = [json.loads(Path(p).read_text()) for p in json_paths]
+    meta = dict(payloads[0]["meta"])
+    meta["command"] = " ; ".join(p["meta"]["command"] for p in payloads)
+    meta["seconds"] = sum(p["meta"]["seconds"] for p in payloads)
+    rows = [r for p in payloads for r in p["rows"]]
+    sparsity, seen = [], set()
+    for p in payloads:
+        ns = {r["n"] for r in p["sparsity"]} - seen
+        sparsity += [r for r in p["sparsity"] if r["n"] in ns]
+        seen |= ns
+    merged = {"meta": meta, "environment": payloads[0]["environment"], "rows": rows, "sparsity": sparsity,
+              "parts": [p["meta"] for p in payloads]}
+    dump(Path(out_json), merged)
+    return merged
+
+
 def render(json_path: Path, md_path: Path, png_path: Path) -> str:
     """Markdown table and PNG from a result JSON written by `run` (e.g. to publish a copy under another name)."""
     payload = json.loads(Path(json_path).read_text())
@@ -454,4 +473,4 @@ def run(out: Path, pretrained: str, plan: Plan, device: str, command: str, threa
 
 
 __all__ = ["PLANS", "BackwardMode", "Plan", "SwitchableAttention", "SwitchableAttentionFn", "jackknife_ratio",
-           "measure", "param_group", "render", "run", "sequences", "sparsity_rows", "summarize"]
+           "measure", "merge", "param_group", "render", "run", "sequences", "sparsity_rows", "summarize"]
