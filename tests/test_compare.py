@@ -105,6 +105,17 @@ def test_no_flag_when_a_method_wins_on_one_axis() -> None:
     assert compare_rows(results)[1]["time_ratio"] == pytest.approx(0.9)
 
 
+def test_report_names_entries_without_memory_and_noisy_domination(tmp_path) -> None:
+    results = {"exact": _result(2.0, 1.0, 1000, True), "slow": _result(2.1, 1.1, 1000, False),
+               "opaque": {**_result(2.5, 2.0, 0, False), "memory": {"tracked_note": "MemTracker failed: x"}}}
+    results["slow"]["time_ratio_within_noise"] = True
+    runs = {n: [{"step": 1, "train_loss": 3.0, "val_loss": r["final_val_loss"], "tokens": 8}]
+            for n, r in results.items()}
+    md = write_compare_report(tmp_path, results, runs, "compare: constructed", unigram=3.0, rounds=2)
+    assert "slow by exact (its time ratio is within noise)" in md
+    assert "Memory not measured" in md and "opaque (MemTracker failed: x)" in md and "opaque by" not in md
+
+
 def test_compare_runs_interleaved_and_reports(tmp_path, tiny, one_thread) -> None:
     out = tmp_path / "cmp"
     md = run_compare(out, "exact,exact+ckpt", overrides=tiny(), rounds=3, progress=False)

@@ -325,8 +325,17 @@ def write_compare_report(out: Path, results: dict[str, dict[str, Any]], runs: di
     if not on_gpu:
         md += " Step times are CPU wall time: they say nothing about GPU speed."
     if dominated:
-        md += "\n\n**Dominated** (an exact baseline is at least as good on loss, step time and memory): " + "; ".join(
-            f"{m} by {', '.join(b)}" for m, b in dominated.items()) + "."
+        def why(m: str) -> str:
+            noisy_time = results[m].get("time_ratio_within_noise")
+            return f"{m} by {', '.join(dominated[m])}" + (" (its time ratio is within noise)" if noisy_time else "")
+
+        md += ("\n\n**Dominated** (an exact baseline is at least as good on loss, step time and memory): "
+               + "; ".join(why(m) for m in dominated) + ".")
+    unmeasured = {name: (r.get("memory") or {}).get("tracked_note") or (r.get("memory") or {}).get("note")
+                  for name, r in results.items() if _mem_key(r) is None}
+    if unmeasured:
+        md += ("\n\nMemory not measured (not in the frontier plot, never flagged as dominated): "
+               + "; ".join(f"{n}" + (f" ({why_not})" if why_not else "") for n, why_not in unmeasured.items()) + ".")
     noisy = [r["method"] for r in rows if r.get("noise")]
     if noisy:
         md += ("\n\nStep-time ratios **within noise** (the rounds disagree on faster vs slower): "
