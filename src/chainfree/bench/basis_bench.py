@@ -470,7 +470,9 @@ def main(argv: list[str] | None = None) -> None:
         sets = {k.strip(): _floats(v) for k, v in (item.split("=") for item in args.sets.split(";") if item.strip())}
         cases.update(basis_cases(sets, compiled))
         baseline = "exact" if args.no_compile_exact else "exact+compile"
-        title = f"BASIS frontier, GPT d={args.width} L={args.layers or 12} T={args.seq} batch {args.batch}, bf16"
+        dtype = [o.split("=", 1)[1] for o in base if o.startswith("train.dtype=")][-1]
+        title = (f"BASIS frontier, GPT d={args.width} L={args.layers or 12} T={args.seq} batch {args.batch}, {dtype}"
+                 f"{', ' + args.device.upper() if args.device == 'cpu' else ''}")
     else:
         cases = {"exact adamw": ["method.name=exact"],
                  "exact sgd": ["method.name=exact", "train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9"]}
