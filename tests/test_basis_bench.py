@@ -1,0 +1,39 @@
+"""basis_bench's case table and ratio arithmetic (the GPU runs themselves are not CI material)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from chainfree.bench.basis_bench import ALL_LINEARS, MLP_ONLY, add_ratios, baseline_cases, basis_cases
+from chainfree.config import load_config
+
+
+def test_cases_are_valid_configs():
+    cases = {**baseline_cases(True), **basis_cases({"all": [8], "all-unfused": [2], "mlp": [512]},
+                                                   ["basis all-unfused c=2"])}
+    assert list(cases) == ["exact", "exact+compile", "exact+ckpt", "exact+sac", "basis all c=8",
+                           "basis all-unfused c=2", "basis mlp c=512", "basis all-unfused c=2+compile"]
+    assert cases["basis all c=8"] == ["method.name=basis", "method.compression=8", ALL_LINEARS]
+    assert cases["basis mlp c=512"][-1] == MLP_ONLY
+    assert "train.compile=true" in cases["basis all-unfused c=2+compile"]
+    for extra in cases.values():  # every case is a config the loader accepts
+        cfg = load_config(None, ["model.kind=gpt", *extra])
+        assert cfg.method_name in ("exact", "basis")
+    with pytest.raises(SystemExit, match="unknown layer set"):
+        basis_cases({"attn": [8]}, [])
+    with pytest.raises(SystemExit, match="not one of the cases"):
+        basis_cases({"all": [8]}, ["basis all c=4"])
+
+
+def test_ratios_are_per_step_medians_and_skip_untimed_steps():
+    nan = math.nan
+    base = {"step_times_s": [9.0, nan, 1, 1, 1, 1, 1, 2, 2, 2], "val_loss": 5.0, "activation_bytes": 100}
+    other = {"step_times_s": [9.0, nan, 1, 1, 1, 1, 1, 1, 1, 4], "val_loss": 5.5, "activation_bytes": 40}
+    results = {"exact": base, "basis": other}
+    add_ratios(results, "exact")
+    # timed pairs after the first 5: (1/1, 1/2, 1/2, 4/2) -> median of [1, .5, .5, 2] = 0.75
+    assert other["time_ratio"] == pytest.approx(0.75)
+    assert base["time_ratio"] == pytest.approx(1.0)
+    assert other["delta_val"] == pytest.approx(0.5) and other["activation_ratio"] == pytest.approx(0.4)
