@@ -134,3 +134,16 @@ def test_fsdp2_refuses_a_method_with_its_own_backward():
     strategy = build_strategy("fsdp2", lbi, Launch(0, 2, 0))
     with pytest.raises(ConfigError, match="fsdp2"):
         strategy.wrap(torch.nn.Linear(2, 2), lbi, torch.device("cpu"))
+
+
+def test_a_method_owned_strategy_is_not_silently_replaced():
+    """HBLL under torchrun splits its tree across the ranks, each rank holding the whole batch; asking for
+    'ddp' instead would shard the batch under a step that does not expect it, so it is refused."""
+    hbll = build_method("hbll")
+    with pytest.raises(ConfigError, match="method.distributed=data"):
+        build_strategy("ddp", hbll, Launch(0, 2, 0))
+    data_parallel = build_method("hbll", {"distributed": "data"})
+    assert isinstance(build_strategy("ddp", data_parallel, Launch(0, 2, 0)), DataParallel)
+    lbi_region = build_method("lbi", {"distributed": "region"})
+    with pytest.raises(ConfigError, match="lbi_region"):
+        build_strategy("ddp", lbi_region, Launch(0, 2, 0))

@@ -303,6 +303,10 @@ STRATEGIES: dict[str, str] = {
 }
 
 
+# Strategies that wrap any autograd model; the others belong to a method and its step.
+GENERIC_STRATEGIES = frozenset({"single", "ddp", "fsdp2", "replicated"})
+
+
 def register_strategy(name: str, target: str) -> None:
     """Make `train.strategy = name` (or a method's `strategy()` answer) build `target` ('module:Class',
     constructed with the Launch)."""
@@ -311,7 +315,16 @@ def register_strategy(name: str, target: str) -> None:
 
 def build_strategy(requested: str, method: Method, launch: Launch) -> Strategy:
     """The strategy for this run: `requested` (train.strategy) or, for 'auto', the method's choice."""
-    name = method.strategy(launch) if requested == "auto" else requested
+    preferred = method.strategy(launch)
+    name = preferred if requested == "auto" else requested
+    if name != preferred and preferred not in GENERIC_STRATEGIES:
+        # The method's step is written for its own strategy (e.g. HBLL splits the tree's rounds across the
+        # ranks and gives each the whole batch); under another one it would train on the wrong data.
+        raise ConfigError(
+            f"train.strategy={name!r} does not fit method {getattr(method, 'name', '?')!r}, which runs as "
+            f"{preferred!r} under torchrun with these method settings; leave train.strategy=auto, or set "
+            "method.distributed=data for plain data parallelism"
+        )
     if name not in STRATEGIES:
         raise ConfigError(f"train.strategy {name!r} is unknown; choose one of auto, {', '.join(STRATEGIES)}")
     if name == "single" and launch.distributed:
