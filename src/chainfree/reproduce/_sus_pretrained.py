@@ -329,7 +329,8 @@ def _markdown(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], meta: 
         md.append("")
     if sparsity:
         n = max(r["n"] for r in sparsity)
-        cs = sorted(float(k.split("/")[1]) for k in sparsity[0] if k.startswith("above_1/"))
+        first = next(r for r in sparsity if r["n"] == n)
+        cs = sorted(float(k.split("/")[1]) for k in first if k.startswith("above_1/"))
         md += [f"## Attention sparsity at n={n}: fraction of causally visible weights above 1/c, per layer", "",
                "(entries SUS keeps with certainty; the rest carry gradient with probability c·W; kept = "
                "mean min(1, c·W), the expected share that carries gradient)", "",
