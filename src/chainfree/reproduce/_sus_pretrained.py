@@ -1,12 +1,12 @@
 """SUS backprop's variance experiment on a pretrained LLM (`chainfree reproduce sus --model smollm2`).
 
 The paper measured its headline number (about 1% more gradient variance at c ~ 25-30, n ~ 2000) on a
-pretrained OPT-125m, whose attention is much peakier than that of a small model trained for minutes.
+pretrained OPT-125m, whose attention is much peakier than that of a small model trained briefly.
 Here the model is a real pretrained transformer (default SmolLM2-135M-Instruct, LLaMA architecture,
 30 layers, 9 query / 3 KV heads) and the text is the bundled Shakespeare corpus, which the model was
 not fine-tuned on.
 
-Quantity (SPEC §2): for one minibatch b (one sequence of n tokens) let g_b be the exact gradient and
+Quantity: for one minibatch b (one sequence of n tokens) let g_b be the exact gradient and
 ĝ_b a SUS gradient with fresh masks. SUS is unbiased, so Var_total(SUS) = Var_b(g) + E‖ĝ - g‖², and
 the relative variance increase is
 
@@ -293,8 +293,8 @@ class Plan:
 
 GRID_CS = (8.0, 16.0, 32.0, 64.0)
 PLANS = {
-    # a 2-core CPU: c=32 at n=512 (minutes), then the headline cell c=32 at n=2048 (about 7 CPU-minutes per
-    # sequence), then the rest of the c grid (new sequences: a stage never reuses another stage's windows)
+    # a CPU: c=32 at n=512 (cheap), then the headline cell c=32 at n=2048 (the most expensive per sequence),
+    # then the rest of the c grid (stages of one process draw different windows)
     "small": Plan(stages=((512, (32.0,), 4), (2048, (32.0,), 4), (512, (8.0, 16.0, 64.0), 4), (1024, GRID_CS, 3),
                           (2048, (8.0, 16.0, 64.0), 3)), draws=1, autocast=True),
     "full": Plan(stages=((2048, GRID_CS, 32), (4096, GRID_CS, 24), (1024, GRID_CS, 32), (512, GRID_CS, 32)),
