@@ -2,7 +2,7 @@
 
     python benchmarks/hf_finetune_cpu.py --out runs/hf_finetune --steps 12
 
-Runs `chainfree compare` (training/compare.py: same seed and batches, interleaved rounds, memory of one
+Runs `chainfree compare` (bench/compare.py: same seed and batches, interleaved rounds, memory of one
 step per entry) on `--model hf --set model.pretrained=smollm2` at T=512, then evaluates the untouched
 pretrained model on the same val batches ("val before"), and writes one table (JSON + markdown) to
 benchmarks/results/hf_finetune_cpu.{json,md}. All entries share train.dtype (bf16 autocast matmuls on
@@ -39,8 +39,8 @@ def saved_bytes(overrides: list[str], methods: str, label: str) -> int:
     excluded; the peak of saved tensors is reached there): the activation memory that checkpointing and
     BASIS cut. A forward per entry instead of E2's two-step MemTracker pass, which this CPU cannot spare."""
     from chainfree.bench.cases import build_step_case, load_batch
+    from chainfree.bench.compare import entry_configs, parse_entries
     from chainfree.bench.memory import SavedTensorMeter
-    from chainfree.training.compare import entry_configs, parse_entries
     from chainfree.training.trainer import autocast_context
 
     entries = parse_entries(methods)
@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    from chainfree.bench.compare import run_compare
     from chainfree.bench.report import environment, markdown_table
-    from chainfree.training.compare import run_compare
 
     overrides = ['model.kind="hf"', f'model.pretrained="{args.pretrained}"', "model.seq_len=512",
                  "train.batch_size=1", f'train.dtype="{args.dtype}"', "train.lr=1e-4", "train.warmup_steps=2",

@@ -7,9 +7,7 @@ import json
 import pytest
 import torch
 
-from chainfree.bench.report import compare_rows, dominated_by, write_compare_report
-from chainfree.errors import ConfigError
-from chainfree.training.compare import (
+from chainfree.bench.compare import (
     entry_configs,
     parse_entries,
     parse_entry,
@@ -17,6 +15,8 @@ from chainfree.training.compare import (
     run_compare,
     timing_stats,
 )
+from chainfree.bench.report import compare_rows, dominated_by, write_compare_report
+from chainfree.errors import ConfigError
 
 
 def test_entries_parse_into_train_overrides() -> None:

@@ -88,7 +88,7 @@ def test_seq_longer_than_data_is_a_clear_error(tiny, tmp_path):
 
 
 def test_compare_routes_method_settings_to_the_methods_that_have_them():
-    from chainfree.training.compare import method_overrides as _method_overrides
+    from chainfree.bench.compare import method_overrides as _method_overrides
 
     sets = ["method.rank=16", "train.lr=0.01"]
     assert _method_overrides(sets, "exact", ["exact", "lbi"]) == ["train.lr=0.01"]

@@ -30,12 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # Known upward imports, each to be removed by moving code; the test fails when one disappears (so the list
 # shrinks) or a new one appears.
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    # the compare orchestration reuses the bench step cases, memory meter and report writer
-    ("chainfree.training.compare", "chainfree.bench.cases"),
-    ("chainfree.training.compare", "chainfree.bench.memory"),
-    ("chainfree.training.compare", "chainfree.bench.report"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def layer_of(module: str) -> int | None:

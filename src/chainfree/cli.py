@@ -77,7 +77,7 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option(
             device: DeviceOpt = None,
             rounds: Annotated[int, typer.Option("--rounds", help="interleaving rounds for timing")] = 4) -> None:
     """Train each method under the same seed and data, timed interleaved; one report against the exact baselines."""
-    from chainfree.training.compare import run_compare
+    from chainfree.bench.compare import run_compare
 
     md = run_compare(out, methods, config=config, overrides=list(set_ or []), model=model, steps=steps,
                      device=device, rounds=rounds, command="chainfree " + " ".join(sys.argv[1:]))

@@ -327,8 +327,8 @@ def baselines(entries: Annotated[str, typer.Option(
                   "model.n_layers=8,16,32,64")] = None) -> None:
     """Step time and memory of methods beside the exact baselines (compile, CUDA graphs, checkpointing), interleaved."""
     from chainfree.bench.cases import load_batch, resolve_device
+    from chainfree.bench.compare import entry_configs, parse_entries
     from chainfree.bench.speed import measure_entries
-    from chainfree.training.compare import entry_configs, parse_entries
 
     if rounds < 1 or steps < 1 or warmup < 0:
         raise ConfigError("--rounds and --steps must be >= 1, --warmup >= 0")

@@ -116,9 +116,9 @@ def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch
     own peak = own weights/optimizer state + gradients + activation."""
     import time
 
+    from chainfree.bench.compare import timing_stats
     from chainfree.bench.memory import case_memory
     from chainfree.bench.report import sdpa_backends
-    from chainfree.training.compare import timing_stats
 
     if baseline not in cfgs:
         raise ConfigError(f"the entries must include the baseline {baseline!r}")
