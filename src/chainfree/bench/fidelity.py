@@ -11,15 +11,15 @@ randomness (a deterministic method gives K identical ones), and report per param
                is real; `bias_corrected` = sqrt(max(0, bias² − bias_se²)) removes the noise floor.
   variance     Σ_b tr Σ̂_b / Σ_b ‖g_b‖²  (tr Σ̂_b = Σ_k ‖ĝ_bk − ḡ_b‖² / (K−1)): E‖ĝ − Eĝ‖² / ‖g‖²; `variance_se`
                is a jackknife over the K estimates of each batch.
-  variance_increase  SPEC §2: (Var_total(method) − Var_total(exact)) / Var_total(exact), variances over
-               minibatch sampling (and the method's own randomness, fresh for every estimate). With
+  variance_increase  the SUS paper's headline quantity:
+               (Var_total(method) − Var_total(exact)) / Var_total(exact), variances over minibatch sampling (and the method's own randomness, fresh for every estimate). With
                S_g = between-batch variance of g_b, S_m = that of ḡ_b, W = mean_b tr Σ̂_b (law of total
                variance, Var(ḡ_b) = Var_b(E[ĝ|b]) + W/K):
                  Var_total(exact) = S_g,   Var_total(method) = S_m − W/K + W,
                split into `variance_increase_noise` = W / S_g (the method's own sampling noise) and
                `variance_increase_bias` = (S_m − W/K − S_g) / S_g (the change of the between-batch variance of
                the mean gradient; zero in expectation for an unbiased method, so for SUS the noise term is the
-               precise estimate of the SPEC quantity and the bias term only adds estimation noise).
+               precise estimate of that quantity and the bias term only adds estimation noise).
                Standard errors: jackknife over the M batches.
 
 What "exact" means depends on what the method does to the model (`reference=`):

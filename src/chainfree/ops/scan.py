@@ -6,7 +6,7 @@ S_k = f_k ∘ f_{k+1} ∘ ... ∘ f_{K-1} come out of a parallel prefix scan in 
 O(log K)) instead of K dependent steps. With r×r matrices a round costs O(K r³) work: cheap, because the
 interface is narrow (the whole point of LBI; with dense d×d Jacobians this would be BPPSA's O(d³)).
 
-Combine order (SPEC §3, "(A₂,b₂)∘(A₁,b₁) = (A₁A₂, A₁b₂ + b₁)"): the earlier map is applied last,
+Combine order (docs/lbi.md, "(A₂,b₂)∘(A₁,b₁) = (A₁A₂, A₁b₂ + b₁)"): the earlier map is applied last,
     compose(f_earlier, f_later) = f_earlier ∘ f_later = (A_e A_l, A_e b_l + b_e).
 Matrix products do not commute, so swapping the arguments gives wrong adjoints for K >= 3; the tests check
 both the order and the sequential recursion in float64.

@@ -1,7 +1,7 @@
 """`sus_attention`: a drop-in for F.scaled_dot_product_attention whose backward is SUS backprop.
 
 The forward is exact attention; the backward keeps about `c` attention weights per query row per head
-(sampled without bias, SPEC §2), so gradients are unbiased and the backward of a kernel costs O(n·c·D).
+(sampled without bias, docs/sus.md), so gradients are unbiased and the backward of a kernel costs O(n·c·D).
 Dispatch: CUDA tensors go to the fused Triton kernel (`chainfree.ops.sus_triton`) when it is installed
 and supports the case, everything else to the pure-PyTorch reference (`sus_reference`), which defines
 the semantics; both consume the same random draws (`sus_random`), so they agree draw for draw.

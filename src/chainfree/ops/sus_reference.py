@@ -1,6 +1,6 @@
 """SUS backprop, pure-PyTorch reference: exact attention forward, sparse unbiased stochastic backward.
 
-This file defines the semantics every SUS kernel must reproduce (SPEC §2, random source in `sus_random`).
+This file defines the semantics every SUS kernel must reproduce (docs/sus.md; random source in `sus_random`).
 
 Forward (identical to exact attention, accumulated in float32, float64 for float64 inputs):
     S = Q Kᵀ·scale (+ causal mask, top-left aligned like SDPA), W = softmax(S), O = W V.

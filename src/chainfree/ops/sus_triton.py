@@ -11,7 +11,7 @@ backward replaces W by W~ (W_ij / q_ij kept with probability q_ij = min(1, c W_i
 appears explicitly; D_i = dO_i . O_i stays exact. Given the same seed this kernel draws the same u_ij
 as the reference, so kept sets agree except where u_ij and q_ij differ by float32 rounding of W.
 
-Design (SPEC §2 option (b): the backward recomputes S once):
+Design (the backward recomputes S once, docs/sus_kernel.md):
 - Forward (`_fwd_kernel`): flash attention, tiles of BM query rows x BN keys, online softmax in fp32,
   tensor-core QK^T and PV with fp32 accumulation. Saves Q, K, V, O and LSE [B*H, n] (fp32, natural
   log): O(n D) memory, no n x n tensor. Output equals SDPA to bf16/fp16 rounding.

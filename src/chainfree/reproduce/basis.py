@@ -1,4 +1,4 @@
-"""Reproduce the BASIS paper's rank sweep (SPEC §1) on our corpus and tokenizer.
+"""Reproduce the BASIS paper's rank sweep on our corpus and tokenizer.
 
 Paper setup: pre-LN GPT, T = 64, d = 64, 2 heads, 2 layers, batch 1, SGD lr 0.01 momentum 0.9,
 50k steps, GPT-2 BPE (vocab 50257) on a fineweb-edu sample; exact vs R in {64, 32, 16, 8, 1}.
@@ -22,7 +22,7 @@ from chainfree.bench.report import markdown_table, write_result
 from chainfree.config import load_config
 from chainfree.logging import plot_losses, read_metrics
 
-# Val losses from the paper (SPEC §1), GPT-2 BPE on fineweb-edu after 50k steps.
+# Val losses from the paper, GPT-2 BPE on fineweb-edu after 50k steps.
 PAPER_VAL_LOSS: dict[str, float] = {"exact": 6.617, "R=64": 6.573, "R=32": 6.576, "R=16": 6.675, "R=8": 6.762,
                                     "R=1": 7.222}
 RANKS = (64, 32, 16, 8, 1)

@@ -1,4 +1,4 @@
-"""Reproduce SUS backprop's claim (SPEC §2) on our corpus: variance cost vs c and n, and training with SUS.
+"""Reproduce SUS backprop's claim on our corpus: variance cost vs c and n, and training with SUS.
 
 Paper (arXiv 2505.15080, abstract): cutting ~99% of the attention gradient flow (c ~ 25-30) raises the
 relative gradient variance by ~1% at n ~ 2000, and less for longer n (measured on pretrained OPT-125m).
@@ -8,7 +8,7 @@ Ours, three phases, each writing its results before the next starts (a run cut s
    below is in-distribution for its positions);
 2. variance: at that checkpoint, for every n in `ns` and c in `cs`, `chainfree.bench.fidelity` compares
    SUS gradients with exact ones on the same M single-sequence minibatches (K SUS draws each, fp32, the
-   reference semantics). The reported quantity is SPEC's relative variance increase,
+   reference semantics). The reported quantity is the paper's relative variance increase,
    (Var_total(SUS) - Var_total(exact)) / Var_total(exact) over minibatch sampling, read from its precise
    form `variance_increase_noise` = E‖ĝ - g‖² / Var_b(g) (SUS is unbiased, so the between-batch term is
    zero in expectation), with a jackknife standard error over the M minibatches. Also per parameter kind,
@@ -226,7 +226,7 @@ def variance_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         kept_lines.append(f"| {c} | " + " | ".join(cells) + " |")
     sys_rows = [r for r in rows if r["variant"] == "systematic"]
     md = (
-        f"## Relative gradient variance increase of SUS (Bernoulli, SPEC default)\n\n"
+        f"## Relative gradient variance increase of SUS (Bernoulli, the default rule)\n\n"
         f"Model: {meta['model']}; exact pretraining {meta['pretrain_steps']} steps, final val loss "
         f"{meta['pretrain_val_loss']:.4f}. Per (n, c): M={meta['batches']} single-sequence minibatches of the "
         f"train split, K={meta['draws']} SUS draws each, fp32. Cell: 100·E‖ĝ−g‖²/Var_b(g) ± jackknife SE.\n\n"
