@@ -12,7 +12,8 @@ randomness (a deterministic method gives K identical ones), and report per param
   variance     Σ_b tr Σ̂_b / Σ_b ‖g_b‖²  (tr Σ̂_b = Σ_k ‖ĝ_bk − ḡ_b‖² / (K−1)): E‖ĝ − Eĝ‖² / ‖g‖²; `variance_se`
                is a jackknife over the K estimates of each batch.
   variance_increase  the SUS paper's headline quantity:
-               (Var_total(method) − Var_total(exact)) / Var_total(exact), variances over minibatch sampling (and the method's own randomness, fresh for every estimate). With
+               (Var_total(method) − Var_total(exact)) / Var_total(exact), variances over minibatch sampling
+               (and the method's own randomness, fresh for every estimate). With
                S_g = between-batch variance of g_b, S_m = that of ḡ_b, W = mean_b tr Σ̂_b (law of total
                variance, Var(ḡ_b) = Var_b(E[ĝ|b]) + W/K):
                  Var_total(exact) = S_g,   Var_total(method) = S_m − W/K + W,
