@@ -77,7 +77,8 @@ class _Saved:
         self.tensor = tensor
 
 
-def _bytes(tensors) -> int:
+def unique_storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and tied weights counted once)."""
     seen, total = set(), 0
     for t in tensors:
         key = t.untyped_storage().data_ptr()
@@ -94,9 +95,9 @@ def case_memory(case: StepCase, warmup: int = 1, saved_meter: bool = True) -> di
         case.step()
     params = list(case.model.parameters())
     row: dict[str, Any] = {
-        "weight_bytes": _bytes(params),
+        "weight_bytes": unique_storage_bytes(params),
         "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-        "optimizer_bytes": _bytes(t for s in case.optimizer.state.values() for t in s.values()
+        "optimizer_bytes": unique_storage_bytes(t for s in case.optimizer.state.values() for t in s.values()
                                   if torch.is_tensor(t) and t.numel() > 1),
     }
     if not saved_meter:
@@ -145,7 +146,7 @@ def tracked_step_memory(case: StepCase, grad_bytes: int) -> dict[str, Any]:
         return {"peak_bytes": None, "tracked_note": f"MemTracker failed: {str(e).splitlines()[0][:160]}"}
     peak = max((int(v.get("Total", 0)) for v in snap.values()), default=0)
     params = list(case.model.parameters())
-    static = _bytes(params) + _bytes(case.model.buffers()) + _bytes(
+    static = unique_storage_bytes(params) + unique_storage_bytes(case.model.buffers()) + unique_storage_bytes(
         t for s in case.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return {"peak_bytes": peak, "static_bytes": static, "activation_bytes": peak - static - grad_bytes,
             "memory_source": "torch MemTracker"}

@@ -72,15 +72,10 @@ SPEED_COLUMNS = {
 
 def _own_static_bytes(case: StepCase) -> int:
     """Weights, buffers and optimizer state of one case (unique storages)."""
-    seen, total = set(), 0
-    tensors = [*case.model.parameters(), *case.model.buffers(),
-               *(t for s in case.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    from chainfree.bench.memory import unique_storage_bytes
+
+    return unique_storage_bytes([*case.model.parameters(), *case.model.buffers(),
+                                 *(t for s in case.optimizer.state.values() for t in s.values() if torch.is_tensor(t))])
 
 
 def _timed_steps(case: StepCase, n: int, device: torch.device) -> list[float]:
