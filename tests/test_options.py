@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chainfree.config import ModelConfig
+from chainfree.config import ModelConfig, TrainConfig
 from chainfree.errors import ConfigError
 from chainfree.models.lm import LanguageModel
 from chainfree.training.options import (
@@ -215,3 +215,33 @@ def test_compile_runs_on_cpu_and_matches_eager(one_thread) -> None:
     for n in g_e:
         torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-4, atol=1e-5, msg=n)
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+
+
+def test_compile_scope_blocks_compiles_each_block_and_matches_eager(one_thread) -> None:
+    from chainfree.training.options import apply_train_options
+
+    pytest.importorskip("torch._dynamo")
+    torch._dynamo.reset()
+    cfg = ModelConfig(vocab_size=61, seq_len=16, d_model=16, n_layers=2, n_heads=2)
+    torch.manual_seed(0)
+    eager = LanguageModel(cfg)
+    torch.manual_seed(0)
+    compiled = LanguageModel(cfg)
+    done = apply_train_options(compiled, TrainConfig(compile=True, compile_scope="blocks"))
+    assert done["compiled_modules"] == 2 and done["compile_scope"] == "blocks"
+    x, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    loss_e, g_e = _grads(eager, x, y)
+    loss_c, g_c = _grads(compiled, x, y)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for n in g_e:
+        torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_compile_scope_model_is_refused_for_a_method_that_runs_blocks_itself() -> None:
+    from chainfree.training.options import apply_train_options
+
+    model = LanguageModel(ModelConfig(vocab_size=61, seq_len=16, d_model=16, n_layers=1, n_heads=2))
+    with pytest.raises(ConfigError, match="compile_scope='model'"):
+        apply_train_options(model, TrainConfig(compile=True, compile_scope="model"), uses_autograd_step=False)
+    with pytest.raises(ConfigError, match="train.compile_scope"):
+        TrainConfig(compile_scope="layers").validate()

@@ -207,7 +207,7 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default():
 
     current = load_config().to_dict()
     old = {section: dict(values) for section, values in current.items()}
-    for key in ("compile", "compile_mode", "activation_checkpoint", "grad_accum", "strategy"):
+    for key in ("compile", "compile_mode", "compile_scope", "activation_checkpoint", "grad_accum", "strategy"):
         del old["train"][key]
     assert config_diff(old, current) == []
     changed = load_config(overrides=["train.grad_accum=2"]).to_dict()

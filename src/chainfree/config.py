@@ -191,6 +191,9 @@ class TrainConfig:
     # exact-baseline options that compose with every method
     compile: bool = False  # torch.compile the model (or its blocks when the method runs blocks itself)
     compile_mode: str = "default"  # any torch.compile mode: default | reduce-overhead | max-autotune | ...
+    # what is compiled: 'auto' = the whole model when the method's step is autograd through model(x, y), else
+    # each block; 'blocks' = each residual block on its own (one compilation shared by identical blocks)
+    compile_scope: str = "auto"  # auto | model | blocks
     activation_checkpoint: str = "none"  # none | full (per block, non-reentrant) | selective (save matmuls)
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the effective (global) batch
     # how the step is distributed over the ranks of a torchrun launch; 'auto' = the method's choice
@@ -207,6 +210,8 @@ class TrainConfig:
         _check(self.dtype in ("auto", "bf16", "fp32", "fp64"), "train.dtype", "must be auto|bf16|fp32|fp64")
         _check(bool(self.compile_mode.strip()), "train.compile_mode",
                "must name a torch.compile mode, e.g. 'default', 'reduce-overhead' or 'max-autotune'")
+        _check(self.compile_scope in ("auto", "model", "blocks"), "train.compile_scope",
+               f"must be auto|model|blocks, got {self.compile_scope!r}")
         _check(self.activation_checkpoint in CHECKPOINT_MODES, "train.activation_checkpoint",
                f"must be one of {'|'.join(CHECKPOINT_MODES)}, got {self.activation_checkpoint!r}")
         _check(self.batch_size % self.grad_accum == 0, "train.grad_accum",

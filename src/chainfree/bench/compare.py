@@ -8,6 +8,7 @@ more entry beside the methods: ``exact,exact+ckpt,exact+sac,exact+compile,basis,
   ``+compile``     train.compile = true (torch.compile, default mode)
   ``+cudagraphs``  train.compile = true, compile_mode = reduce-overhead (CUDA graphs)
   ``+autotune``    train.compile = true, compile_mode = max-autotune
+  ``+blocks``      train.compile_scope = blocks (with a compile suffix: each block compiled on its own)
   ``+accumK``      train.grad_accum = K (same effective batch in K micro-batches)
 
 Timing is interleaved: the run is cut into `rounds` equal spans of steps and every method trains one span
@@ -43,6 +44,7 @@ SUFFIXES: dict[str, list[str]] = {
     "compile": ["train.compile=true"],
     "cudagraphs": ["train.compile=true", 'train.compile_mode="reduce-overhead"'],
     "autotune": ["train.compile=true", 'train.compile_mode="max-autotune"'],
+    "blocks": ['train.compile_scope="blocks"'],
 }
 _ACCUM = re.compile(r"accum(\d+)$")
 BASELINE = "exact"

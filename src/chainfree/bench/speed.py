@@ -122,7 +122,8 @@ def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch
     failed: list[dict[str, Any]] = []
     for label, cfg in cfgs.items():
         t0 = time.perf_counter()
-        options = {k: getattr(cfg.train, k) for k in ("compile", "compile_mode", "activation_checkpoint", "grad_accum")}
+        options = {k: getattr(cfg.train, k) for k in ("compile", "compile_mode", "compile_scope",
+                                                        "activation_checkpoint", "grad_accum")}
         try:
             case = build_step_case(cfg, cfg.method_name, cfg.method_params, batch, device)
             for _ in range(warmup):
@@ -140,6 +141,7 @@ def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch
         cases[label] = case
         rows[label] = {"method": label, "params": cfg.method_params, "warmup_s": time.perf_counter() - t0,
                        "options": options}
+        print(f"  {label}: built and warmed up in {rows[label]['warmup_s']:.1f} s", flush=True)
     times: dict[str, list[float]] = {label: [] for label in cases}
     labels = list(cases)
     for r in range(rounds):

@@ -18,7 +18,9 @@ These are what a practitioner already has, so every method is measured against t
   without renaming parameters) with a configurable mode: ``"default"``, ``"reduce-overhead"`` (CUDA
   graphs), ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``. The whole model when the method's step
   is plain autograd through ``model(x, y)``; otherwise each block (a method that runs blocks itself, such
-  as HBLL or LBI, still gets compiled blocks).
+  as HBLL or LBI, still gets compiled blocks). ``train.compile_scope = "blocks"`` asks for per-block
+  compilation for any method, as torchtitan does for deep models: identical blocks share one compiled
+  graph, so compile time no longer grows with depth.
 * `compile_step_begin(mode)` -- marks the start of a training step for CUDA-graph modes, so the graphs
   of the previous step may be overwritten.
 """
@@ -190,14 +192,21 @@ def compile_step_begin(mode: str) -> None:
 
 
 def apply_train_options(model: nn.Module, train: Any, uses_autograd_step: bool = True) -> dict[str, Any]:
-    """Apply the `train.activation_checkpoint` / `train.compile` / `train.compile_mode` settings of a
-    TrainConfig (read with defaults, so a config without them means none/off); returns what was done."""
+    """Apply the `train.activation_checkpoint` / `train.compile` / `train.compile_mode` / `train.compile_scope`
+    settings of a TrainConfig (read with defaults, so a config without them means none/off); returns what was
+    done. Scope 'model' on a method that runs blocks itself is refused: its step never calls model.forward."""
     ac = getattr(train, "activation_checkpoint", "none")
     compiled = bool(getattr(train, "compile", False))
     mode = getattr(train, "compile_mode", "default")
+    scope = getattr(train, "compile_scope", "auto")
+    if compiled and scope == "model" and not uses_autograd_step:
+        raise ConfigError("train.compile_scope='model': this method runs the model's blocks itself, so a compiled "
+                          "model.forward would never run; use 'blocks' or 'auto'")
+    whole = uses_autograd_step if scope == "auto" else scope == "model"
     done: dict[str, Any] = {"activation_checkpoint": ac,
                             "checkpointed_blocks": apply_activation_checkpointing(model, ac)}
     if compiled:
-        done["compiled_modules"] = compile_model(model, mode, whole_model=uses_autograd_step)
+        done["compiled_modules"] = compile_model(model, mode, whole_model=whole)
         done["compile_mode"] = mode
+        done["compile_scope"] = "model" if whole else "blocks"
     return done
