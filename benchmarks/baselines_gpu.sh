@@ -33,7 +33,7 @@ bl() {  # time limit (s), then the bench baselines arguments
 GPT2S="--model gpt --set model.d_model=768 --set model.n_layers=12 --set model.n_heads=12 --set model.seq_len=1024
   --set train.batch_size=16"
 case ",$PARTS," in *,gpt2s,*)
-  bl 250 $GPT2S --entries "exact,exact+compile,exact+cudagraphs,exact+ckpt,exact+sac,basis" \
+  bl "${GPT2S_LIMIT:-270}" $GPT2S --entries "exact,exact+compile,exact+cudagraphs,exact+ckpt,exact+sac,exact+sac+compile,basis" \
     --set method.rank="$BASIS_RANK" --rounds 5 --steps 4 --warmup 3 --name baselines_gpt2small_cuda ;;
 esac
 case ",$PARTS," in *,d2048,*)
@@ -43,17 +43,19 @@ case ",$PARTS," in *,d2048,*)
     --rounds 4 --steps 3 --warmup 2 --name baselines_gpt_d2048_cuda ;;
 esac
 # HBLL (and LBI) depth sweep at the scale of docs/hbll.md (d=256, batch 16 x 128, BPE 4096): exact eager and
-# compiled with CUDA graphs (train.compile, mode reduce-overhead: the launch-bound baseline). Whole-model compilation
-# of the 64-layer model plus the HBLL and LBI builds did not finish in 150 s on an H200: give this part >= 300 s.
+# compiled per block (train.compile_scope=blocks: identical blocks share one compilation, so compile time does not
+# grow with depth), without and with CUDA graphs (reduce-overhead: the launch-bound baseline), HBLL eager and with
+# compiled blocks, LBI. Whole-model compilation of the 64-layer model did not finish in 150 s on an H200.
 case ",$PARTS," in *,hbll,*)
-  bl "${HBLL_LIMIT:-400}" --model gpt --set model.d_model=256 --set model.n_heads=4 --set model.seq_len=128 \
-    --set train.batch_size=16 --entries "exact,exact+cudagraphs,hbll,lbi" \
+  bl "${HBLL_LIMIT:-330}" --model gpt --set model.d_model=256 --set model.n_heads=4 --set model.seq_len=128 \
+    --set train.batch_size=16 --entries "exact,exact+compile+blocks,exact+cudagraphs+blocks,hbll,hbll+compile,lbi" \
     --sweep model.n_layers="${HBLL_DEPTHS:-8,16,32,64}" --rounds 5 --steps 5 --warmup 3 \
     --name baselines_hbll_lbi_depth_cuda ;;
 esac
 # LBI single-GPU step vs dense exact, eager and compiled (gpt-small preset: d=512, 6 layers, T=1024)
 case ",$PARTS," in *,lbi,*)
-  bl 100 --config gpt-small --set data.bpe_vocab_size=4096 --set train.batch_size=16 \
-    --entries "exact,exact+compile,lbi" --rounds 5 --steps 4 --warmup 3 --name baselines_lbi_cuda ;;
+  bl "${LBI_LIMIT:-150}" --config gpt-small --set data.bpe_vocab_size=4096 --set train.batch_size=16 \
+    --entries "exact,exact+compile,exact+cudagraphs,lbi,lbi+compile" --rounds 5 --steps 4 --warmup 3 \
+    --name baselines_lbi_cuda ;;
 esac
 ls -la "$OUT"
