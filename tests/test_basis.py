@@ -462,3 +462,23 @@ def test_fused_mlp_same_draw_per_layer_and_unbiased(monkeypatch):
     assert torch.equal(down_fwd.shifts, down_bwd.shifts) and torch.equal(down_fwd.signs, down_bwd.signs)
     _assert_unbiased(torch.stack(samples["up"]), ref.up.weight.grad)
     _assert_unbiased(torch.stack(samples["down"]), ref.down.weight.grad)
+
+
+def test_sketch_custom_op_outputs_never_alias_inputs_or_each_other(monkeypatch):
+    """The fused kernel packs stats, column sums and a split sketch into one buffer; under torch.compile the
+    custom op must still return separate tensors (torch refuses aliased custom-op outputs at run time)."""
+    import chainfree.ops.basis_sketch as bs
+
+    def packed(m, sign_bits, shift_bits, rank, with_colsum):  # the kernel's split-case layout
+        n_col = m.shape[1] if with_colsum else 0
+        buf = torch.zeros(2 + n_col + rank * m.shape[1])
+        return buf[2 + n_col:].view(rank, m.shape[1]), buf[:2], buf[2:2 + n_col]
+
+    monkeypatch.setattr(bs, "_sketch_impl", packed)
+    m = torch.randn(8, 3)
+    bits = torch.zeros(1, dtype=torch.int32)
+    for with_colsum in (True, False):
+        sk, stats, colsum = torch.ops.chainfree.basis_sketch(m, bits, bits, 4, with_colsum)
+        ptrs = [t.untyped_storage().data_ptr() for t in (sk, stats) + ((colsum,) if with_colsum else ())]
+        assert len(set(ptrs)) == len(ptrs) and m.untyped_storage().data_ptr() not in ptrs
+        assert sk.shape == (4, 3) and stats.shape == (2,) and colsum.shape == ((3,) if with_colsum else (0,))

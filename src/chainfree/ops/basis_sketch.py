@@ -176,7 +176,23 @@ def _sketch_op(
     m: torch.Tensor, sign_bits: torch.Tensor, shift_bits: torch.Tensor, rank: int, with_colsum: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sk, stats, colsum = _sketch_impl(m, sign_bits, shift_bits, rank, with_colsum)
-    return sk.to(m.dtype), stats, colsum  # one output dtype for the compiler
+    # one output dtype for the compiler; a custom op's outputs may not alias its inputs or each other (the
+    # kernel packs stats, column sums and a split sketch into one buffer): copy whatever shares storage
+    return _unaliased([m], [sk.to(m.dtype), stats, colsum])
+
+
+def _unaliased(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """`outputs`, each cloned if its storage is also an input's or an earlier output's."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    fresh = []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        fresh.append(t)
+    return tuple(fresh)
 
 
 @_sketch_op.register_fake
