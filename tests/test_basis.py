@@ -469,7 +469,7 @@ def test_sketch_custom_op_outputs_never_alias_inputs_or_each_other(monkeypatch):
     custom op must still return separate tensors (torch refuses aliased custom-op outputs at run time)."""
     import chainfree.ops.basis_sketch as bs
 
-    def packed(m, sign_bits, shift_bits, rank, with_colsum):  # the kernel's split-case layout
+    def packed(m, sign_bits, shift_bits, rank, with_colsum):  # one buffer, the sketch after stats: misaligned
         n_col = m.shape[1] if with_colsum else 0
         buf = torch.zeros(2 + n_col + rank * m.shape[1])
         return buf[2 + n_col:].view(rank, m.shape[1]), buf[:2], buf[2:2 + n_col]
@@ -481,4 +481,5 @@ def test_sketch_custom_op_outputs_never_alias_inputs_or_each_other(monkeypatch):
         sk, stats, colsum = torch.ops.chainfree.basis_sketch(m, bits, bits, 4, with_colsum)
         ptrs = [t.untyped_storage().data_ptr() for t in (sk, stats) + ((colsum,) if with_colsum else ())]
         assert len(set(ptrs)) == len(ptrs) and m.untyped_storage().data_ptr() not in ptrs
+        assert all(t.storage_offset() * t.element_size() % 16 == 0 for t in (sk, stats, colsum))
         assert sk.shape == (4, 3) and stats.shape == (2,) and colsum.shape == ((3,) if with_colsum else (0,))

@@ -171,6 +171,9 @@ def baseline_cases(compile_exact: bool) -> dict[str, list[str]]:
         cases["exact+compile"] = ["method.name=exact", "train.compile=true"]
     cases["exact+ckpt"] = ["method.name=exact", "train.activation_checkpoint=full"]
     cases["exact+sac"] = ["method.name=exact", "train.activation_checkpoint=selective"]
+    if compile_exact:  # checkpointing compiled: the strongest memory-saving exact baselines
+        cases["exact+ckpt+compile"] = [*cases["exact+ckpt"], "train.compile=true"]
+        cases["exact+sac+compile"] = [*cases["exact+sac"], "train.compile=true"]
     return cases
 
 

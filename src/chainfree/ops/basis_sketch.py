@@ -176,18 +176,20 @@ def _sketch_op(
     m: torch.Tensor, sign_bits: torch.Tensor, shift_bits: torch.Tensor, rank: int, with_colsum: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sk, stats, colsum = _sketch_impl(m, sign_bits, shift_bits, rank, with_colsum)
-    # one output dtype for the compiler; a custom op's outputs may not alias its inputs or each other (the
-    # kernel packs stats, column sums and a split sketch into one buffer): copy whatever shares storage
+    # one output dtype for the compiler; a custom op's outputs may not alias its inputs or each other, and
+    # inductor assumes they are 16-byte aligned (the kernel packs stats, column sums and a split sketch into
+    # one buffer): copy whatever shares storage or starts off alignment
     return _unaliased([m], [sk.to(m.dtype), stats, colsum])
 
 
 def _unaliased(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """`outputs`, each cloned if its storage is also an input's or an earlier output's."""
+    """`outputs`, each cloned if its storage is also an input's or an earlier output's, or if it does not start
+    on a 16-byte boundary (a compiled graph reads custom-op outputs with aligned vector loads)."""
     seen = {t.untyped_storage().data_ptr() for t in inputs}
     fresh = []
     for t in outputs:
         ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
+        if ptr in seen or (t.storage_offset() * t.element_size()) % 16:
             t = t.clone()
             ptr = t.untyped_storage().data_ptr()
         seen.add(ptr)

@@ -117,9 +117,10 @@ def sketch_triton(
     splits = triton.cdiv(groups, groups_per_split)
     partial = splits > 1
     n_col = width if with_colsum else 0
-    buf = torch.zeros(2 + n_col + (rank * width if partial else 0), device=m.device, dtype=torch.float32)
-    stats, colsum = buf[:2], buf[2:2 + n_col]
-    sk = buf[2 + n_col:].view(rank, width) if partial else m.new_empty(rank, width)
+    n_sk = rank * width if partial else 0  # the split sketch first: offset 0 keeps it 16-byte aligned
+    buf = torch.zeros(n_sk + 2 + n_col, device=m.device, dtype=torch.float32)
+    stats, colsum = buf[n_sk:n_sk + 2], buf[n_sk + 2:n_sk + 2 + n_col]
+    sk = buf[:n_sk].view(rank, width) if partial else m.new_empty(rank, width)
     _group_shift_sketch_kernel[(n_r, n_c, splits)](
         m, sign_bits, shift_bits, sk, stats, colsum if with_colsum else buf,
         rows, width, rank, groups, groups_per_split, m.stride(0),
