@@ -369,9 +369,58 @@ for seed, (B, H, Hkv, n, D, causal, rows) in enumerate(cases):
             if c == 1e300:  # every nonzero weight kept: the backward is exact attention backprop
                 err = max((a - b).abs().max().item() for a, b in zip(got, want))
                 worst["backward"] = max(worst["backward"], err)
+# The ops the reference relies on, now on every thread at once (each thread gets a chunk of >= 2048): after the
+# reference's one-thread warm-up the process's VML exp/log must be exact in float64 and float32 (issue 22).
+import numpy as np
+x = torch.rand(4096 * int(sys.argv[1]), dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 10 + 0.1
+worst["vml"] = 0.0
+for dtype, ulp in ((torch.float64, 2.0**-52), (torch.float32, 2.0**-23)):
+    xd = x.to(dtype)
+    for f, nf, arg in ((torch.exp, np.exp, -xd), (torch.log, np.log, xd)):
+        want_f = torch.from_numpy(nf(arg.double().numpy()))
+        rel = ((f(arg).double() - want_f).abs() / want_f.abs().clamp(min=1.0)).max().item() / ulp
+        worst["vml"] = max(worst["vml"], rel)  # in ulps; MKL's HA kernels are within ~1, the EP ones ~10^7 off
 worst["digest"] = digest.hexdigest()
 print(json.dumps(worst))
 """
+
+
+def test_vml_dispatch_resolved_on_one_thread_before_first_parallel_exp_log(monkeypatch):
+    """Issue 22: oneMKL 2024.2 resolves each VML function's kernel on its first call, and a first call running
+    on several OpenMP threads at once can give one thread's chunk the low-accuracy AVX2 'EP' exp (~1e-9 relative
+    in float64; pytorch/pytorch#188792). In a fresh process the forward's exp was that first call. So the
+    reference's first exp and log of each float dtype must be a 1-element call (it runs on one thread), before
+    any sized one. Checked here as if in a fresh process (flag reset); the race itself: the fresh-process tests."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chainfree.ops import sus_reference
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.exp, torch.ops.aten.log):
+                calls.append((func.overloadpacket.__name__, args[0].dtype, args[0].numel()))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(sus_reference, "_VML_RESOLVED", False, raising=False)
+    for dtype in (torch.float64, torch.float32):
+        q, k, v = qkv(1, 2, 2, 96, 16, dtype)
+        with Record():
+            out = sus_attention(q, k, v, c=10**6, is_causal=True)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    first = {}
+    for name, dt, numel in calls:
+        first.setdefault((name, dt), numel)
+    assert {("exp", torch.float64), ("log", torch.float64), ("exp", torch.float32), ("log", torch.float32)} <= set(
+        first
+    ), first
+    assert all(numel == 1 for numel in first.values()), f"first exp/log per dtype not 1-element: {first}"
+    assert max(numel for _, _, numel in calls) >= 2048  # the sized calls that follow are parallel (grain 2048)
+    calls.clear()
+    with Record():  # once resolved, no further warm-up calls
+        sus_attention(q, k, v, c=10**6, is_causal=True)
+    assert all(numel > 1 for _, _, numel in calls), calls
 
 
 def _fresh_process_errors(runs: int, threads: int = 2) -> list[dict[str, float]]:
@@ -402,16 +451,25 @@ def _fresh_process_errors(runs: int, threads: int = 2) -> list[dict[str, float]]
 FRESH_TOL = 1e-12
 
 
+VML_ULP_TOL = 4.0  # ulps, for the VML probe
+
+
+def _exact(e: dict[str, float]) -> bool:
+    return e["forward"] < FRESH_TOL and e["backward"] < FRESH_TOL and e["vml"] < VML_ULP_TOL
+
+
 def test_float64_forward_and_huge_c_backward_exact_in_fresh_processes():
     errors = _fresh_process_errors(2)
     for worst in errors:
-        assert worst["forward"] < FRESH_TOL and worst["backward"] < FRESH_TOL, worst
+        assert _exact(worst), worst
 
 
+# Issue 22's race hit ~1 process in 40-60 before the fix: in 60 at 2 threads (the report: 2 of 60) and at 8
+# threads (oversubscribed 2-core box: 1 of 60 with the reported script, deviation 7.8e-10).
 @pytest.mark.slow
-@pytest.mark.parametrize("threads", [2, 1])
+@pytest.mark.parametrize("threads", [2, 8, 1])
 def test_float64_exactness_stress_many_fresh_processes(threads):
-    errors = _fresh_process_errors(60 if threads == 2 else 20, threads)
-    bad = [e for e in errors if not (e["forward"] < FRESH_TOL and e["backward"] < FRESH_TOL)]
+    errors = _fresh_process_errors(20 if threads == 1 else 60, threads)
+    bad = [e for e in errors if not _exact(e)]
     kinds = len({e["digest"] for e in errors})  # bitwise variants (rounding-level ones are allowed, not errors)
     assert not bad, f"{len(bad)} of {len(errors)} fresh processes not exact ({kinds} bitwise variants): {bad[:3]}"

@@ -36,6 +36,7 @@ GQA: query head h reads kv head h // (H / H_kv) (SDPA's `enable_gqa` convention)
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,34 @@ VARIANTS = ("bernoulli", "systematic", "thinned")
 TILE = 64  # key tile of the 'thinned' variant's running normaliser (the kernel's forward tile width)
 BLOCK_ENTRIES = 2**21  # target number of score entries per query block (about 8 MB in float32)
 SYSTEMATIC_COLUMN = MASK32  # the hash column of the one per-row uniform of the systematic variant
+
+
+_VML_LOCK = threading.Lock()
+_VML_RESOLVED = False  # set once the process's oneMKL VML exp/log dispatch has been resolved on one thread
+
+
+def _resolve_vml_dispatch() -> None:
+    """Resolve oneMKL VML's exp/log kernel dispatch on one thread, once per process, before any parallel use.
+
+    ATen runs torch.exp / torch.log on contiguous CPU float tensors through MKL VML (vmdExp/vmsExp, vmdLn/vmsLn,
+    accuracy mode HA), one call per OpenMP thread on its chunk. oneMKL 2024.2 (linked by our torch 2.13 CPU build)
+    picks each function's kernel lazily on its first call, and when that first call runs on several threads at
+    once, one thread can run a low-accuracy kernel (the AVX2 'EP' one, ~1e-9 relative error in float64) for its
+    whole chunk of that one call (pytorch/pytorch#188792; the same warm-up is proposed upstream in PR #188791).
+    In a fresh process the forward's exp is often that first call, so a few processes in a hundred got
+    a float64 output off by ~1e-9 (issue 22). 1-element calls run on the calling thread alone and settle the
+    dispatch, after which concurrent calls are exact. Bitwise no-op otherwise; costs four tiny ops per process.
+    """
+    global _VML_RESOLVED
+    if _VML_RESOLVED or torch.compiler.is_compiling():  # compiled code: inductor's own kernels, no VML
+        return
+    with _VML_LOCK:
+        if not _VML_RESOLVED:
+            for dtype in (torch.float32, torch.float64):
+                one = torch.ones(1, dtype=dtype, device="cpu")
+                torch.exp(one)
+                torch.log(one)
+            _VML_RESOLVED = True
 
 
 @dataclass
@@ -214,6 +243,8 @@ class SusAttentionFunction(torch.autograd.Function):
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
         cdt = compute_dtype(q.dtype)
+        if q.device.type == "cpu":
+            _resolve_vml_dispatch()  # before the first parallel exp/log (see there)
         kc, vc = k.to(cdt), v.to(cdt)
         out = torch.empty(B, H, n_q, v.shape[-1], dtype=cdt, device=q.device)
         lse = torch.empty(B, H, n_q, 1, dtype=cdt, device=q.device)
@@ -240,6 +271,8 @@ class SusAttentionFunction(torch.autograd.Function):
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
         cdt = out.dtype
+        if q.device.type == "cpu":
+            _resolve_vml_dispatch()
         kc, vc = k.to(cdt), v.to(cdt)
         go = grad_out.to(cdt)
         dq = torch.empty(B, H, n_q, D, dtype=cdt, device=q.device)
