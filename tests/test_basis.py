@@ -483,3 +483,23 @@ def test_sketch_custom_op_outputs_never_alias_inputs_or_each_other(monkeypatch):
         assert len(set(ptrs)) == len(ptrs) and m.untyped_storage().data_ptr() not in ptrs
         assert all(t.storage_offset() * t.element_size() % 16 == 0 for t in (sk, stats, colsum))
         assert sk.shape == (4, 3) and stats.shape == (2,) and colsum.shape == ((3,) if with_colsum else (0,))
+
+
+def test_two_compiled_basis_models_with_different_compression_in_one_process(one_thread):
+    """torch.compile of the same block code with compression 2 and then 8 must specialise on the value (a
+    symbolic compression reaches randint's size and dynamo refuses it)."""
+    from chainfree.bench.basis_bench import seeded_model
+    from chainfree.config import load_config
+    from chainfree.methods import method_from_config
+    from chainfree.training import Trainer
+
+    torch._dynamo.reset()
+    x = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    for compression in (2, 8):
+        cfg = load_config(None, ["model.kind=gpt", "model.d_model=16", "model.n_layers=1", "model.n_heads=2",
+                                 "model.seq_len=16", "model.vocab_size=64", "train.batch_size=4", "train.device=cpu",
+                                 "train.dtype=fp32", "method.name=basis", f"method.compression={compression}",
+                                 "method.layers=*.mlp.*,*.attn.*_proj", "method.fuse_mlp=false", "train.compile=true"])
+        trainer = Trainer(cfg.train, method_from_config(cfg), device=torch.device("cpu"))
+        state = trainer.setup(seeded_model(cfg, torch.device("cpu")))
+        assert math.isfinite(trainer.train_step(state, (x[:, :-1], x[:, 1:])).loss)

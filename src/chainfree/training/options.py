@@ -154,7 +154,9 @@ def compile_model(model: nn.Module, mode: str = "default", whole_model: bool = T
     """
     check_compile_mode(mode)
     prime_caches(model)
-    kwargs: dict[str, Any] = {} if mode == "default" else {"mode": mode}
+    # dynamic=False: training shapes are fixed, and a value that changes between compiled instances of one
+    # class (e.g. BASIS compression in two models of one process) must be specialised on, not turned symbolic
+    kwargs: dict[str, Any] = {"dynamic": False} if mode == "default" else {"mode": mode, "dynamic": False}
     if whole_model:
         model.compile(**kwargs)
         return 1
