@@ -376,7 +376,7 @@ def _write_baselines(out: Path, name: str | None, rows: list[dict[str, Any]], la
                      parsed: list, sweep: str | None, rounds: int, steps: int, warmup: int) -> Path:
     """Write (or rewrite, after each sweep value, so a time limit keeps what was measured) the result files."""
     from chainfree.bench.report import markdown_table, write_result
-    from chainfree.bench.speed import ENTRY_COLUMNS
+    from chainfree.bench.speed import CUDAGRAPH_MEMORY, ENTRY_COLUMNS
 
     m = last["shapes"]
     stem = name or f"baselines_{m['model']}_{'cuda' if 'cuda' in last['device'] else 'cpu'}"
@@ -389,6 +389,8 @@ def _write_baselines(out: Path, name: str | None, rows: list[dict[str, Any]], la
           "per entry, others idle; activation = peak - allocated before - gradients; peak = own weights + "
           "optimizer state + gradients + activation. A step = method step + clip + AdamW (fused on CUDA).\n\n"
           + markdown_table(rows, ([(key, key)] if key else []) + ENTRY_COLUMNS))
+    if any(r.get("memory_source") == CUDAGRAPH_MEMORY for r in rows):
+        md += f"\n\nCUDA-graph entries (reduce-overhead): memory {CUDAGRAPH_MEMORY}."
     payload = {**last, "command": _command(), "rows": rows, "entries": [e.label for e in parsed], "sweep": sweep}
     _, md_path = write_result(out, stem, payload, md)
     return md_path

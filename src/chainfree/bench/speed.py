@@ -17,6 +17,7 @@ import torch
 from chainfree.bench.cases import OPS, StepCase, build_step_case, op_closures, shapes, time_fn
 from chainfree.config import RunConfig
 from chainfree.errors import ConfigError
+from chainfree.training.options import uses_cudagraphs
 
 
 def _release(case: StepCase | None) -> None:
@@ -101,6 +102,10 @@ def _timed_steps(case: StepCase, n: int, device: torch.device) -> list[float]:
     return [s.elapsed_time(e) / 1e3 for s, e in events]
 
 
+CUDAGRAPH_MEMORY = ("not measured: under CUDA graphs the step's buffers live in the graphs' private pool across "
+                    "steps, so the allocator's per-step peak does not show activation memory")
+
+
 def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
                     rounds: int = 5, steps: int = 5, warmup: int = 3, baseline: str = "exact") -> dict[str, Any]:
     """Step time and memory of compare-style entries (`exact`, `exact+compile`, `exact+ckpt`, `basis`, ...; one
@@ -158,6 +163,11 @@ def measure_entries(cfgs: dict[str, RunConfig], batch: tuple[torch.Tensor, torch
                    time_ratio_max=s.get("time_ratio_max"), within_noise=s.get("time_ratio_within_noise"),
                    round_time_ratios=s.get("round_time_ratios"), tokens_per_s=batch[0].numel() / s["step_time_s"])
         compiled = bool(case.cfg.train.compile)
+        if compiled and device.type == "cuda" and uses_cudagraphs(case.cfg.train.compile_mode):
+            # the graphs' private pool holds the step's buffers from one replay to the next, so "peak during
+            # the step - allocated before it" is not the step's activation memory (it even comes out negative)
+            row.update(activation_bytes=None, memory_source=CUDAGRAPH_MEMORY, sdpa=["compiled graph"])
+            continue
         mem = case_memory(case, warmup=0, saved_meter=not compiled)
         own = _own_static_bytes(case)
         row.update({k: mem.get(k) for k in ("activation_bytes", "grad_bytes", "saved_peak_bytes", "memory_source")})
