@@ -53,23 +53,41 @@ def init_dt_bias(n_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class Mamba2Block(nn.Module):
-    """Pre-norm residual Mamba-2 block: x + Mamba2Mixer(RMSNorm(x))."""
+class SSDBlock(nn.Module):
+    """What the Mamba-2 and Mamba-3 blocks share: the SSD sizes from the config, the pre-norm, and the
+    residual forward / prefill around the subclass's `_mix(u) -> (y, state)`."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        d = cfg.d_model
-        self.d_inner = cfg.expand * d
+        self.d_inner = cfg.expand * cfg.d_model
         self.headdim = cfg.ssm_head_dim
         self.n_heads = self.d_inner // self.headdim
         self.d_state = cfg.d_state
         self.chunk_size = cfg.chunk_size
         self.backend = cfg.ssd_backend
-        self.conv_kernel = cfg.conv_kernel
         self.layer_idx = layer_idx
-        conv_dim = self.d_inner + 2 * self.d_state
+        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
 
-        self.norm = nn.RMSNorm(d, eps=1e-5)
+    def _mix(self, u: torch.Tensor) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self._mix(self.norm(x))[0]
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """Parallel forward over a prompt that also returns the recurrent state after its last token."""
+        y, state = self._mix(self.norm(x))
+        return x + y, state
+
+
+class Mamba2Block(SSDBlock):
+    """Pre-norm residual Mamba-2 block: x + Mamba2Mixer(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__(cfg, layer_idx)
+        d = cfg.d_model
+        self.conv_kernel = cfg.conv_kernel
+        conv_dim = self.d_inner + 2 * self.d_state
         self.in_proj = nn.Linear(d, 2 * self.d_inner + 2 * self.d_state + self.n_heads, bias=False)
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.conv_kernel, groups=conv_dim, padding=cfg.conv_kernel - 1)
         self.dt_bias = nn.Parameter(init_dt_bias(self.n_heads))
@@ -113,15 +131,7 @@ class Mamba2Block(nn.Module):
         conv_state = F.pad(conv_in, (K - 1, 0))[..., -(K - 1):] if K > 1 else conv_in[..., :0]
         return out, {"conv": conv_state, "ssm": final}
 
-    # -- public API ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self._mix(self.norm(x))[0]
-
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """Parallel forward over a prompt that also returns the recurrent state after its last token."""
-        y, state = self._mix(self.norm(x))
-        return x + y, state
-
+    # -- public API (forward, prefill: SSDBlock) ------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> State:
         conv_dim = self.d_inner + 2 * self.d_state
         return {

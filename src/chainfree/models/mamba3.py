@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chainfree.config import ModelConfig
-from chainfree.models.mamba2 import init_dt_bias
+from chainfree.models.mamba2 import SSDBlock, init_dt_bias
 from chainfree.ops.ssd import ssd_scan
 
 State = dict[str, torch.Tensor]
@@ -119,24 +119,16 @@ def mamba3_chunked(
     return y - diag + D[:, None].to(x.dtype) * x, final
 
 
-class Mamba3Block(nn.Module):
+class Mamba3Block(SSDBlock):
     """Pre-norm residual Mamba-3 block: x + Mamba3Mixer(RMSNorm(x)) (mixer inlined, see module doc)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
-        super().__init__()
+        super().__init__(cfg, layer_idx)
         d = cfg.d_model
-        self.d_inner = cfg.expand * d
-        self.headdim = cfg.ssm_head_dim
-        self.n_heads = self.d_inner // self.headdim
-        self.d_state = cfg.d_state
         self.rank = cfg.mimo_rank
-        self.chunk_size = cfg.chunk_size
-        self.backend = cfg.ssd_backend
         self.n_angles = max(int(self.d_state * ROPE_FRACTION) // 2, 1)
-        self.layer_idx = layer_idx
         h, R, n = self.n_heads, self.rank, self.d_state
 
-        self.norm = nn.RMSNorm(d, eps=1e-5)
         # in_proj order: z, x, B, C, dt, A, trap, angles
         self.sizes = [self.d_inner, self.d_inner, R * n, R * n, h, h, h, self.n_angles]
         self.in_proj = nn.Linear(d, sum(self.sizes), bias=False)
@@ -195,15 +187,7 @@ class Mamba3Block(nn.Module):
         state = {"angle": theta[:, -1], "ssm": H, "k": k[:, -1], "v": v[:, -1]}
         return self._output(y, z), state
 
-    # -- public API ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self._mix(self.norm(x))[0]
-
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """Parallel forward over a prompt that also returns the recurrent state after its last token."""
-        y, state = self._mix(self.norm(x))
-        return x + y, state
-
+    # -- public API (forward, prefill: SSDBlock) ------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> State:
         h, R, n, p = self.n_heads, self.rank, self.d_state, self.headdim
         acc = torch.float64 if dtype == torch.float64 else torch.float32
