@@ -13,11 +13,15 @@ from chainfree.config import load_config
 def test_cases_are_valid_configs():
     cases = {**baseline_cases(True), **basis_cases({"all": [8], "all-unfused": [2], "mlp": [512]},
                                                    ["basis all-unfused c=2"])}
-    assert list(cases) == ["exact", "exact+compile", "exact+ckpt", "exact+sac", "basis all c=8",
+    assert list(cases) == ["exact", "exact+compile", "exact+ckpt", "exact+sac", "exact+ckpt+compile",
+                           "exact+sac+compile", "basis all c=8",
                            "basis all-unfused c=2", "basis mlp c=512", "basis all-unfused c=2+compile"]
     assert cases["basis all c=8"] == ["method.name=basis", "method.compression=8", ALL_LINEARS]
     assert cases["basis mlp c=512"][-1] == MLP_ONLY
     assert "train.compile=true" in cases["basis all-unfused c=2+compile"]
+    assert cases["exact+sac+compile"] == ["method.name=exact", "train.activation_checkpoint=selective",
+                                          "train.compile=true"]
+    assert "exact+sac+compile" not in baseline_cases(False)
     for extra in cases.values():  # every case is a config the loader accepts
         cfg = load_config(None, ["model.kind=gpt", *extra])
         assert cfg.method_name in ("exact", "basis")
