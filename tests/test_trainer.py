@@ -212,3 +212,27 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default():
     assert config_diff(old, current) == []
     changed = load_config(overrides=["train.grad_accum=2"]).to_dict()
     assert config_diff(old, changed) == ["train.grad_accum: checkpoint None vs now 2"]
+
+
+def test_evaluate_averages_the_val_windows_through_the_method_or_a_given_loss():
+    from chainfree.training.trainer import evaluate
+
+    class Windows:
+        def batch(self, split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            assert split == "val"
+            return batch(4, seed=100 + i)
+
+    torch.manual_seed(0)
+    model = build_model(vision_cfg()).double()
+    tc, seen = fp64_train(), []
+
+    def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # e.g. the uncompiled model.forward
+        seen.append(model.training)
+        return model.forward(x, y)
+
+    with torch.no_grad():
+        expected = sum(float(model(*Windows().batch("val", i))) for i in range(3)) / 3
+    assert evaluate(build_method("exact"), model, Windows(), 3, torch.device("cpu"), tc) == pytest.approx(expected)
+    assert evaluate(build_method("exact"), model, Windows(), 3, torch.device("cpu"), tc, loss=forward) == pytest.approx(
+        expected)
+    assert seen == [False] * 3 and model.training  # eval mode inside, training mode restored

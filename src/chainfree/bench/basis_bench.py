@@ -45,7 +45,7 @@ from chainfree.config import load_config
 from chainfree.data import BatchSampler, load_tokens
 from chainfree.logging import pyplot
 from chainfree.methods import method_from_config
-from chainfree.training.trainer import Trainer, autocast_context, seeded_model
+from chainfree.training.trainer import Trainer, evaluate, seeded_model
 
 ALL_LINEARS = "method.layers=*.mlp.*,*.attn.*_proj,head"
 MLP_ONLY = "method.layers=*.mlp.*,head"
@@ -281,7 +281,10 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
                    first_step_s=r["times"][0], train_loss_last10=statistics.fmean(r["losses"][-10:]),
                    records=[{"step": i + 1, "train_loss": loss} for i, loss in enumerate(r["losses"])
                             if not math.isnan(loss)],
-                   val_loss=val_loss(r["state"].model, r["sampler"], cfg.train.eval_batches, device, cfg.train),
+                   # the model's *uncompiled* forward: the compiled wrapper would recompile for eval mode
+                   # (tens of seconds per compiled case)
+                   val_loss=evaluate(r["method"], r["state"].model, r["sampler"], cfg.train.eval_batches, device,
+                                     cfg.train, loss=r["state"].model.forward),
                    method=r["method"].describe() if hasattr(r["method"], "describe") else cfg.method,
                    step_times_s=r["times"])
         if cfg.method_name == "basis":
@@ -294,24 +297,6 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
     if cuda:
         torch.cuda.empty_cache()
     return {name: r["result"] for name, r in runs.items()}
-
-
-@torch.no_grad()
-def val_loss(model: torch.nn.Module, sampler: BatchSampler, n_batches: int, device: torch.device, train: Any) -> float:
-    """Mean loss over the fixed val windows, through the model's *uncompiled* forward.
-
-    The same windows as chainfree.training.trainer.evaluate; calling `model.forward` directly skips the
-    compiled wrapper, which would otherwise recompile for eval mode (tens of seconds per compiled case).
-    """
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(n_batches):
-        x, y = (t.to(device) for t in sampler.batch("val", i))
-        with autocast_context(train, device):
-            total += float(model.forward(x, y))
-    model.train(was_training)
-    return total / n_batches
 
 
 def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:

@@ -225,16 +225,20 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(method: Method, model: nn.Module, sampler: Any, n_batches: int, device: torch.device,
-             train: TrainConfig) -> float:
+             train: TrainConfig, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
     """Mean val loss over a fixed set of val batches (the same for every method and every eval), averaged
-    over the ranks when several hold different shares."""
+    over the ranks when several hold different shares. `loss(x, y)` defaults to method.eval_loss(model, x, y);
+    bench code passes the model's uncompiled `model.forward` (the compiled wrapper would recompile for eval)."""
+    if loss is None:
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return method.eval_loss(model, x, y)
     was_training = model.training
     model.eval()
     total = 0.0
     for i in range(n_batches):
         x, y = (t.to(device) for t in sampler.batch("val", i))
         with autocast_context(train, device):
-            total += float(method.eval_loss(model, x, y))
+            total += float(loss(x, y))
     model.train(was_training)
     mean = total / n_batches
     if dist.is_initialized() and dist.get_world_size() > 1:
