@@ -68,13 +68,20 @@ def make_batch(spec: RegionRunSpec, device: torch.device) -> tuple[torch.Tensor,
     return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
 
-def _worker(rank: int, world: int, port: int, spec: RegionRunSpec) -> None:
+def init_local_rank(rank: int, world: int, port: int, backend: str) -> torch.device:
+    """Set up one rank of a job spawned on this machine: cuda:<rank> under nccl (NVLink multicast off),
+    else the CPU; joins the process group at 127.0.0.1:<port>. Returns the rank's device."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    use_cuda = spec.backend == "nccl"
-    device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return device
+
+
+def _worker(rank: int, world: int, port: int, spec: RegionRunSpec) -> None:
+    device = init_local_rank(rank, world, port, spec.backend)
+    use_cuda = device.type == "cuda"
     try:
         model = build_replica(spec, device)
         ids, targets = make_batch(spec, device)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from chainfree.bench.lbi_parallel import free_port
+from chainfree.bench.lbi_parallel import free_port, init_local_rank
 from chainfree.methods.lbi import LBIConfig, scan_backward
 from chainfree.models.lbi import LBIModel
 from chainfree.parallel.region import BACKWARD_CATEGORIES, CommLog, region_parallel_step, shared_parameters
@@ -130,12 +129,7 @@ def _allreduce_shared(model: LBIModel) -> int:
 
 
 def _worker(rank: int, world: int, port: int, spec: CompareSpec) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    cuda = spec.backend == "nccl"
-    device = torch.device(f"cuda:{rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = init_local_rank(rank, world, port, spec.backend)
     try:
         _run(rank, world, spec, device)
     finally:
