@@ -43,7 +43,14 @@ from torch import nn
 
 from chainfree.errors import ConfigError
 from chainfree.methods.base import Launch, Method, StepStats
-from chainfree.models.lbi import INTERFACES, JACOBIANS, LBIModel, accumulate_grads, region_jacobian_t
+from chainfree.models.lbi import (
+    INTERFACES,
+    JACOBIANS,
+    LBIModel,
+    accumulate_grads,
+    region_jacobian_t,
+    retaining_compiled_graphs,
+)
 from chainfree.ops.scan import adjoints
 
 BACKWARDS = ("scan", "autograd")
@@ -100,6 +107,9 @@ def scan_backward(
     """
     timer = timer or (lambda phase, k: nullcontext())
     k_total = model.n_regions
+    for k in range(1, k_total - 1):  # refuse wrongly compiled regions before running (and compiling) anything
+        if jacobian in ("vjp", "loop") and model.region_compiled(k):
+            retaining_compiled_graphs(model, k)
     token_local = model.interface == "token"
     with timer("stem_forward", 0):
         canvas = model.canvas(ids)

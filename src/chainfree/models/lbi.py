@@ -9,7 +9,9 @@ the equations are described in chainfree.methods.lbi and docs/lbi.md.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import torch
@@ -226,6 +228,24 @@ class LBIModel(nn.Module):
         return self
 
     @property
+    def retains_block_graphs(self) -> bool:
+        """True when the scan backward differentiates a region's forward graph more than once: 'vjp' and
+        'loop' take the Jacobian rows from it (retain_graph=True) and then the parameter VJP. Read by
+        chainfree.training.options.compile_model, which then compiles the blocks with AOTAutograd's donated
+        buffers off (a compiled backward with donated buffers frees its saved tensors after one use)."""
+        return (
+            getattr(self.config, "backward", "scan") == "scan"
+            and getattr(self.config, "jacobian", "vjp") in ("vjp", "loop")
+            and self.n_regions > 2
+        )
+
+    def region_compiled(self, k: int) -> bool:
+        """Whether any module of region k runs torch.compile'd (``nn.Module.compile``)."""
+        return any(
+            getattr(m, "_compiled_call_impl", None) is not None for mod in self.region_modules(k) for m in mod.modules()
+        )
+
+    @property
     def max_context(self) -> int:
         """Longest sequence the forward accepts (model.seq_len)."""
         return self.lm.cfg.seq_len
@@ -264,6 +284,49 @@ def _transpose_cols(cols: torch.Tensor, token_local: bool) -> torch.Tensor:
     return cols.reshape(n, b, g * r).permute(1, 0, 2)
 
 
+def retaining_compiled_graphs(model: LBIModel, k: int) -> AbstractContextManager[None]:
+    """Context for the retain_graph=True VJPs through region k's compiled modules. AOTAutograd checks
+    torch._functorch.config.donated_buffer again at backward time and refuses any retain_graph backward
+    while it is on (even for a graph compiled with donation off), so it is switched off around these
+    VJPs only. That is safe only if the graph really kept its saved tensors, i.e. the modules were compiled
+    by chainfree.training.options.compile_model for this model (it reads `retains_block_graphs` and marks
+    them); a module compiled any other way is refused here rather than risk a backward on freed buffers."""
+    other = sorted(
+        {
+            type(m).__name__
+            for mod in model.region_modules(k)
+            for m in mod.modules()
+            if getattr(m, "_compiled_call_impl", None) is not None
+            and not getattr(m, "_chainfree_keeps_saved_tensors", False)
+        }
+    )
+    if other:
+        raise ConfigError(
+            f"LBI region {k} has torch.compile'd modules ({', '.join(other)}) not compiled with donated buffers "
+            "off, but its Jacobian backpropagates through them twice; compile with train.compile=true "
+            "(chainfree.training.options.compile_model) after LBI.prepare, or use method.jacobian='replicate'"
+        )
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(donated_buffer=False)
+
+
+_warned_vjp_unbatched = False
+
+
+def _warn_vjp_unbatched() -> None:
+    global _warned_vjp_unbatched
+    if not _warned_vjp_unbatched:
+        _warned_vjp_unbatched = True
+        warnings.warn(
+            "LBI method.jacobian='vjp' with torch.compile'd blocks (train.compile=true): a compiled backward "
+            "cannot be vmapped (is_grads_batched), so the Jacobian VJPs run one direction at a time, as "
+            "jacobian='loop' (same numbers, n sequential backward passes per region); set method.jacobian to "
+            "'loop', 'replicate' or 'jvp' to choose explicitly",
+            stacklevel=3,
+        )
+
+
 def region_jacobian_t(
     model: LBIModel, k: int, m_in: torch.Tensor, m_out: torch.Tensor | None, canvas: torch.Tensor, how: str
 ) -> torch.Tensor:
@@ -277,6 +340,12 @@ def region_jacobian_t(
     basis = _basis(n, m_in, token_local)
     step = model.config.jacobian_chunk or n  # directions per pass: bounds the memory of vjp/replicate/jvp
     pieces = [basis[i : i + step] for i in range(0, n, step)]
+    compiled = how in ("vjp", "loop") and model.region_compiled(k)
+    if how == "vjp" and compiled:
+        # is_grads_batched vmaps the backward, and a compiled block's backward (inductor kernels) cannot run
+        # on vmap's batched tensors: same VJPs on the same graph, one direction at a time (= 'loop')
+        _warn_vjp_unbatched()
+        how = "loop"
     if how == "vjp":
         rows = [
             torch.autograd.grad(m_out, m_in, e.to(m_out.dtype), retain_graph=True, is_grads_batched=True)[0]
@@ -284,7 +353,8 @@ def region_jacobian_t(
         ]
         return _transpose_rows(torch.cat(rows), token_local)
     if how == "loop":
-        rows = [torch.autograd.grad(m_out, m_in, e.to(m_out.dtype), retain_graph=True)[0] for e in basis]
+        with retaining_compiled_graphs(model, k) if compiled else nullcontext():
+            rows = [torch.autograd.grad(m_out, m_in, e.to(m_out.dtype), retain_graph=True)[0] for e in basis]
         return _transpose_rows(torch.stack(rows), token_local)
     canvas = canvas.detach()
     if how == "replicate":

@@ -157,16 +157,39 @@ def compile_model(model: nn.Module, mode: str = "default", whole_model: bool = T
     # dynamic=False: training shapes are fixed, and a value that changes between compiled instances of one
     # class (e.g. BASIS compression in two models of one process) must be specialised on, not turned symbolic
     kwargs: dict[str, Any] = {"dynamic": False} if mode == "default" else {"mode": mode, "dynamic": False}
-    if whole_model:
-        model.compile(**kwargs)
-        return 1
-    blocks = list(iter_blocks(model))
-    if not blocks:
-        model.compile(**kwargs)
-        return 1
-    for block in blocks:
-        block.compile(**kwargs)
-    return len(blocks)
+    keep_saved = bool(getattr(model, "retains_block_graphs", False))
+    if keep_saved:
+        # the method's step differentiates a block's graph more than once (LBI's Jacobian VJPs, then the
+        # parameter VJP): compile with AOTAutograd's donated buffers off, see _inductor_keeping_saved_tensors
+        kwargs["backend"] = _inductor_keeping_saved_tensors
+    blocks = [] if whole_model else list(iter_blocks(model))
+    targets = blocks or [model]
+    for module in targets:
+        module.compile(**kwargs)
+        module._chainfree_keeps_saved_tensors = keep_saved  # LBI checks this before a retain_graph backward
+    return len(targets)
+
+
+def _inductor_keeping_saved_tensors(gm: Any, example_inputs: Any, mode: str | None = None) -> Any:
+    """The inductor backend with AOTAutograd's "donated buffers" off, for models that declare
+    ``retains_block_graphs`` (a step that backpropagates through one forward graph more than once, with
+    retain_graph=True). With donation on, the compiled backward frees the tensors it saved, and torch refuses
+    a second backward through it ("compiled with non-empty donated buffers which requires ...
+    retain_graph=False"). The flag is read when AOTAutograd partitions the joint graph, i.e. when dynamo
+    compiles at the first forward call, not at ``module.compile()``: hence a backend that sets it around
+    that compilation (a global flip would change every other compiled model of the process, and a context
+    around ``compile()`` would be gone by then). Being a backend of its own, its graphs are also cached apart
+    from plain inductor ones, so a block compiled earlier with donation on is never reused here (checked: a
+    plain blocks-scope compile of the same block class before it still leaves these graphs undonated). torch
+    also re-reads the global flag when a retain_graph backward runs; the method switches it off around those
+    backward calls only (chainfree.models.lbi.retaining_compiled_graphs), after checking the mark set here."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode, False) if mode and mode != "default" else {}
+    with functorch_config.patch(donated_buffer=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def prime_caches(model: nn.Module) -> int:
