@@ -43,6 +43,17 @@ def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _twins(n_layers: int) -> tuple[LanguageModel, LanguageModel]:
+    """Two identical tiny GPTs (one to stay eager, one to compile), with dynamo's caches reset."""
+    pytest.importorskip("torch._dynamo")
+    torch._dynamo.reset()
+    cfg = ModelConfig(vocab_size=61, seq_len=16, d_model=16, n_layers=n_layers, n_heads=2)
+    torch.manual_seed(0)
+    eager = LanguageModel(cfg)
+    torch.manual_seed(0)
+    return eager, LanguageModel(cfg)
+
+
 def _assert_same_loss_and_grads(compiled: nn.Module, eager: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """float32 compiled vs eager: equal up to the reassociation inductor may do."""
     loss_e, g_e = _grads(eager, x, y)
@@ -205,13 +216,7 @@ def test_trainer_applies_checkpointing_and_keeps_the_trajectory(mode: str, one_t
 
 
 def test_compile_runs_on_cpu_and_matches_eager(one_thread) -> None:
-    pytest.importorskip("torch._dynamo")
-    torch._dynamo.reset()
-    cfg = ModelConfig(vocab_size=61, seq_len=16, d_model=16, n_layers=1, n_heads=2)
-    torch.manual_seed(0)
-    eager = LanguageModel(cfg)
-    torch.manual_seed(0)
-    compiled = LanguageModel(cfg)
+    eager, compiled = _twins(n_layers=1)
     x, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
     with pytest.raises(ConfigError, match="compile_mode must be one of"):
         compile_model(compiled, "fastest")
@@ -225,13 +230,7 @@ def test_compile_runs_on_cpu_and_matches_eager(one_thread) -> None:
 def test_compile_scope_blocks_compiles_each_block_and_matches_eager(one_thread) -> None:
     from chainfree.training.options import apply_train_options
 
-    pytest.importorskip("torch._dynamo")
-    torch._dynamo.reset()
-    cfg = ModelConfig(vocab_size=61, seq_len=16, d_model=16, n_layers=2, n_heads=2)
-    torch.manual_seed(0)
-    eager = LanguageModel(cfg)
-    torch.manual_seed(0)
-    compiled = LanguageModel(cfg)
+    eager, compiled = _twins(n_layers=2)
     done = apply_train_options(compiled, TrainConfig(compile=True, compile_scope="blocks"))
     assert done["compiled_modules"] == 2 and done["compile_scope"] == "blocks"
     _assert_same_loss_and_grads(compiled, eager, torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16)))
