@@ -62,7 +62,14 @@ def train(out: OutOpt, model: ModelOpt = None, method: MethodOpt = None,
     from chainfree.train import train as run_train
 
     cfg = load_config(config, set_, model=model, method=method, steps=steps, device=device, strategy=strategy)
-    summary = run_train(cfg, out)
+    from chainfree.training.strategies import close_process_group
+
+    try:
+        summary = run_train(cfg, out)
+    except BaseException:
+        close_process_group(wait=False)
+        raise
+    close_process_group()
     if os.environ.get("RANK", "0") == "0":
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         typer.echo(f"final val loss {summary['final_val_loss']:.4f} (unigram entropy "

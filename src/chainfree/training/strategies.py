@@ -51,6 +51,17 @@ def init_process_group(launch: Launch, device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
+def close_process_group(wait: bool = True) -> None:
+    """Leave the process group after the last collective: every rank waits for the others (`wait`), then the
+    group is destroyed, so no rank exits while the backend's threads still run (gloo's then abort the process
+    at interpreter exit, "terminate called without an active exception", and torchrun reports a finished run
+    as failed). After an error pass wait=False: the other ranks may never reach the barrier."""
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 @runtime_checkable
 class Strategy(Protocol):
     name: str
