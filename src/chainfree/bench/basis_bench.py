@@ -24,6 +24,11 @@ Writes basis_frontier_d{width}.{json,md} and a memory-vs-time PNG labelled with 
 
 `optim` is `frontier` with optimizer variants instead of baselines (AdamW vs SGD-momentum, invariant
 scalars on/off at each compression), for small models on CPU.
+
+`compiled` checks and profiles compiled BASIS against eager BASIS (all Linears, unfused MLP, one compression):
+both train the same batches with inductor's `fallback_random`, so the compiled graph draws the same signs as
+eager and the losses must agree to rounding; it reports both step times and, with `--profile`, the top ops of
+one step of each (torch.profiler, by self device time on CUDA): where a compiled step loses time.
 """
 
 from __future__ import annotations
@@ -397,13 +402,64 @@ def fidelity_sweep(base: list[str], device: torch.device, compressions: list[flo
 
 # -- CLI -----------------------------------------------------------------------------------------------------
 
+def compiled_check(base: list[str], device: torch.device, compression: float, steps: int, profile: bool
+                   ) -> dict[str, Any]:
+    """Eager vs compiled BASIS on the same batches and (through fallback_random) the same draws."""
+    import torch._inductor.config as inductor_config
+
+    from chainfree.runtime import sync
+
+    runs: dict[str, dict[str, Any]] = {}
+    with inductor_config.patch(fallback_random=True):
+        for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+            cfg = load_config(None, [*base, "method.name=basis", f"method.compression={compression:g}", ALL_LINEARS,
+                                     "method.fuse_mlp=false", f"train.device={device.type}",
+                                     f"train.steps={steps}", *extra])
+            data = load_tokens(cfg.data)
+            cfg.model.fit_vocab(data.vocab_size)
+            trainer = Trainer(cfg.train, method_from_config(cfg), device=device)
+            state = trainer.setup(seeded_model(cfg, device))
+            sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+            losses, times = [], []
+            for step in range(steps):
+                batch = sampler.batch("train", step)
+                torch.manual_seed(1000 + step)  # the draws of this step, the same for both runs
+                sync(device)
+                t0 = time.perf_counter()
+                losses.append(trainer.train_step(state, batch).loss)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            table = None
+            if profile:
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as torch_profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                with torch_profile(activities=acts) as prof:
+                    trainer.train_step(state, sampler.batch("train", steps))
+                    sync(device)
+                key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                table = prof.key_averages().table(sort_by=key, row_limit=15)
+            runs[name] = {"losses": losses, "step_times_s": times, "profile": table,
+                          "step_ms": 1e3 * statistics.median(times[1:] or times)}
+            del state, trainer
+            gc.collect()
+    e, c = runs["eager"]["losses"], runs["compiled"]["losses"]
+    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(e, c, strict=True))
+    return {"compression": compression, "steps": steps, "max_rel_loss_diff": worst,
+            "eager": runs["eager"], "compiled": runs["compiled"],
+            "compiled_over_eager": runs["compiled"]["step_ms"] / runs["eager"]["step_ms"]}
+
+
 def _floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["micro", "frontier", "optim", "fidelity"])
+    ap.add_argument("what", choices=["micro", "frontier", "optim", "fidelity", "compiled"])
+    ap.add_argument("--compression", type=float, default=8.0, help="compiled: the BASIS compression")
+    ap.add_argument("--profile", action="store_true", help="compiled: torch.profiler table of one step of each")
     ap.add_argument("--k", type=int, default=6, help="fidelity: estimates per batch")
     ap.add_argument("--batches", type=int, default=3, help="fidelity: minibatches")
     ap.add_argument("--out", type=Path, default=Path("runs/basis_bench"))
@@ -451,6 +507,20 @@ def main(argv: list[str] | None = None) -> None:
               "Same seed, batches and draws for scalars on and off."]
         write_result(args.out, args.tag or f"basis_fidelity_d{args.width}", {"command": command, "rows": res,
                                                                             "base_overrides": base}, "\n".join(md))
+        return
+    if args.what == "compiled":
+        res = compiled_check(base, device, args.compression, args.steps, args.profile)
+        md = [f"# Compiled vs eager BASIS (all Linears, unfused, compression {args.compression:g}), GPT d={args.width} "
+              f"L={args.layers or 12} T={args.seq} batch {args.batch}, same draws (inductor fallback_random)", "",
+              f"step time: eager {res['eager']['step_ms']:.2f} ms, compiled {res['compiled']['step_ms']:.2f} ms "
+              f"({res['compiled_over_eager']:.2f}x; medians after the first step)", "",
+              f"largest relative loss difference over {args.steps} steps: {res['max_rel_loss_diff']:.2e}"]
+        for name in ("eager", "compiled"):
+            if res[name]["profile"]:
+                md += ["", f"## Top ops of one {name} step", "", "```", res[name]["profile"], "```"]
+        write_result(args.out, args.tag or f"basis_compiled_d{args.width}", {"command": command, **res,
+                                                                            "base_overrides": base}, "\n".join(md))
+        print("\n".join(md[:5]))
         return
     if args.what == "frontier":
         cases = baseline_cases(not args.no_compile_exact)
