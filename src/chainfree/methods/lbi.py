@@ -48,8 +48,8 @@ from chainfree.models.lbi import (
     JACOBIANS,
     LBIModel,
     accumulate_grads,
+    check_compiled_region,
     region_jacobian_t,
-    retaining_compiled_graphs,
 )
 from chainfree.ops.scan import adjoints
 
@@ -108,8 +108,8 @@ def scan_backward(
     timer = timer or (lambda phase, k: nullcontext())
     k_total = model.n_regions
     for k in range(1, k_total - 1):  # refuse wrongly compiled regions before running (and compiling) anything
-        if jacobian in ("vjp", "loop") and model.region_compiled(k):
-            retaining_compiled_graphs(model, k)
+        if jacobian in ("vjp", "loop"):
+            check_compiled_region(model, k)
     token_local = model.interface == "token"
     with timer("stem_forward", 0):
         canvas = model.canvas(ids)

@@ -239,11 +239,10 @@ class LBIModel(nn.Module):
             and self.n_regions > 2
         )
 
-    def region_compiled(self, k: int) -> bool:
-        """Whether any module of region k runs torch.compile'd (``nn.Module.compile``)."""
-        return any(
-            getattr(m, "_compiled_call_impl", None) is not None for mod in self.region_modules(k) for m in mod.modules()
-        )
+    def compiled_modules(self, k: int) -> list[nn.Module]:
+        """The modules of region k that run torch.compile'd (``nn.Module.compile``)."""
+        return [m for mod in self.region_modules(k) for m in mod.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
 
     @property
     def max_context(self) -> int:
@@ -284,28 +283,26 @@ def _transpose_cols(cols: torch.Tensor, token_local: bool) -> torch.Tensor:
     return cols.reshape(n, b, g * r).permute(1, 0, 2)
 
 
-def retaining_compiled_graphs(model: LBIModel, k: int) -> AbstractContextManager[None]:
-    """Context for the retain_graph=True VJPs through region k's compiled modules. AOTAutograd checks
-    torch._functorch.config.donated_buffer again at backward time and refuses any retain_graph backward
-    while it is on (even for a graph compiled with donation off), so it is switched off around these
-    VJPs only. That is safe only if the graph really kept its saved tensors, i.e. the modules were compiled
-    by chainfree.training.options.compile_model for this model (it reads `retains_block_graphs` and marks
-    them); a module compiled any other way is refused here rather than risk a backward on freed buffers."""
-    other = sorted(
-        {
-            type(m).__name__
-            for mod in model.region_modules(k)
-            for m in mod.modules()
-            if getattr(m, "_compiled_call_impl", None) is not None
-            and not getattr(m, "_chainfree_keeps_saved_tensors", False)
-        }
-    )
+def check_compiled_region(model: LBIModel, k: int) -> None:
+    """Refuse region k if a torch.compile'd module in it was not compiled with donated buffers off (by
+    chainfree.training.options.compile_model, which reads `retains_block_graphs` and marks the modules): a
+    retain_graph backward through such a graph would run on freed buffers."""
+    other = sorted({type(m).__name__ for m in model.compiled_modules(k)
+                    if not getattr(m, "_chainfree_keeps_saved_tensors", False)})
     if other:
         raise ConfigError(
             f"LBI region {k} has torch.compile'd modules ({', '.join(other)}) not compiled with donated buffers "
             "off, but its Jacobian backpropagates through them twice; compile with train.compile=true "
             "(chainfree.training.options.compile_model) after LBI.prepare, or use method.jacobian='replicate'"
         )
+
+
+def retaining_compiled_graphs(model: LBIModel, k: int) -> AbstractContextManager[None]:
+    """Context for the retain_graph=True VJPs through region k's compiled modules. AOTAutograd checks
+    torch._functorch.config.donated_buffer again at backward time and refuses any retain_graph backward
+    while it is on (even for a graph compiled with donation off), so it is switched off around these
+    VJPs only, after `check_compiled_region` has made sure the graphs really kept their saved tensors."""
+    check_compiled_region(model, k)
     import torch._functorch.config as functorch_config
 
     return functorch_config.patch(donated_buffer=False)
@@ -340,7 +337,7 @@ def region_jacobian_t(
     basis = _basis(n, m_in, token_local)
     step = model.config.jacobian_chunk or n  # directions per pass: bounds the memory of vjp/replicate/jvp
     pieces = [basis[i : i + step] for i in range(0, n, step)]
-    compiled = how in ("vjp", "loop") and model.region_compiled(k)
+    compiled = how in ("vjp", "loop") and bool(model.compiled_modules(k))
     if how == "vjp" and compiled:
         # is_grads_batched vmaps the backward, and a compiled block's backward (inductor kernels) cannot run
         # on vmap's batched tensors: same VJPs on the same graph, one direction at a time (= 'loop')

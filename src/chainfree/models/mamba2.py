@@ -17,6 +17,7 @@ and returns the same state, so a prompt costs one parallel pass.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def init_dt_bias(n_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class SSDBlock(nn.Module):
+class SSDBlock(nn.Module, ABC):
     """What the Mamba-2 and Mamba-3 blocks share: the SSD sizes from the config, the pre-norm, and the
     residual forward / prefill around the subclass's `_mix(u) -> (y, state)`."""
 
@@ -68,8 +69,9 @@ class SSDBlock(nn.Module):
         self.layer_idx = layer_idx
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
 
+    @abstractmethod
     def _mix(self, u: torch.Tensor) -> tuple[torch.Tensor, State]:
-        raise NotImplementedError
+        """The block's mixer on normalised input u [B, T, d]: (output [B, T, d], recurrent state after T)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self._mix(self.norm(x))[0]
