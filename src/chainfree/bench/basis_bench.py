@@ -220,6 +220,15 @@ def cpu_step_memory(trainer: Trainer, state: Any, batch: Any) -> dict[str, Any]:
     return {"activation_bytes": peak - static - _grad_bytes(state.model), "memory_source": "torch MemTracker"}
 
 
+def _setup_case(cfg: Any, data: Any, device: torch.device) -> tuple[Any, Trainer, Any, BatchSampler]:
+    """(method, trainer, state, sampler) of one case: its model from the run seed, its own Trainer."""
+    cfg.model.fit_vocab(data.vocab_size)
+    method = method_from_config(cfg)
+    trainer = Trainer(cfg.train, method, device=device)
+    state = trainer.setup(seeded_model(cfg, device))
+    return method, trainer, state, BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+
+
 def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: torch.device, warmup: int,
               measure_step: int, budget_s: float) -> dict[str, dict[str, Any]]:
     """Train every case through its own Trainer, interleaved step by step; return per-case measurements."""
@@ -229,11 +238,7 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
     data = load_tokens(first.data)
     runs: dict[str, dict[str, Any]] = {}
     for name, cfg in cfgs.items():
-        cfg.model.fit_vocab(data.vocab_size)
-        method = method_from_config(cfg)
-        trainer = Trainer(cfg.train, method, device=device)
-        state = trainer.setup(seeded_model(cfg, device))
-        sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+        method, trainer, state, sampler = _setup_case(cfg, data, device)
         runs[name] = {"cfg": cfg, "trainer": trainer, "state": state, "sampler": sampler, "method": method,
                       "times": [], "losses": [], "result": {"case": name, "overrides": cases[name],
                                                               "options": trainer.options}}
@@ -410,16 +415,12 @@ def compiled_check(base: list[str], device: torch.device, compression: float, st
     from chainfree.runtime import sync
 
     runs: dict[str, dict[str, Any]] = {}
+    overrides = [*base, "method.name=basis", f"method.compression={compression:g}", ALL_LINEARS,
+                 "method.fuse_mlp=false", f"train.device={device.type}", f"train.steps={steps}"]
+    data = load_tokens(load_config(None, overrides).data)
     with inductor_config.patch(fallback_random=True):
         for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
-            cfg = load_config(None, [*base, "method.name=basis", f"method.compression={compression:g}", ALL_LINEARS,
-                                     "method.fuse_mlp=false", f"train.device={device.type}",
-                                     f"train.steps={steps}", *extra])
-            data = load_tokens(cfg.data)
-            cfg.model.fit_vocab(data.vocab_size)
-            trainer = Trainer(cfg.train, method_from_config(cfg), device=device)
-            state = trainer.setup(seeded_model(cfg, device))
-            sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+            _, trainer, state, sampler = _setup_case(load_config(None, [*overrides, *extra]), data, device)
             losses, times = [], []
             for step in range(steps):
                 batch = sampler.batch("train", step)
