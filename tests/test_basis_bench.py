@@ -55,3 +55,32 @@ def test_compiled_basis_trains_like_eager_basis_with_the_same_draws(one_thread):
     assert res["max_rel_loss_diff"] < 1e-5
     assert len(res["eager"]["losses"]) == len(res["compiled"]["losses"]) == 3
     assert res["eager"]["losses"][0] != res["eager"]["losses"][-1]  # it trained
+
+
+def test_equal_time_gives_each_case_the_baselines_training_time():
+    from chainfree.bench.basis_bench import equal_time_rows, equal_time_steps
+
+    results = {"exact+compile": {"steps": 60, "step_ms": 40.0, "val_loss": 5.0, "tokens": 600},
+               "basis c=2": {"steps": 60, "step_ms": 60.0, "val_loss": 5.1, "tokens": 600},
+               "fast": {"steps": 60, "step_ms": 39.9, "val_loss": 5.2, "tokens": 600}}
+    counts = equal_time_steps(results, "exact+compile")
+    assert counts == {"basis c=2": 40, "fast": 60}  # 60 x 40 ms = 2400 ms; 2400 / 39.9 rounds to 60
+    rerun = {"basis c=2": {"steps": 40, "tokens": 400, "val_loss": 5.3}}
+    rows = {r["case"]: r for r in equal_time_rows(results, rerun, "exact+compile")}
+    assert rows["basis c=2"]["steps"] == 40 and rows["basis c=2"]["delta_val"] == pytest.approx(0.3)
+    assert rows["fast"]["steps"] == 60 and rows["fast"]["delta_val"] == pytest.approx(0.2)  # not rerun
+    assert rows["exact+compile"]["delta_val"] == 0
+
+
+def test_run_cases_gives_each_case_its_own_step_count_and_schedule():
+    from chainfree.bench.basis_bench import run_cases, width_config
+
+    torch = pytest.importorskip("torch")
+    base = [*width_config(16, 1, 2, 16), "train.dtype=fp32", "train.warmup_steps=1", "train.eval_batches=1"]
+    cases = {"a": ["method.name=exact"], "b": ["method.name=exact"]}
+    res = run_cases(base, cases, {"a": 5, "b": 3}, torch.device("cpu"), warmup=0, measure_step=1, budget_s=1e9)
+    assert res["a"]["steps"] == 5 and res["b"]["steps"] == 3
+    assert len(res["a"]["step_times_s"]) == 5 and len(res["b"]["step_times_s"]) == 3
+    assert res["b"]["tokens"] == 3 * 2 * 16
+    # same seed and batches: the first losses agree while the schedules (5 vs 3 steps) differ later
+    assert res["a"]["records"][0]["train_loss"] == pytest.approx(res["b"]["records"][0]["train_loss"])

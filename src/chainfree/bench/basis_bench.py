@@ -229,10 +229,14 @@ def _setup_case(cfg: Any, data: Any, device: torch.device) -> tuple[Any, Trainer
     return method, trainer, state, BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
 
 
-def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: torch.device, warmup: int,
-              measure_step: int, budget_s: float) -> dict[str, dict[str, Any]]:
-    """Train every case through its own Trainer, interleaved step by step; return per-case measurements."""
-    cfgs = {name: load_config(None, [*base, f"train.steps={steps}", f"train.device={device.type}", *extra])
+def run_cases(base: list[str], cases: dict[str, list[str]], steps: int | dict[str, int], device: torch.device,
+              warmup: int, measure_step: int, budget_s: float) -> dict[str, dict[str, Any]]:
+    """Train every case through its own Trainer, interleaved step by step; return per-case measurements.
+
+    steps: one step count for all cases, or one per case (each case's LR schedule spans its own count; a
+    case that has reached its count sits out the remaining rounds)."""
+    n_steps = steps if isinstance(steps, dict) else dict.fromkeys(cases, steps)
+    cfgs = {name: load_config(None, [*base, f"train.steps={n_steps[name]}", f"train.device={device.type}", *extra])
             for name, extra in cases.items()}
     first = next(iter(cfgs.values()))
     data = load_tokens(first.data)
@@ -246,7 +250,7 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
     names = list(runs)
     t_start = time.perf_counter()
     done_steps = 0
-    for step in range(steps):
+    for step in range(max(n_steps.values())):
         if step == 1:
             t_start = time.perf_counter()  # the budget counts from step 1: step 0 holds every compile
         if time.perf_counter() - t_start > budget_s and step > measure_step:
@@ -254,6 +258,8 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
             break
         order = names[step % len(names):] + names[:step % len(names)]  # rotate: no case always runs first
         for name in order:
+            if step >= n_steps[name]:
+                continue
             r = runs[name]
             batch = r["sampler"].batch("train", step)
             measure = cuda and step == measure_step
@@ -280,13 +286,14 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int, device: 
             r["losses"].append(stats.loss)
         done_steps = step + 1
         if done_steps % 10 == 0:
-            print(f"step {done_steps}/{steps} of {len(names)} interleaved cases", flush=True)
-    for r in runs.values():
+            print(f"step {done_steps}/{max(n_steps.values())} of {len(names)} interleaved cases", flush=True)
+    for name, r in runs.items():
         cfg = r["cfg"]
         res = r["result"]
+        case_steps = min(done_steps, n_steps[name])
         times = [t for t in r["times"][warmup:] if not math.isnan(t)] or [t for t in r["times"] if not math.isnan(t)]
         qs = statistics.quantiles(times, n=10) if len(times) >= 10 else [min(times)] * 9
-        res.update(steps=done_steps, tokens=done_steps * cfg.train.batch_size * cfg.model.seq_len,
+        res.update(steps=case_steps, tokens=case_steps * cfg.train.batch_size * cfg.model.seq_len,
                    step_ms=1e3 * statistics.median(times), step_ms_p10=1e3 * qs[0], step_ms_p90=1e3 * qs[-1],
                    first_step_s=r["times"][0], train_loss_last10=statistics.fmean(r["losses"][-10:]),
                    records=[{"step": i + 1, "train_loss": loss} for i, loss in enumerate(r["losses"])
@@ -323,6 +330,29 @@ def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
             r["activation_ratio"] = r["activation_bytes"] / base["activation_bytes"]
 
 
+def equal_time_steps(results: dict[str, dict[str, Any]], baseline: str) -> dict[str, int]:
+    """Steps each case fits into the baseline's steady training time (its steps x its median step time)."""
+    base = results[baseline]
+    budget_ms = base["steps"] * base["step_ms"]
+    return {name: max(1, round(budget_ms / r["step_ms"])) for name, r in results.items() if name != baseline}
+
+
+def equal_time_rows(results: dict[str, dict[str, Any]], rerun: dict[str, dict[str, Any]], baseline: str
+                    ) -> list[dict[str, Any]]:
+    """Val loss of every case after the baseline's training time: the rerun with its own step count (and LR
+    schedule) where that count differs from the equal-token run, else the equal-token run itself."""
+    base_val = results[baseline]["val_loss"]
+    rows = []
+    for name, r in results.items():
+        src = rerun.get(name, r)
+        rows.append({"case": name, "steps": src["steps"], "tokens": src["tokens"], "val_loss": src["val_loss"],
+                     "delta_val": src["val_loss"] - base_val})
+    return rows
+
+
+EQUAL_TIME_COLUMNS = [("case", "case"), ("steps", "steps"), ("tokens", "tokens"), ("val_loss", "val loss"),
+                      ("delta_val", "Δ val vs base")]
+
 FRONTIER_COLUMNS = [("case", "case"), ("activation_gib", "activation (GiB)"), ("activation_ratio", "act. vs base"),
                     ("step_ms", "step (ms)"), ("step_ms_p10", "p10"), ("step_ms_p90", "p90"),
                     ("time_ratio", "time vs base"), ("val_loss", "val loss"), ("delta_val", "Δ val vs base"),
@@ -351,7 +381,8 @@ def frontier_plot(results: dict[str, dict[str, Any]], path: Path, title: str, ba
 
 
 def write_frontier(out: Path, tag: str, title: str, results: dict[str, dict[str, Any]], baseline: str,
-                   base: list[str], command: str, extra: dict[str, Any]) -> None:
+                   base: list[str], command: str, extra: dict[str, Any],
+                   equal_time: list[dict[str, Any]] | None = None) -> None:
     add_ratios(results, baseline)
     rows = [{k: r.get(k) for k, _ in FRONTIER_COLUMNS} for r in results.values()]
     tokens = next(iter(results.values()))["tokens"]
@@ -362,10 +393,20 @@ def write_frontier(out: Path, tag: str, title: str, results: dict[str, dict[str,
           "weights, optimizer state, gradients); step time: "
           "median over steps after warm-up, p10/p90 spread; time vs base: median of per-step ratios "
           "(interleaved steps); val loss on fixed val windows after the same steps and batches.", ""]
+    if equal_time:
+        base_r = results[baseline]
+        md += [f"## At equal wall-clock: {baseline}'s training time ({base_r['steps']} steps x "
+               f"{base_r['step_ms']:.1f} ms)", "",
+               markdown_table(equal_time, EQUAL_TIME_COLUMNS), "",
+               "Each case trained again from the same seed and batches for the steps its median step time fits into "
+               "that time, with its LR schedule over those steps (warm-up and cosine decay complete); compile time "
+               "is not counted.", ""]
     for name, r in results.items():
         if r.get("swapped"):
             md.append(f"* {name}: {r['swapped']}")
     payload = {"command": command, "baseline": baseline, "base_overrides": base, "results": results, **extra}
+    if equal_time:
+        payload["equal_time"] = equal_time
     write_result(out, f"basis_frontier_{tag}", payload, "\n".join(md))
     frontier_plot(results, out / f"basis_frontier_{tag}.png", title, baseline)
 
@@ -407,9 +448,10 @@ def fidelity_sweep(base: list[str], device: torch.device, compressions: list[flo
 
 # -- CLI -----------------------------------------------------------------------------------------------------
 
-def compiled_check(base: list[str], device: torch.device, compression: float, steps: int, profile: bool
-                   ) -> dict[str, Any]:
-    """Eager vs compiled BASIS on the same batches and (through fallback_random) the same draws."""
+def compiled_check(base: list[str], device: torch.device, compression: float, steps: int, profile: bool,
+                   mode: str = "default") -> dict[str, Any]:
+    """Eager vs compiled BASIS (torch.compile mode `mode`) on the same batches and (through fallback_random)
+    the same draws."""
     import torch._inductor.config as inductor_config
 
     from chainfree.runtime import sync
@@ -419,7 +461,7 @@ def compiled_check(base: list[str], device: torch.device, compression: float, st
                  "method.fuse_mlp=false", f"train.device={device.type}", f"train.steps={steps}"]
     data = load_tokens(load_config(None, overrides).data)
     with inductor_config.patch(fallback_random=True):
-        for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+        for name, extra in (("eager", []), ("compiled", ["train.compile=true", f"train.compile_mode=\"{mode}\""])):
             _, trainer, state, sampler = _setup_case(load_config(None, [*overrides, *extra]), data, device)
             losses, times = [], []
             for step in range(steps):
@@ -440,14 +482,16 @@ def compiled_check(base: list[str], device: torch.device, compression: float, st
                     trainer.train_step(state, sampler.batch("train", steps))
                     sync(device)
                 key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-                table = prof.key_averages().table(sort_by=key, row_limit=15)
+                table = prof.key_averages().table(sort_by=key, row_limit=25)
+                if device.type == "cuda":  # a host-bound step shows here: host time of the ops that launch work
+                    table += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=15)
             runs[name] = {"losses": losses, "step_times_s": times, "profile": table,
                           "step_ms": 1e3 * statistics.median(times[1:] or times)}
             del state, trainer
             gc.collect()
     e, c = runs["eager"]["losses"], runs["compiled"]["losses"]
     worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(e, c, strict=True))
-    return {"compression": compression, "steps": steps, "max_rel_loss_diff": worst,
+    return {"compression": compression, "steps": steps, "compile_mode": mode, "max_rel_loss_diff": worst,
             "eager": runs["eager"], "compiled": runs["compiled"],
             "compiled_over_eager": runs["compiled"]["step_ms"] / runs["eager"]["step_ms"]}
 
@@ -478,6 +522,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-compile-exact", action="store_true")
     ap.add_argument("--widths", default="768,2048", help="micro: model widths")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop the interleaved steps after this long")
+    ap.add_argument("--equal-time", action="store_true",
+                    help="frontier: also train each case for the baseline's wall-clock time (its own step count)")
+    ap.add_argument("--compile-mode", default="default",
+                    help="compiled: torch.compile mode of the compiled run (reduce-overhead: CUDA graphs)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--set", dest="sets_", action="append", default=[], help="config override section.key=value")
     args = ap.parse_args(argv)
@@ -510,8 +558,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                             "base_overrides": base}, "\n".join(md))
         return
     if args.what == "compiled":
-        res = compiled_check(base, device, args.compression, args.steps, args.profile)
-        md = [f"# Compiled vs eager BASIS (all Linears, unfused, compression {args.compression:g}), GPT d={args.width} "
+        res = compiled_check(base, device, args.compression, args.steps, args.profile, args.compile_mode)
+        md = [f"# Compiled ({args.compile_mode}) vs eager BASIS (all Linears, unfused, compression "
+              f"{args.compression:g}), GPT d={args.width} "
               f"L={args.layers or 12} T={args.seq} batch {args.batch}, same draws (inductor fallback_random)", "",
               f"step time: eager {res['eager']['step_ms']:.2f} ms, compiled {res['compiled']['step_ms']:.2f} ms "
               f"({res['compiled_over_eager']:.2f}x; medians after the first step)", "",
@@ -545,8 +594,16 @@ def main(argv: list[str] | None = None) -> None:
         title = f"BASIS x optimizer, GPT d={args.width} L={args.layers or 12} T={args.seq} batch {args.batch}"
     results = run_cases(base, cases, args.steps, device, args.warmup, measure_step=3, budget_s=args.budget_s)
     tag = args.tag or (f"d{args.width}" if args.what == "frontier" else f"optim_d{args.width}")
+    equal_time = None
+    if args.equal_time:
+        counts = equal_time_steps(results, baseline)
+        again = {name: k for name, k in counts.items() if k != results[name]["steps"]}
+        print(f"equal wall-clock: rerunning {len(again)} cases with their own step counts {again}", flush=True)
+        rerun = run_cases(base, {n: cases[n] for n in again}, again, device, args.warmup, measure_step=3,
+                          budget_s=args.budget_s) if again else {}
+        equal_time = equal_time_rows(results, rerun, baseline)
     write_frontier(args.out, tag, title, results, baseline, base, command,
-                   {"steps": args.steps, "cases": cases})
+                   {"steps": args.steps, "cases": cases}, equal_time)
     print(json.dumps({n: {k: r.get(k) for k in ("activation_ratio", "step_ms", "time_ratio", "val_loss",
                                                  "delta_val")} for n, r in results.items()}, indent=1))
 
