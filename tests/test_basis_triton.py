@@ -85,6 +85,78 @@ def test_compiles_without_graph_breaks():
     torch._dynamo.reset()
 
 
+GEMMS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default")
+
+
+def _matmul_dtypes(fn, *args) -> set[tuple[str, str]]:
+    """(graph, dtype) of every mm/addmm/bmm in the forward and backward graphs AOTAutograd builds for fn."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen: set[tuple[str, str]] = set()
+
+    def inspect(tag):
+        def compiler(gm, example_inputs):
+            for n in gm.graph.nodes:
+                if n.op == "call_function" and str(n.target) in GEMMS:
+                    seen.update((tag, str(a.meta["val"].dtype)) for a in n.args
+                                if isinstance(a, torch.fx.Node) and "val" in a.meta)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    loss = torch.compile(fn, backend=aot_autograd(fw_compiler=inspect("fw"), bw_compiler=inspect("bw")),
+                         fullgraph=True)(*args)
+    loss.backward()
+    torch._dynamo.reset()
+    return seen
+
+
+def test_compiled_layers_keep_the_autocast_dtype_after_the_first():
+    """Compiled under autocast, every BASIS layer runs its GEMMs in the autocast dtype, not only the first.
+
+    Regression: the Functions used to run their bodies under `torch.autocast(enabled=False)`; while dynamo
+    traced a Function, that context switched autocast off for the rest of the trace, so every later layer
+    read 'autocast off' and compiled its GEMMs in float32 (on an H200: 4x slower than eager).
+    """
+    torch.manual_seed(0)
+    first = BasisLinear(8, 8, bias=False, compression=2)
+    mlp = BasisMLP(MLP(8, 16), rank=4)
+    last = BasisLinear(8, 8, compression=2)
+    unfused = MLP(8, 16)
+    unfused.up = BasisLinear.from_linear(unfused.up, rank=4)
+    unfused.down = BasisLinear.from_linear(unfused.down, rank=4)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = last(unfused(torch.nn.functional.layer_norm(mlp(first(x)), (8,))))
+        return y.float().square().sum()
+
+    seen = _matmul_dtypes(step, torch.randn(2, 6, 8, requires_grad=True))
+    assert {tag for tag, _ in seen} == {"fw", "bw"}
+    assert {dtype for _, dtype in seen} == {"torch.bfloat16"}, seen
+
+
+def test_compiled_draw_is_the_eager_draw():
+    """Under torch.compile the draw is the eager randint (an opaque op): same bits from the same RNG state."""
+    from chainfree.ops.basis_sketch import draw_bits
+
+    def draw(x):
+        return draw_bits(x.shape[0], 7, x.device) + 0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(draw, backend="inductor", fullgraph=True)
+    x = torch.zeros(50)
+    torch.manual_seed(3)
+    want = [draw(x) for _ in range(2)]
+    torch.manual_seed(3)
+    got = [compiled(x) for _ in range(2)]
+    torch._dynamo.reset()
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(got[0], got[1])  # a fresh draw per call
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_kernel_matches_cpu_reference_in_training_shapes():

@@ -29,9 +29,11 @@ hidden pre-activations in backward: one GEMM for GELU (5 full-size GEMMs per ste
 6), two for SwiGLU (8 instead of 9).
 
 Mixed precision: the Functions read the autocast state of the input's device and cast explicitly
-(inputs and weights to the autocast dtype, float64 never cast), then run with autocast off; backward
-reuses the recorded dtype. torch.amp.custom_fwd/custom_bwd bind one device type at decoration time,
-and these must behave the same under CPU and CUDA autocast.
+(inputs and weights to the autocast dtype, float64 never cast), so autocast, still on around them, has
+nothing left to decide; backward reuses the recorded dtype. torch.amp.custom_fwd/custom_bwd bind one device
+type at decoration time, and these must behave the same under CPU and CUDA autocast. The bodies do not
+switch autocast off themselves: inside torch.compile's trace such a switch leaks past the Function, and
+every later layer would read "autocast off" and compile float32 GEMMs.
 """
 
 from __future__ import annotations
@@ -103,11 +105,10 @@ class BasisLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rank, compression, shrink: float, scalars: bool):
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
-            r = resolve_rank(x2.shape[0], rank, compression)
-            draw = _Draw(x2, r, scalars) if ctx.needs_input_grad[1] else None
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+        r = resolve_rank(x2.shape[0], rank, compression)
+        draw = _Draw(x2, r, scalars) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(weight, *(draw.saved() if draw else (None,) * 3))
         ctx.meta = (dtype, x.dtype, x.shape, r, shrink, bias is not None)
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -118,15 +119,14 @@ class BasisLinearFunction(torch.autograd.Function):
         dtype, x_dtype, x_shape, rank, shrink, has_bias = ctx.meta
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-            if need_dx:
-                dx = (dy2 @ weight.to(dtype)).view(x_shape).to(x_dtype)
-            want_db = has_bias and need_db
-            if need_dw:
-                dw, db = _weight_grad(dy2, tuple(saved), rank, shrink, weight, want_db)
-            elif want_db:
-                db = dy2.sum(0, dtype=_acc(dtype))
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        if need_dx:
+            dx = (dy2 @ weight.to(dtype)).view(x_shape).to(x_dtype)
+        want_db = has_bias and need_db
+        if need_dw:
+            dw, db = _weight_grad(dy2, tuple(saved), rank, shrink, weight, want_db)
+        elif want_db:
+            db = dy2.sum(0, dtype=_acc(dtype))
         return dx, dw, None if db is None else db.to(weight.dtype), None, None, None, None
 
 
@@ -160,12 +160,11 @@ class BasisMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w1, b1, w2, b2, rank, compression, shrink: float, scalars: bool, approximate: str):
         dtype = compute_dtype(u)
-        with torch.autocast(u.device.type, enabled=False):
-            u2 = u.reshape(-1, u.shape[-1]).to(dtype)
-            act = F.gelu(F.linear(u2, w1.to(dtype), _bias(b1, dtype)), approximate=approximate)
-            y = F.linear(act, w2.to(dtype), _bias(b2, dtype))
-            r = resolve_rank(u2.shape[0], rank, compression)
-            up, down = _Draw(u2, r, scalars), _Draw(act, r, scalars)
+        u2 = u.reshape(-1, u.shape[-1]).to(dtype)
+        act = F.gelu(F.linear(u2, w1.to(dtype), _bias(b1, dtype)), approximate=approximate)
+        y = F.linear(act, w2.to(dtype), _bias(b2, dtype))
+        r = resolve_rank(u2.shape[0], rank, compression)
+        up, down = _Draw(u2, r, scalars), _Draw(act, r, scalars)
         ctx.save_for_backward(u2, w1, b1, w2, *up.saved(), *down.saved())
         ctx.meta = (dtype, u.dtype, u.shape, r, shrink, approximate, b2 is not None)
         return y.view(*u.shape[:-1], w2.shape[0])
@@ -175,20 +174,19 @@ class BasisMLPFunction(torch.autograd.Function):
         u2, w1, b1, w2, *saved = ctx.saved_tensors
         dtype, u_dtype, u_shape, rank, shrink, approximate, has_b2 = ctx.meta
         need = ctx.needs_input_grad
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-            w1c = w1.to(dtype)
-            hidden = F.linear(u2, w1c, _bias(b1, dtype))
-            d_hidden = torch.ops.aten.gelu_backward(dy2 @ w2.to(dtype), hidden, approximate=approximate)
-            del hidden
-            du = (d_hidden @ w1c).view(u_shape).to(u_dtype) if need[0] else None
-            want_db1, want_db2 = b1 is not None and need[2], has_b2 and need[4]
-            dw1, db1 = _weight_grad(d_hidden, tuple(saved[:3]), rank, shrink, w1, want_db1) if need[1] else (None, None)
-            dw2, db2 = _weight_grad(dy2, tuple(saved[3:]), rank, shrink, w2, want_db2) if need[3] else (None, None)
-            if db1 is None and want_db1:
-                db1 = d_hidden.sum(0, dtype=_acc(dtype))
-            if db2 is None and want_db2:
-                db2 = dy2.sum(0, dtype=_acc(dtype))
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        w1c = w1.to(dtype)
+        hidden = F.linear(u2, w1c, _bias(b1, dtype))
+        d_hidden = torch.ops.aten.gelu_backward(dy2 @ w2.to(dtype), hidden, approximate=approximate)
+        del hidden
+        du = (d_hidden @ w1c).view(u_shape).to(u_dtype) if need[0] else None
+        want_db1, want_db2 = b1 is not None and need[2], has_b2 and need[4]
+        dw1, db1 = _weight_grad(d_hidden, tuple(saved[:3]), rank, shrink, w1, want_db1) if need[1] else (None, None)
+        dw2, db2 = _weight_grad(dy2, tuple(saved[3:]), rank, shrink, w2, want_db2) if need[3] else (None, None)
+        if db1 is None and want_db1:
+            db1 = d_hidden.sum(0, dtype=_acc(dtype))
+        if db2 is None and want_db2:
+            db2 = dy2.sum(0, dtype=_acc(dtype))
         return (du, dw1, None if db1 is None else db1.to(w1.dtype), dw2, None if db2 is None else db2.to(w2.dtype),
                 None, None, None, None, None)
 
@@ -205,13 +203,12 @@ class BasisSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, wg, bg, wu, bu, wd, bd, rank, compression, shrink: float, scalars: bool):
         dtype = compute_dtype(u)
-        with torch.autocast(u.device.type, enabled=False):
-            u2 = u.reshape(-1, u.shape[-1]).to(dtype)
-            h = F.silu(F.linear(u2, wg.to(dtype), _bias(bg, dtype)))
-            h = h.mul_(F.linear(u2, wu.to(dtype), _bias(bu, dtype)))
-            y = F.linear(h, wd.to(dtype), _bias(bd, dtype))
-            r = resolve_rank(u2.shape[0], rank, compression)
-            inp, down = _Draw(u2, r, scalars), _Draw(h, r, scalars)
+        u2 = u.reshape(-1, u.shape[-1]).to(dtype)
+        h = F.silu(F.linear(u2, wg.to(dtype), _bias(bg, dtype)))
+        h = h.mul_(F.linear(u2, wu.to(dtype), _bias(bu, dtype)))
+        y = F.linear(h, wd.to(dtype), _bias(bd, dtype))
+        r = resolve_rank(u2.shape[0], rank, compression)
+        inp, down = _Draw(u2, r, scalars), _Draw(h, r, scalars)
         ctx.save_for_backward(u2, wg, bg, wu, bu, wd, *inp.saved(), *down.saved())
         ctx.meta = (dtype, u.dtype, u.shape, r, shrink, bd is not None)
         return y.view(*u.shape[:-1], wd.shape[0])
@@ -222,27 +219,26 @@ class BasisSwiGLUFunction(torch.autograd.Function):
         dtype, u_dtype, u_shape, rank, shrink, has_bd = ctx.meta
         need = ctx.needs_input_grad
         acc = _acc(dtype)
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-            wgc, wuc = wg.to(dtype), wu.to(dtype)
-            g = F.linear(u2, wgc, _bias(bg, dtype))
-            a = F.linear(u2, wuc, _bias(bu, dtype))
-            dh = dy2 @ wd.to(dtype)
-            da = dh * F.silu(g)
-            dg = torch.ops.aten.silu_backward(dh.mul_(a), g)
-            del g, a, dh
-            du = (dg @ wgc).addmm_(da, wuc).view(u_shape).to(u_dtype) if need[0] else None
-            inp = tuple(saved[:3])
-            want = (bg is not None and need[2], bu is not None and need[4], has_bd and need[6])
-            dwg, dbg = _weight_grad(dg, inp, rank, shrink, wg, want[0]) if need[1] else (None, None)
-            dwu, dbu = _weight_grad(da, inp, rank, shrink, wu, want[1]) if need[3] else (None, None)
-            dwd, dbd = _weight_grad(dy2, tuple(saved[3:]), rank, shrink, wd, want[2]) if need[5] else (None, None)
-            if dbg is None and want[0]:
-                dbg = dg.sum(0, dtype=acc)
-            if dbu is None and want[1]:
-                dbu = da.sum(0, dtype=acc)
-            if dbd is None and want[2]:
-                dbd = dy2.sum(0, dtype=acc)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        wgc, wuc = wg.to(dtype), wu.to(dtype)
+        g = F.linear(u2, wgc, _bias(bg, dtype))
+        a = F.linear(u2, wuc, _bias(bu, dtype))
+        dh = dy2 @ wd.to(dtype)
+        da = dh * F.silu(g)
+        dg = torch.ops.aten.silu_backward(dh.mul_(a), g)
+        del g, a, dh
+        du = (dg @ wgc).addmm_(da, wuc).view(u_shape).to(u_dtype) if need[0] else None
+        inp = tuple(saved[:3])
+        want = (bg is not None and need[2], bu is not None and need[4], has_bd and need[6])
+        dwg, dbg = _weight_grad(dg, inp, rank, shrink, wg, want[0]) if need[1] else (None, None)
+        dwu, dbu = _weight_grad(da, inp, rank, shrink, wu, want[1]) if need[3] else (None, None)
+        dwd, dbd = _weight_grad(dy2, tuple(saved[3:]), rank, shrink, wd, want[2]) if need[5] else (None, None)
+        if dbg is None and want[0]:
+            dbg = dg.sum(0, dtype=acc)
+        if dbu is None and want[1]:
+            dbu = da.sum(0, dtype=acc)
+        if dbd is None and want[2]:
+            dbd = dy2.sum(0, dtype=acc)
 
         def cast(db, w):
             return None if db is None else db.to(w.dtype)

@@ -97,16 +97,36 @@ def resolve_rank(rows: int, rank: int | None, compression: float | None) -> int:
     return max(1, min(r, rows))
 
 
+def _randint_bits(n: int, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randint(0, 2**31 - 1, (n,), device=device, generator=generator, dtype=torch.int32)
+
+
+# Under torch.compile the draw is an opaque op that calls torch.randint eagerly: the compiled step then draws
+# exactly the bits the eager step would (same generator, same stream position), and the compiler's own RNG
+# lowering never sees it. The tag marks it random, so the partitioner never recomputes it in backward (a
+# second draw there would sketch dY with a different hash than X).
+@torch.library.custom_op("chainfree::basis_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _draw_op(n: int, device: torch.device) -> torch.Tensor:
+    return _randint_bits(n, device)
+
+
+@_draw_op.register_fake
+def _(n, device):
+    return torch.empty(n, device=device, dtype=torch.int32)
+
+
 def draw_bits(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None
               ) -> torch.Tensor:
     """The random bits of one draw for R = rank (clamped to [1, rows]): (rows + ceil(rows / R),) int32.
 
-    One randint call, reproducible under torch.manual_seed. Bits are uniform on [0, 2^31 - 1):
-    P(sign = +1) = 1/2 - 2^-32, P(shift = k) = 1/R up to R / 2^31.
+    One randint call, reproducible under torch.manual_seed, and the same call compiled or not. Bits are
+    uniform on [0, 2^31 - 1): P(sign = +1) = 1/2 - 2^-32, P(shift = k) = 1/R up to R / 2^31.
     """
     rank = max(1, min(rank, rows))
-    groups = -(-rows // rank)
-    return torch.randint(0, 2**31 - 1, (rows + groups,), device=device, generator=generator, dtype=torch.int32)
+    n = rows + -(-rows // rank)
+    if generator is None and torch.compiler.is_compiling():
+        return _draw_op(n, torch.device(device))
+    return _randint_bits(n, device, generator)
 
 
 def draw_plan(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None) -> SketchPlan:
