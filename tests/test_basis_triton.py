@@ -137,12 +137,53 @@ def test_compiled_layers_keep_the_autocast_dtype_after_the_first():
     assert {dtype for _, dtype in seen} == {"torch.bfloat16"}, seen
 
 
+def test_compiled_gradients_equal_eager_gradients_from_the_same_rng_state():
+    """Inductor-compiled BASIS computes the eager step's weight gradients exactly (same draws, same pairing).
+
+    Regression: with the draw a separate op, the compiler merged equal-looking draws of different layers
+    (CSE) and recomputed a layer's draw in backward (min-cut partitioner) when its input was cheap to
+    recompute, so that layer sketched dY under a different hash than X: wrong gradients, no error. Four
+    layers with equal row counts, one fed by a layer norm (cheap to recompute), unfused and fused MLP."""
+    import copy
+
+    from chainfree.methods import basis
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.mlp, self.b = torch.nn.Linear(16, 16), MLP(16, 32), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.layer_norm(self.mlp(self.a(x)), (16,)))
+
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        net = Net()
+        basis.apply(net, basis.BasisConfig(compression=8, fuse_mlp=fuse, layers=["a", "b", "mlp.*"]))
+        twin = copy.deepcopy(net)
+        x, dy = torch.randn(64, 16), torch.randn(64, 16)
+        torch._dynamo.reset()
+        compiled = torch.compile(twin, backend="inductor")
+        for step in range(2):  # the first call compiles, the second replays
+            for p in (*net.parameters(), *twin.parameters()):
+                p.grad = None
+            torch.manual_seed(10 + step)
+            net(x).backward(dy)
+            torch.manual_seed(10 + step)
+            compiled(x).backward(dy)
+            for (name, p), q in zip(twin.named_parameters(), net.parameters(), strict=True):
+                # float32 reassociation by inductor: ~1e-7 of the largest entry; a wrong pairing is O(1)
+                err = float((p.grad - q.grad).abs().max() / q.grad.abs().max())
+                assert err < 1e-5, f"fuse={fuse} step {step} {name}: {err:.2e}"
+    torch._dynamo.reset()
+
+
 def test_compiled_draw_is_the_eager_draw():
     """Under torch.compile the draw is the eager randint (an opaque op): same bits from the same RNG state."""
     from chainfree.ops.basis_sketch import draw_bits
 
     def draw(x):
-        return draw_bits(x.shape[0], 7, x.device) + 0
+        return draw_bits(x.shape[0], 7, x.device, like=x) + 0
 
     torch._dynamo.reset()
     compiled = torch.compile(draw, backend="inductor", fullgraph=True)

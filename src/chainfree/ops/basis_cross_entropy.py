@@ -59,7 +59,7 @@ class BasisLinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if need_dh else None
         db = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if ctx.has_bias else None
         if need_dw:
-            plan = draw_plan(n, rank, h.device)
+            plan = draw_plan(n, rank, h.device, like=h)
             g_sketch = torch.zeros(plan.rank, weight.shape[0], device=h.device, dtype=acc)
             h_sketch = torch.zeros(plan.rank, weight.shape[1], device=h.device, dtype=acc)
             g_sq = torch.zeros((), device=h.device, dtype=acc)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from chainfree.errors import ConfigError
-from chainfree.ops.basis_sketch import SketchPlan, draw_bits, gamma, resolve_rank, sketch
+from chainfree.ops.basis_sketch import SketchPlan, draw_and_sketch, gamma, resolve_rank, sketch
 
 # Sketch rows when neither a rank nor a compression is given (the paper's main setting).
 DEFAULT_RANK = 32
@@ -76,12 +76,12 @@ class _Draw:
     """A layer-step's sketch of its input: the draw (as its raw bits), unscaled sketch S X and gamma_X."""
 
     def __init__(self, m: torch.Tensor, rank: int, scalars: bool) -> None:
-        self.bits = draw_bits(m.shape[0], rank, m.device)
-        sk, stats, _ = sketch(m, SketchPlan.from_bits(self.bits, m.shape[0], rank))
-        self.sketch = sk
+        self.bits, self.sketch, stats = draw_and_sketch(m, rank)
+        # without scalars an empty tensor, not None: AOTAutograd mis-threads a None among a Function's
+        # saved tensors (the compiled backward then reads the wrong sketch)
         self.gamma = gamma(stats) if scalars else None
 
-    def saved(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def saved(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.sketch, self.gamma, self.bits
 
 

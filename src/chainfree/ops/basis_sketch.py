@@ -101,37 +101,45 @@ def _randint_bits(n: int, device: torch.device | str, generator: torch.Generator
     return torch.randint(0, 2**31 - 1, (n,), device=device, generator=generator, dtype=torch.int32)
 
 
-# Under torch.compile the draw is an opaque op that calls torch.randint eagerly: the compiled step then draws
-# exactly the bits the eager step would (same generator, same stream position), and the compiler's own RNG
-# lowering never sees it. The tag marks it random, so the partitioner never recomputes it in backward (a
-# second draw there would sketch dY with a different hash than X).
+# Under torch.compile a draw is an opaque op that calls torch.randint eagerly (same bits as the eager step,
+# and the compiler's own RNG lowering never sees it). The compiler treats it as pure: its CSE merges calls
+# with equal inputs, and its partitioner may *recompute* it in backward instead of saving its output. So a
+# layer's draw and the sketch of its input are one op (`_draw_sketch_op`): recomputed, it yields a new hash
+# together with the sketch made under it, and backward always pairs a sketch with its own hash. The bare
+# draw (`_draw_op`, used where a draw has no sketch beside it) takes the matrix it will sketch as an input,
+# so that draws of different layers never look equal.
 @torch.library.custom_op("chainfree::basis_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _draw_op(n: int, device: torch.device) -> torch.Tensor:
-    return _randint_bits(n, device)
+def _draw_op(m: torch.Tensor, n: int) -> torch.Tensor:
+    return _randint_bits(n, m.device)
 
 
 @_draw_op.register_fake
-def _(n, device):
-    return torch.empty(n, device=device, dtype=torch.int32)
+def _(m, n):
+    return torch.empty(n, device=m.device, dtype=torch.int32)
 
 
-def draw_bits(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None
-              ) -> torch.Tensor:
+def draw_bits(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None,
+              like: torch.Tensor | None = None) -> torch.Tensor:
     """The random bits of one draw for R = rank (clamped to [1, rows]): (rows + ceil(rows / R),) int32.
 
     One randint call, reproducible under torch.manual_seed, and the same call compiled or not. Bits are
     uniform on [0, 2^31 - 1): P(sign = +1) = 1/2 - 2^-32, P(shift = k) = 1/R up to R / 2^31.
+    `like`: the matrix the draw will sketch; under torch.compile it ties the draw to its layer (see
+    `_draw_op`), so it is required there.
     """
     rank = max(1, min(rank, rows))
     n = rows + -(-rows // rank)
     if generator is None and torch.compiler.is_compiling():
-        return _draw_op(n, torch.device(device))
+        if like is None:
+            raise ValueError("draw_bits under torch.compile needs like= (the matrix the draw will sketch)")
+        return _draw_op(like, n)
     return _randint_bits(n, device, generator)
 
 
-def draw_plan(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None) -> SketchPlan:
-    """A fresh draw of the hash for `rows` rows and R = rank (clamped to [1, rows])."""
-    return SketchPlan.from_bits(draw_bits(rows, rank, device, generator), rows, max(1, min(rank, rows)))
+def draw_plan(rows: int, rank: int, device: torch.device | str, generator: torch.Generator | None = None,
+              like: torch.Tensor | None = None) -> SketchPlan:
+    """A fresh draw of the hash for `rows` rows and R = rank (clamped to [1, rows]); `like` as in draw_bits."""
+    return SketchPlan.from_bits(draw_bits(rows, rank, device, generator, like), rows, max(1, min(rank, rows)))
 
 
 def _accum(dtype: torch.dtype) -> torch.dtype:
@@ -240,6 +248,40 @@ def sketch(
     call = _sketch_op if torch.compiler.is_compiling() else _sketch_impl
     sk, stats, colsum = call(m, plan.sign_bits, plan.shift_bits, plan.rank, with_colsum)
     return sk, stats, colsum if with_colsum else None
+
+
+def _draw_sketch_impl(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = m.shape[0]
+    bits = _randint_bits(rows + -(-rows // rank), m.device)
+    plan = SketchPlan.from_bits(bits, rows, rank)
+    sk, stats, _ = _sketch_impl(m, plan.sign_bits, plan.shift_bits, rank, False)
+    return bits, sk, stats
+
+
+@torch.library.custom_op("chainfree::basis_draw_sketch", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _draw_sketch_op(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bits, sk, stats = _draw_sketch_impl(m, rank)
+    return _unaliased([m], [bits, sk.to(m.dtype), stats])
+
+
+@_draw_sketch_op.register_fake
+def _(m, rank):
+    rows = m.shape[0]
+    return (torch.empty(rows + -(-rows // rank), device=m.device, dtype=torch.int32), m.new_empty(rank, m.shape[1]),
+            m.new_empty(2, dtype=_accum(m.dtype)))
+
+
+def draw_and_sketch(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fresh draw for m's rows and R = rank (clamped to [1, rows]) and m's sketch under it: (draw bits,
+    S m, [||m||_F^2, ||S m||_F^2]) -- draw_bits then sketch, as one op under torch.compile (see `_draw_op`)."""
+    if m.dim() != 2:
+        raise ValueError(f"draw_and_sketch needs a (rows, N) matrix, got shape {tuple(m.shape)}")
+    rank = max(1, min(rank, m.shape[0]))
+    if m.stride(1) != 1:
+        m = m.contiguous()
+    if torch.compiler.is_compiling():
+        return _draw_sketch_op(m, rank)
+    return _draw_sketch_impl(m, rank)
 
 
 def gamma(stats: torch.Tensor) -> torch.Tensor:
