@@ -21,6 +21,7 @@ from chainfree.nn.basis import BasisLinear, BasisMLP
 from chainfree.ops.basis_cross_entropy import basis_linear_cross_entropy
 from chainfree.ops.basis_linear import basis_linear
 from chainfree.ops.basis_sketch import (
+    SketchPlan,
     draw_plan,
     resolve_rank,
     scaled_sketch,
@@ -102,21 +103,34 @@ def test_buckets_balanced_and_sketch_paths_agree(rows, rank):
         torch.testing.assert_close(sketch_ref(m[cut:], sub.sign_bits, sub.shift_bits, rank)[0], S[:, cut:] @ m[cut:])
 
 
-def test_same_draw_for_x_and_dy(monkeypatch):
+def _record_plans(monkeypatch) -> list:
+    """A live list of (width, plan) of every sketch the BASIS layers make: forward through draw_and_sketch (the
+    draw and X's sketch in one call), backward through sketch."""
     seen = []
-    real = bl.sketch
+    real, real_draw = bl.sketch, bl.draw_and_sketch
 
     def recording(m, plan, with_colsum=False):
-        seen.append(plan)
+        seen.append((m.shape[1], plan))
         return real(m, plan, with_colsum)
 
+    def recording_draw(m, rank):
+        bits, sk, stats = real_draw(m, rank)
+        seen.append((m.shape[1], SketchPlan.from_bits(bits, m.shape[0], min(rank, m.shape[0]))))
+        return bits, sk, stats
+
     monkeypatch.setattr(bl, "sketch", recording)
+    monkeypatch.setattr(bl, "draw_and_sketch", recording_draw)
+    return seen
+
+
+def test_same_draw_for_x_and_dy(monkeypatch):
+    recorded = _record_plans(monkeypatch)
     x, w, b, dy = _problem(rows=20)
     torch.manual_seed(3)
     shrink = 0.01
     _, dw, _ = _grads(x, w, b, dy, rank=4, shrink=shrink, scalars=True)
-    assert len(seen) == 2  # forward sketches X, backward sketches dY
-    px, pdy = seen
+    assert len(recorded) == 2  # forward sketches X, backward sketches dY
+    (_, px), (_, pdy) = recorded
     assert torch.equal(px.shifts, pdy.shifts) and torch.equal(px.signs, pdy.signs) and px.rank == pdy.rank == 4
     # and dW is exactly the estimator's formula with that one draw
     S = px.sign_matrix()
@@ -431,10 +445,7 @@ def test_language_model_bf16_autocast_smoke():
 
 def test_fused_mlp_same_draw_per_layer_and_unbiased(monkeypatch):
     """Each fused projection uses one draw for its input and its output gradient; dW1, dW2 unbiased."""
-    seen = []
-    real = bl.sketch
-    monkeypatch.setattr(bl, "sketch", lambda m, plan, with_colsum=False: seen.append((m.shape[1], plan))
-                        or real(m, plan, with_colsum))
+    seen = _record_plans(monkeypatch)
     torch.manual_seed(0)
     mlp = BasisMLP(MLP(3, 4).double(), rank=2, shrink=0.0, scalars=False)
     u = torch.randn(8, 3, dtype=f64, requires_grad=True)
