@@ -20,7 +20,9 @@ allocated before it minus the gradients; CPU: torch's MemTracker peak minus weig
 and gradients), step time (median over steps >= `--warmup`, p10-p90 spread,
 median of the per-step ratio to compiled exact), val loss on fixed val windows after the equal token
 budget (the model's uncompiled forward on the val windows of chainfree.training.trainer.evaluate).
-Writes basis_frontier_d{width}.{json,md} and a memory-vs-time PNG labelled with Δval.
+Writes basis_frontier_d{width}.{json,md} and a memory-vs-time PNG labelled with Δval. With `--equal-time` every
+case is then trained again from the same seed for the steps its median step time fits into the baseline's
+training time (its own LR schedule over those steps) and the val loss at equal wall-clock gets its own table.
 
 `optim` is `frontier` with optimizer variants instead of baselines (AdamW vs SGD-momentum, invariant
 scalars on/off at each compression), for small models on CPU.
