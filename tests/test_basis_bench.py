@@ -84,3 +84,31 @@ def test_run_cases_gives_each_case_its_own_step_count_and_schedule():
     assert res["b"]["tokens"] == 3 * 2 * 16
     # same seed and batches: the first losses agree while the schedules (5 vs 3 steps) differ later
     assert res["a"]["records"][0]["train_loss"] == pytest.approx(res["b"]["records"][0]["train_loss"])
+
+
+def test_frontier_plot_draws_valid_cases_and_leaves_invalid_ones_out(tmp_path, monkeypatch):
+    import chainfree.bench.basis_bench as bb
+
+    drawn = []
+    real = bb.pyplot
+
+    def recording_pyplot():
+        plt = real()
+        orig = plt.Axes.scatter
+
+        def scatter(self, x, y, *a, **k):
+            drawn.append((x, y, k.get("facecolors")))
+            return orig(self, x, y, *a, **k)
+
+        monkeypatch.setattr(plt.Axes, "scatter", scatter)
+        return plt
+
+    monkeypatch.setattr(bb, "pyplot", recording_pyplot)
+    results = {"exact+compile": {"step_ms": 40.0, "activation_gib": 5.0, "delta_val": 0.0},
+               "basis all c=8+compile": {"step_ms": 37.0, "activation_gib": 3.9, "delta_val": 0.17},
+               "basis all c=8": {"step_ms": 57.0, "activation_gib": 3.2, "delta_val": 0.2},
+               "basis all c=2+compile": {"step_ms": 99.0, "activation_gib": 9.0, "delta_val": 8.0, "invalid": "bug"}}
+    bb.frontier_plot(results, tmp_path / "f.png", "t", "exact+compile")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert sorted((x, y) for x, y, _ in drawn) == [(37.0, 3.9), (40.0, 5.0), (57.0, 3.2)]
+    assert {x: face for x, _, face in drawn}[37.0] == "none"  # compiled: hollow

@@ -363,20 +363,33 @@ FRONTIER_COLUMNS = [("case", "case"), ("activation_gib", "activation (GiB)"), ("
 
 
 def frontier_plot(results: dict[str, dict[str, Any]], path: Path, title: str, baseline: str) -> None:
+    """Memory vs step time, one point per case labelled with its Δval; compiled cases hollow; cases marked
+    invalid left out."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, r in results.items():
-        if "activation_gib" not in r:
-            continue
+    points = sorted((r["step_ms"], name, r) for name, r in results.items()
+                    if "activation_gib" in r and not r.get("invalid"))
+    xs = [x for x, _, _ in points] or [0.0]
+    ys = [r["activation_gib"] for _, _, r in points] or [0.0]
+    near_x, near_y = 0.06 * (max(xs) - min(xs) or 1), 0.06 * (max(ys) - min(ys) or 1)
+    placed: list[tuple[float, float, tuple[int, int]]] = []
+    for _, name, r in points:
         kind = "exact" if name.startswith("exact") else ("basis-all" if " all" in name else "basis-mlp")
         marker = {"exact": "s", "basis-all": "o", "basis-mlp": "^"}[kind]
         color = {"exact": "k", "basis-all": "C0", "basis-mlp": "C1"}[kind]
-        ax.scatter(r["step_ms"], r["activation_gib"], marker=marker, color=color, s=40)
-        ax.annotate(f"{name.replace('basis ', '')}\nΔval {r['delta_val']:+.2f}", (r["step_ms"], r["activation_gib"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+        compiled = name.endswith("+compile")
+        ax.scatter(r["step_ms"], r["activation_gib"], marker=marker, s=40, linewidths=1.5,
+                   facecolors="none" if compiled else color, edgecolors=color)
+        # a label goes to the first corner no close neighbour's label took, so close points do not overprint
+        x, y = r["step_ms"], r["activation_gib"]
+        taken = {off for px, py, off in placed if abs(px - x) < near_x and abs(py - y) < near_y}
+        offset = next((o for o in ((3, 4), (3, -16), (-75, 4), (-75, -16)) if o not in taken), (3, 4))
+        placed.append((x, y, offset))
+        ax.annotate(f"{name.replace('basis ', '')}\nΔval {r['delta_val']:+.2f}", (x, y),
+                    fontsize=6, xytext=offset, textcoords="offset points")
     ax.set_xlabel("step time (ms, median)")
     ax.set_ylabel("activation memory of one step (GiB)")
-    ax.set_title(f"{title}\n(label: val loss minus {baseline}'s after the same tokens)", fontsize=9)
+    ax.set_title(f"{title}\n(label: val loss minus {baseline}'s after the same tokens; hollow: compiled)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
