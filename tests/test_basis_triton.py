@@ -143,22 +143,31 @@ def test_compiled_gradients_equal_eager_gradients_from_the_same_rng_state():
     Regression: with the draw a separate op, the compiler merged equal-looking draws of different layers
     (CSE) and recomputed a layer's draw in backward (min-cut partitioner) when its input was cheap to
     recompute, so that layer sketched dY under a different hash than X: wrong gradients, no error. Four
-    layers with equal row counts, one fed by a layer norm (cheap to recompute), unfused and fused MLP."""
+    layers with equal row counts, one fed by a layer norm (cheap to recompute), unfused and fused GELU MLP, fused SwiGLU."""
     import copy
 
     from chainfree.methods import basis
 
-    class Net(torch.nn.Module):
-        def __init__(self):
+    class SwiGLU(torch.nn.Module):
+        def __init__(self, d, hidden):
             super().__init__()
-            self.a, self.mlp, self.b = torch.nn.Linear(16, 16), MLP(16, 32), torch.nn.Linear(16, 16)
+            self.gate_proj, self.up_proj = torch.nn.Linear(d, hidden), torch.nn.Linear(d, hidden)
+            self.down_proj, self.act_fn = torch.nn.Linear(hidden, d), torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.a, self.mlp, self.b = torch.nn.Linear(16, 16), mlp, torch.nn.Linear(16, 16)
 
         def forward(self, x):
             return self.b(torch.nn.functional.layer_norm(self.mlp(self.a(x)), (16,)))
 
-    for fuse in (False, True):
+    for fuse, mlp in ((False, MLP), (True, MLP), (True, SwiGLU)):
         torch.manual_seed(0)
-        net = Net()
+        net = Net(mlp(16, 32))
         basis.apply(net, basis.BasisConfig(compression=8, fuse_mlp=fuse, layers=["a", "b", "mlp.*"]))
         twin = copy.deepcopy(net)
         x, dy = torch.randn(64, 16), torch.randn(64, 16)
@@ -174,7 +183,7 @@ def test_compiled_gradients_equal_eager_gradients_from_the_same_rng_state():
             for (name, p), q in zip(twin.named_parameters(), net.parameters(), strict=True):
                 # float32 reassociation by inductor: ~1e-7 of the largest entry; a wrong pairing is O(1)
                 err = float((p.grad - q.grad).abs().max() / q.grad.abs().max())
-                assert err < 1e-5, f"fuse={fuse} step {step} {name}: {err:.2e}"
+                assert err < 1e-5, f"{type(net.mlp).__name__} step {step} {name}: {err:.2e}"
     torch._dynamo.reset()
 
 
