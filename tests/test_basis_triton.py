@@ -143,7 +143,8 @@ def test_compiled_gradients_equal_eager_gradients_from_the_same_rng_state():
     Regression: with the draw a separate op, the compiler merged equal-looking draws of different layers
     (CSE) and recomputed a layer's draw in backward (min-cut partitioner) when its input was cheap to
     recompute, so that layer sketched dY under a different hash than X: wrong gradients, no error. Four
-    layers with equal row counts, one fed by a layer norm (cheap to recompute), unfused and fused GELU MLP, fused SwiGLU."""
+    layers with equal row counts, one fed by a layer norm (cheap to recompute); unfused and fused GELU MLP,
+    fused SwiGLU."""
     import copy
 
     from chainfree.methods import basis
