@@ -84,3 +84,40 @@ def test_variance_grid_zero_when_nothing_is_cut_and_positive_otherwise():
     md = variance_markdown(rows, {"model": "tiny", "pretrain_steps": 0, "pretrain_val_loss": float("nan"),
                                   "batches": 3, "draws": 2})  # fmt: skip
     assert "| c \\ n | 8 | 16 |" in md and "systematic" in md and "carried gradient" in md
+
+
+def test_sus_attention_runs_outside_compiled_graphs_without_recompiling():
+    """Compiled, a model with SUS attention gets the eager gradients for each fresh seed and compiles once:
+    sus_attention is excluded from the graph (its per-call seed is a host int; traced, every new seed would
+    recompile until dynamo's limit)."""
+    from torch._dynamo.utils import counters
+
+    from chainfree.ops.sus import sus_attention
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return sus_attention(q, k, v, is_causal=True, c=2).sum()
+
+    torch.manual_seed(0)
+    eager = Attn()
+    compiled_module = Attn()
+    compiled_module.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    x = torch.randn(12, 16)
+    for step in range(10):
+        for m in (eager, compiled_module):
+            m.zero_grad(set_to_none=True)
+        torch.manual_seed(step)
+        eager(x).backward()
+        torch.manual_seed(step)
+        compiled(x).backward()
+        torch.testing.assert_close(compiled_module.qkv.weight.grad, eager.qkv.weight.grad, rtol=1e-5, atol=1e-6)
+    assert counters["frames"]["total"] <= 3  # the frames around the break compile once, not once per seed (11)
+    torch._dynamo.reset()

@@ -87,6 +87,10 @@ def _check_inputs(q, k, v, c, enable_gqa, attn_mask, dropout_p, variant, backend
             raise ValueError(f"enable_gqa needs q heads ({H}) to be a multiple of k/v heads ({H_kv})")
 
 
+# Runs outside torch.compile's graphs (a graph break around each call): the per-call seed is a Python int
+# drawn on the host, and a traced call would specialise on it -- a recompile every step until dynamo's
+# recompile limit, then eager anyway.
+@torch.compiler.disable
 def sus_attention(
     query: torch.Tensor,
     key: torch.Tensor,
