@@ -239,6 +239,7 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int | dict[st
     steps: one step count for all cases, or one per case (each case's LR schedule spans its own count; a
     case that has reached its count sits out the remaining rounds)."""
     n_steps = steps if isinstance(steps, dict) else dict.fromkeys(cases, steps)
+    longest = max(n_steps.values())
     cfgs = {name: load_config(None, [*base, f"train.steps={n_steps[name]}", f"train.device={device.type}", *extra])
             for name, extra in cases.items()}
     first = next(iter(cfgs.values()))
@@ -253,7 +254,7 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int | dict[st
     names = list(runs)
     t_start = time.perf_counter()
     done_steps = 0
-    for step in range(max(n_steps.values())):
+    for step in range(longest):
         if step == 1:
             t_start = time.perf_counter()  # the budget counts from step 1: step 0 holds every compile
         if time.perf_counter() - t_start > budget_s and step > measure_step:
@@ -289,7 +290,7 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int | dict[st
             r["losses"].append(stats.loss)
         done_steps = step + 1
         if done_steps % 10 == 0:
-            print(f"step {done_steps}/{max(n_steps.values())} of {len(names)} interleaved cases", flush=True)
+            print(f"step {done_steps}/{longest} of {len(names)} interleaved cases", flush=True)
     for name, r in runs.items():
         cfg = r["cfg"]
         res = r["result"]

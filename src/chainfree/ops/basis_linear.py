@@ -77,11 +77,9 @@ class _Draw:
 
     def __init__(self, m: torch.Tensor, rank: int, scalars: bool) -> None:
         self.bits, self.sketch, stats = draw_and_sketch(m, rank)
-        # without scalars an empty tensor, not None: AOTAutograd mis-threads a None among a Function's
-        # saved tensors (the compiled backward then reads the wrong sketch)
         self.gamma = gamma(stats) if scalars else None
 
-    def saved(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def saved(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         return self.sketch, self.gamma, self.bits
 
 

@@ -97,6 +97,11 @@ def resolve_rank(rows: int, rank: int | None, compression: float | None) -> int:
     return max(1, min(r, rows))
 
 
+def _draw_size(rows: int, rank: int) -> int:
+    """Int32 values in one draw: a sign per row and a shift per group of `rank` rows."""
+    return rows + -(-rows // rank)
+
+
 def _randint_bits(n: int, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (n,), device=device, generator=generator, dtype=torch.int32)
 
@@ -127,8 +132,7 @@ def draw_bits(rows: int, rank: int, device: torch.device | str, generator: torch
     `like`: the matrix the draw will sketch; under torch.compile it ties the draw to its layer (see
     `_draw_op`), so it is required there.
     """
-    rank = max(1, min(rank, rows))
-    n = rows + -(-rows // rank)
+    n = _draw_size(rows, max(1, min(rank, rows)))
     if generator is None and torch.compiler.is_compiling():
         if like is None:
             raise ValueError("draw_bits under torch.compile needs like= (the matrix the draw will sketch)")
@@ -251,9 +255,8 @@ def sketch(
 
 
 def _draw_sketch_impl(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = m.shape[0]
-    bits = _randint_bits(rows + -(-rows // rank), m.device)
-    plan = SketchPlan.from_bits(bits, rows, rank)
+    bits = _randint_bits(_draw_size(m.shape[0], rank), m.device)
+    plan = SketchPlan.from_bits(bits, m.shape[0], rank)
     sk, stats, _ = _sketch_impl(m, plan.sign_bits, plan.shift_bits, rank, False)
     return bits, sk, stats
 
@@ -266,9 +269,8 @@ def _draw_sketch_op(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 @_draw_sketch_op.register_fake
 def _(m, rank):
-    rows = m.shape[0]
-    return (torch.empty(rows + -(-rows // rank), device=m.device, dtype=torch.int32), m.new_empty(rank, m.shape[1]),
-            m.new_empty(2, dtype=_accum(m.dtype)))
+    return (torch.empty(_draw_size(m.shape[0], rank), device=m.device, dtype=torch.int32),
+            m.new_empty(rank, m.shape[1]), m.new_empty(2, dtype=_accum(m.dtype)))
 
 
 def draw_and_sketch(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
