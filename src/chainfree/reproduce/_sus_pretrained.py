@@ -47,22 +47,76 @@ from chainfree.ops.sus_random import draw_seed
 from chainfree.ops.sus_reference import sampled_weights
 
 
+@dataclass(frozen=True)
+class TileRule:
+    """SUS on tiles: query tile I x key tile J (edge `tile`) carries gradient with probability
+    pi_IJ = min(1, c * m_IJ), weights 1/pi on a kept tile. m_IJ = max over the tile's statistic rows of the
+    row's attention mass in J; the statistic rows are every row (`stride` 1, the exact statistic) or every
+    `stride`-th row of the tile (a proposal), then pi >= `floor` on every tile with a visible pair so the
+    estimator stays unbiased. The same rule as `chainfree.ops.sus_tile`, written on the dense weights."""
+
+    c: float
+    tile: int = 128
+    stride: int = 1
+    floor: float = 0.0
+
+    @property
+    def label(self) -> str:
+        prop = f"/s{self.stride} floor {self.floor:g}" if self.stride > 1 else ""
+        return f"tile{self.tile}{prop} c={self.c:g}"
+
+
+def rule_label(rule: float | TileRule) -> str:
+    return rule.label if isinstance(rule, TileRule) else f"pair c={rule:g}"
+
+
+def tile_sampled_weights(w: torch.Tensor, rule: TileRule, causal: bool, generator: torch.Generator | None
+                         ) -> tuple[torch.Tensor, float, float]:
+    """(W~, expected kept pairs, visible pairs) for weights w [B, H, n_q, n_k] under `rule`: W/pi on kept
+    tiles, 0 elsewhere; one uniform per (b, h, I, J) from `generator` (CPU) moved to w's device."""
+    B, H, n_q, n_k = w.shape
+    t = rule.tile
+    n_i, n_j = -(-n_q // t), -(-n_k // t)
+    wp = torch.nn.functional.pad(w, (0, n_j * t - n_k, 0, n_i * t - n_q)).view(B, H, n_i, t, n_j, t)
+    rows = wp.sum(dim=-1)  # [B, H, I, t, J]: each row's mass in each key tile
+    if rule.stride > 1:
+        rows = rows[:, :, :, rule.stride - 1::rule.stride]
+    mass = rows.amax(dim=3)  # [B, H, I, J]
+    i = torch.arange(n_i * t, device=w.device)[:, None]
+    j = torch.arange(n_j * t, device=w.device)[None, :]
+    visible = (i < n_q) & (j < n_k)
+    if causal:
+        visible &= j <= i + (n_k - n_q)
+    vis = visible.view(n_i, t, n_j, t).sum(dim=(1, 3)).to(w.dtype)  # visible pairs per tile
+    pi = torch.clamp(rule.c * mass, max=1.0)
+    if rule.floor > 0:
+        pi = torch.where(vis > 0, torch.clamp(pi, min=rule.floor), torch.zeros_like(pi))
+    u = torch.rand(pi.shape, generator=generator, dtype=torch.float64).to(device=w.device, dtype=pi.dtype)
+    keep = (u < pi) | (pi >= 1)
+    weight = torch.where(keep, 1.0 / pi.clamp(min=torch.finfo(pi.dtype).tiny), torch.zeros_like(pi))
+    out = (wp * weight[:, :, :, None, :, None]).view(B, H, n_i * t, n_j * t)[:, :, :n_q, :n_k]
+    return out, float((pi * vis).sum()), float(vis.sum()) * B * H
+
+
 @dataclass
 class BackwardMode:
     """What the next backward of every SwitchableAttention does, and what its forward records.
 
-    c: None = exact backward; a number = SUS at that keep rate (`variant` sampling).
+    c: None = exact backward; a number = per-pair SUS at that keep rate (`variant` sampling); a TileRule =
+    SUS on tiles (uniforms from `generator`). `kept` sums, per rule label, (expected kept pairs, visible
+    pairs) over the backwards it ran.
     seeds: when not None, seeds are taken from this list in call order (tests); else drawn from `generator`.
     sparsity_cs: keep rates for which the forward counts W > 1/c and sums min(1, c·W) per layer.
     """
 
-    c: float | None = None
+    c: float | TileRule | None = None
     variant: str = "bernoulli"
     generator: torch.Generator | None = None
     seeds: list[int] | None = None
     sparsity_cs: tuple[float, ...] = ()
     counts: dict[int, dict[str, float]] = field(default_factory=dict)
     record: bool = False
+    kept: dict[str, list[float]] = field(default_factory=dict)
 
     def next_seed(self) -> int:
         return self.seeds.pop(0) if self.seeds is not None else draw_seed(self.generator)
@@ -106,10 +160,19 @@ class SwitchableAttention(torch.autograd.Function):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         go = go.to(q.dtype)
         w = torch.softmax(_scores(q, k, scale, causal).to(acc), dim=-1)
-        if mode.c is not None:
+        if isinstance(mode.c, TileRule):
+            w, kept, visible = tile_sampled_weights(w, mode.c, causal, mode.generator)
+            acc_kept = mode.kept.setdefault(mode.c.label, [0.0, 0.0])
+            acc_kept[0] += kept
+            acc_kept[1] += visible
+        elif mode.c is not None:
             B, H, n_q, _ = q.shape
             bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1)
             rows = torch.arange(n_q, device=q.device)
+            visible = float(B * H * (n_q * (n_q + 1) // 2 if causal and n_q == w.shape[-1] else n_q * w.shape[-1]))
+            acc_kept = mode.kept.setdefault(rule_label(mode.c), [0.0, 0.0])
+            acc_kept[0] += float(torch.clamp(mode.c * w, max=1.0).sum())
+            acc_kept[1] += visible
             w, _, _ = sampled_weights(w, mode.c, mode.next_seed(), bh, rows, mode.variant)
         delta = (go.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # D_i = dO_i . O_i, exact
         ds = (w * (torch.matmul(go, v.transpose(-1, -2)).to(acc) - delta)).to(q.dtype)
@@ -232,17 +295,26 @@ def measure(model: nn.Module, seqs: list[torch.Tensor], cs: tuple[float, ...], d
     return {"units": units, "err": err, "gram": gram, "seconds": seconds}
 
 
-def summarize(raw: dict[str, Any], n: int, cs: tuple[float, ...]) -> list[dict[str, Any]]:
-    """Rows (n, c): overall ratio ± SE and per parameter group, from `measure`'s output."""
+def summarize(raw: dict[str, Any], n: int, cs: tuple[float | TileRule, ...],
+              kept: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
+    """Rows (n, rule): overall ratio ± SE and per parameter group, from `measure`'s output; `kept` (the
+    BackwardMode's record) adds each rule's expected share of visible pairs that carry gradient."""
     units, err, gram = raw["units"], raw["err"], raw["gram"]
     groups = sorted({g for g, _ in units})
     rows = []
     for ci, c in enumerate(cs):
         per_seq = err[ci].mean(axis=1)  # [M, units], mean over draws
         ratio, se, var = jackknife_ratio(per_seq.sum(axis=1), gram.sum(axis=0))
-        row: dict[str, Any] = {"n": n, "c": c, "variance_increase": ratio, "variance_increase_se": se,
+        label = rule_label(c)
+        row: dict[str, Any] = {"n": n, "c": c.c if isinstance(c, TileRule) else c, "rule": label,
+                               "kind": "tile" if isinstance(c, TileRule) else "pair",
+                               "variance_increase": ratio, "variance_increase_se": se,
                                "var_b_exact": var, "sequences": int(err.shape[1]), "draws": int(err.shape[2]),
                                "groups": {}, "layers": {}}  # fmt: skip
+        if isinstance(c, TileRule):
+            row.update(tile=c.tile, stride=c.stride, floor=c.floor)
+        if kept and label in kept and kept[label][1] > 0:
+            row["kept_share"] = kept[label][0] / kept[label][1]
         for group in groups:
             idx = [i for i, (g, _) in enumerate(units) if g == group]
             r, s, v = jackknife_ratio(per_seq[:, idx].sum(axis=1), gram[idx].sum(axis=0))
@@ -278,13 +350,14 @@ class Plan:
     stages should be the figures that matter most. `autocast` runs matmuls in bf16 (weights, gradients,
     softmax and sampling stay fp32)."""
 
-    stages: tuple[tuple[int, tuple[float, ...], int], ...]
+    stages: tuple[tuple[int, tuple[float | TileRule, ...], int], ...]
     draws: int
     autocast: bool
 
     @property
     def cs(self) -> tuple[float, ...]:
-        return tuple(sorted({c for _, cs, _ in self.stages for c in cs}))
+        """The per-pair keep rates (the forward's sparsity record counts W > 1/c for these)."""
+        return tuple(sorted({c for _, cs, _ in self.stages for c in cs if not isinstance(c, TileRule)}))
 
     @property
     def max_n(self) -> int:
@@ -299,10 +372,28 @@ PLANS = {
                           (2048, (8.0, 16.0, 64.0), 3)), draws=1, autocast=True),
     "full": Plan(stages=((2048, GRID_CS, 32), (4096, GRID_CS, 24), (1024, GRID_CS, 32), (512, GRID_CS, 32)),
                  draws=2, autocast=True),
+    # SUS on tiles beside the paper's per-pair rule on the same sequences: the exact tile statistic at two
+    # keep rates and tile edges, and the strided-row proposal with a floor
+    "tile": Plan(stages=((2048, (32.0, TileRule(4.0), TileRule(8.0), TileRule(16.0), TileRule(8.0, tile=64),
+                                 TileRule(8.0, stride=16, floor=1 / 32), TileRule(16.0, stride=16, floor=1 / 32)),
+                          3),), draws=1, autocast=True),
 }
 
 
+def _rules_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every rule (per-pair and tile) at every n, with the expected share of visible pairs it keeps."""
+    lines = ["| rule | n | variance increase ± SE [M] | expected kept share of visible pairs |", "|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["n"], r.get("kind", "pair"), r.get("tile", 0), r.get("stride", 1),
+                                         r["c"])):
+        share = f"{100 * r['kept_share']:.2f}%" if "kept_share" in r else "not recorded"
+        lines.append(f"| {r.get('rule', rule_label(r['c']))} | {r['n']} | {100 * r['variance_increase']:.3g}% ± "
+                     f"{100 * r['variance_increase_se']:.2g} [{r['sequences']}] | {share} |")
+    return lines
+
+
 def _markdown(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    all_rows = rows
+    rows = [r for r in rows if r.get("kind", "pair") == "pair"]
     ns = sorted({r["n"] for r in rows})
     cs = sorted({r["c"] for r in rows})
     lines = ["| c \\ n | " + " | ".join(str(n) for n in ns) + " |", "|---|" + "|".join("---" for _ in ns) + "|"]
@@ -318,12 +409,20 @@ def _markdown(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], meta: 
           f"draw(s) per sequence and c; {meta['precision']}. Cell: relative gradient-variance increase "
           "100·E‖ĝ−g‖²/Var_b(g) ± jackknife SE over the M sequences [M].", "",
           *lines, "", "Paper: ~1% at c 25-30, n ~2000 (pretrained OPT-125m), decreasing with n.", ""]
-    groups = sorted({g for r in rows for g in r["groups"]})
+    if any(r.get("kind") == "tile" for r in all_rows):
+        md += ["## SUS on tiles beside the per-pair rule (same sequences, same exact gradients)", "",
+               "tileT c=x: exact tile statistic (max over the tile's rows of the row's mass in the key tile), "
+               "keep probability min(1, c·m); /sS floor f: the statistic from every S-th row, probability at "
+               "least f on every tile with a visible pair. Kept share: expected fraction of the causally "
+               "visible pairs whose gradient is computed (per-pair: mean min(1, c·W); tiles: all pairs of a "
+               "kept tile, weighted by its keep probability).", "", *_rules_table(all_rows), ""]
+        rows = [r for r in all_rows if r.get("kind", "pair") == "pair"]
+    groups = sorted({g for r in all_rows for g in r["groups"]})
     for n in ns:
         md += [f"## Per parameter group at n={n} (%, ± SE)", "",
-               "| c | " + " | ".join(groups) + " |", "|---|" + "|".join("---" for _ in groups) + "|"]
-        for r in sorted((r for r in rows if r["n"] == n), key=lambda r: r["c"]):
-            md.append(f"| {r['c']:g} | " + " | ".join(
+               "| rule | " + " | ".join(groups) + " |", "|---|" + "|".join("---" for _ in groups) + "|"]
+        for r in sorted((r for r in all_rows if r["n"] == n), key=lambda r: (r.get("kind", "pair"), r["c"])):
+            md.append(f"| {r.get('rule', rule_label(r['c']))} | " + " | ".join(
                 f"{100 * r['groups'][g]['variance_increase']:.3g} ± {100 * r['groups'][g]['variance_increase_se']:.2g}"
                 for g in groups) + " |")
         md.append("")
@@ -354,6 +453,7 @@ def _plot(rows: list[dict[str, Any]], sparsity: list[dict[str, Any]], path: Path
 
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    rows = [r for r in rows if r.get("kind", "pair") == "pair"]
     for n in sorted({r["n"] for r in rows}):
         pts = sorted((r for r in rows if r["n"] == n), key=lambda r: r["c"])
         ax.errorbar([r["c"] for r in pts], [100 * r["variance_increase"] for r in pts],
@@ -458,14 +558,16 @@ def run(out: Path, pretrained: str, plan: Plan, device: str, command: str, threa
         mode.counts = sparsity.setdefault(n, {})
         mode.sparsity_cs = plan.cs
         seqs = [s.to(dev) for s in sequences(data.train, n, count, seed=1000 * stage + n)]
+        mode.kept = {}
         raw = measure(timed, seqs, cs, plan.draws, mode, out / f".grads_n{n}.npy", log=log)
-        new_rows = summarize(raw, n, cs)
+        new_rows = summarize(raw, n, cs, mode.kept)
         rows += new_rows
         meta["seconds"] = time.perf_counter() - t_start
-        meta.setdefault("seconds_per_sequence", {})[f"{n}:{','.join(f'{c:g}' for c in cs)}"] = float(
+        meta.setdefault("seconds_per_sequence", {})[f"{n}:{','.join(rule_label(c) for c in cs)}"] = float(
             np.median(raw["seconds"]))
         for r in new_rows:
-            log(f"  n={n} c={r['c']:g}: +{100 * r['variance_increase']:.3f}% ± {100 * r['variance_increase_se']:.3f}%")
+            log(f"  n={n} {r['rule']}: +{100 * r['variance_increase']:.3f}% ± {100 * r['variance_increase_se']:.3f}%"
+                + (f", kept share {100 * r['kept_share']:.2f}%" if "kept_share" in r else ""))
         table = [r for m, counts in sparsity.items() for r in sparsity_rows(counts, m, plan.cs)]
         payload = {"meta": meta, "environment": environment(), "rows": rows, "sparsity": table}
         dump(out / "sus_pretrained.json", payload)
@@ -474,5 +576,6 @@ def run(out: Path, pretrained: str, plan: Plan, device: str, command: str, threa
     log((out / "sus_pretrained.md").read_text())
 
 
-__all__ = ["PLANS", "BackwardMode", "Plan", "SwitchableAttention", "SwitchableAttentionFn", "jackknife_ratio",
-           "measure", "merge", "param_group", "render", "run", "sequences", "sparsity_rows", "summarize"]
+__all__ = ["PLANS", "BackwardMode", "Plan", "SwitchableAttention", "SwitchableAttentionFn", "TileRule",
+           "jackknife_ratio", "measure", "merge", "param_group", "render", "rule_label", "run", "sequences",
+           "sparsity_rows", "summarize", "tile_sampled_weights"]
