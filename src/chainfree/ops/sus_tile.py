@@ -215,9 +215,9 @@ def keep_probs(
     q_ids: torch.Tensor | None = None,
     k_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """π [B, H, Tq, Tk]: min(1, c·m̂) on tiles that may hold an allowed pair, floored at `pi_min` for proposals."""
+    """π [B, H, Tq, Tk]: min(1, c·m̂) on tiles that may hold an allowed pair, at least `pi_min` there."""
     allowed = tile_allowed(m_hat.shape[0], n_q, n_k, tile, is_causal, q_ids, k_ids, device=m_hat.device)
-    return tile_probs(m_hat, c, allowed, pi_min if row_stride > 1 else 0.0)
+    return tile_probs(m_hat, c, allowed, pi_min)
 
 
 def sample_tiles(
@@ -439,7 +439,8 @@ def sus_tile_attention(
     reference path; 16/32/64/128 on the CUDA kernels). `document_ids`: int tensor [B, n] (or a pair
     (q_ids [B, n_q], k_ids [B, n_k])) of packed sequences; pair (i, j) attends iff the ids match and
     k_ids[j] ≥ 0; rows without keys output 0. `proposal`: 'exact' or 'rowsS' (module docstring);
-    `pi_min`: π floor of a 'rowsS' proposal (default DEFAULT_PI_MIN). `generator`: draw the keep
+    `pi_min`: floor of π on tiles that may hold an allowed pair (default DEFAULT_PI_MIN for 'rowsS', which
+    needs a positive floor to stay unbiased; 0 for 'exact'). `generator`: draw the keep
     uniforms from it at this call instead of from torch's default generator of the device in the backward.
     Causal masks are top-left aligned like SDPA's.
     """
@@ -459,9 +460,9 @@ def sus_tile_attention(
         raise ValueError(f"tile must be a positive int, got {tile!r}")
     row_stride = proposal_stride(proposal)
     if pi_min is None:
-        pi_min = DEFAULT_PI_MIN
-    if row_stride > 1 and not (0 < pi_min <= 1):
-        raise ValueError(f"pi_min must be in (0, 1] for a proposal (it keeps the estimator unbiased), got {pi_min}")
+        pi_min = DEFAULT_PI_MIN if row_stride > 1 else 0.0
+    if not (0 <= pi_min <= 1) or (row_stride > 1 and pi_min == 0):
+        raise ValueError(f"pi_min must be in [0, 1], and > 0 for a 'rowsS' proposal (keeps it unbiased), got {pi_min}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     q_ids, k_ids = _ids(document_ids, b, n_q, n_k, q.device)
