@@ -303,3 +303,60 @@ def test_speed_bench_runs_on_cpu_and_reports_ratios():
         }
     )
     assert "| K4 | 4 | causal_chunk | 2 | 2 | vjp |" in md
+
+
+# ---- (6) the Jacobian passes bound their memory by themselves ---------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt", "mamba2"])
+def test_jacobian_passes_fit_the_memory_budget_and_stay_exact(kind, monkeypatch):
+    """jacobian_chunk = 0 (default): the directions go in passes sized to method.jacobian_memory from the
+    region's measured activation bytes. A budget of ~2.5 directions gives passes of 2 (and a last of 2 of
+    n = 6) and float64 gradients equal to autograd; the directions in flight times the measured bytes per
+    direction never exceed the budget."""
+    import chainfree.models.lbi as lbi_mod
+
+    lm = tiny_lm(kind, 4)
+    probe_model = LBI(LBIConfig(region_size=1, rank=3, n_chunks=2)).prepare(lm)
+    ids, tgt = batch()
+    m_in = torch.zeros(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    probe = lbi_mod.RegionMemoryProbe(torch.device("cpu"))
+    with probe:
+        probe_model.region(1, m_in, probe_model.canvas(ids))
+    per_dir = probe.bytes
+    assert per_dir is not None and per_dir > 0
+    budget = int(2.5 * per_dir)
+    model = LBI(LBIConfig(region_size=1, rank=3, n_chunks=2, jacobian_memory=budget / 2**30)).prepare(lm)
+    passes: list[int] = []
+    chosen: list[int] = []
+    measured: list[int] = []
+    real_grad, real_auto = torch.autograd.grad, lbi_mod.auto_jacobian_chunk
+
+    def spy_grad(outputs, inputs, grad_outputs=None, **kw):
+        if kw.get("is_grads_batched"):
+            passes.append(grad_outputs.shape[0])
+        return real_grad(outputs, inputs, grad_outputs, **kw)
+
+    def spy_auto(model, n, bytes_per_direction, device):
+        chosen.append(real_auto(model, n, bytes_per_direction, device))
+        measured.append(bytes_per_direction)  # the step's own probe of this region's graph
+        return chosen[-1]
+
+    monkeypatch.setattr(torch.autograd, "grad", spy_grad)
+    monkeypatch.setattr(lbi_mod, "auto_jacobian_chunk", spy_auto)
+    loss_ref, ref = autograd_grads(model, ids, tgt)
+    scan_backward(model, ids, tgt, "vjp")
+    assert all(abs(b - per_dir) <= 0.05 * per_dir for b in measured)  # same-size region graphs
+    assert chosen == [2, 2]  # two middle regions, floor(2.5) directions each
+    assert passes == [2, 2, 2] * 2  # n = 6 directions in passes of 2
+    assert all(c * b <= budget for c, b in zip(chosen, measured, strict=True))
+    assert max_rel_err(model, ref) <= 1e-10
+
+
+def test_jacobian_budget_defaults_to_free_memory():
+    from chainfree.models.lbi import auto_jacobian_chunk, jacobian_budget_bytes
+
+    model = LBI(LBIConfig(region_size=1, rank=3, n_chunks=2)).prepare(tiny_lm("gpt", 3))
+    budget = jacobian_budget_bytes(model, torch.device("cpu"))
+    assert budget > 0
+    assert auto_jacobian_chunk(model, 64, budget // 5, torch.device("cpu")) == 5
+    assert auto_jacobian_chunk(model, 64, 10 * budget, torch.device("cpu")) == 1
+    assert auto_jacobian_chunk(model, 4, 1, torch.device("cpu")) == 4

@@ -47,6 +47,7 @@ from chainfree.models.lbi import (
     INTERFACES,
     JACOBIANS,
     LBIModel,
+    RegionMemoryProbe,
     accumulate_grads,
     check_compiled_region,
     region_jacobian_t,
@@ -66,7 +67,10 @@ class LBIConfig:
     n_chunks: int = 4  # C for causal_chunk (ignored when chunk_len > 0)
     chunk_len: int = 0  # > 0: C = seq_len / chunk_len
     jacobian: str = "vjp"  # 'vjp' | 'jvp' | 'replicate' | 'loop'
-    jacobian_chunk: int = 0  # > 0: at most this many Jacobian directions per pass (less memory); 0 = all
+    jacobian_chunk: int = 0  # > 0: at most this many Jacobian directions per pass; 0 = as many as fit memory
+    # GiB the Jacobian passes may use (directions per pass = this / one direction's measured activation bytes);
+    # 0 = auto: half of the free device memory (CUDA) or of the available RAM (CPU) at Jacobian time
+    jacobian_memory: float = 0.0
     backward: str = "scan"  # 'scan' (Jacobians + suffix scan + per-region VJPs) | 'autograd' (same grads)
     alpha_init: float = 0.5  # tanh(alpha) gates each region's message update (authors' init 0.5)
     check_separator: bool = True  # prepare() walks the autograd graph of a probe batch (see verify_separator)
@@ -88,7 +92,8 @@ class LBIConfig:
         need(self.backward in BACKWARDS, "backward", f"must be one of {BACKWARDS}, got {self.backward!r}")
         need(self.distributed in ("data", "region"), "distributed",
              f"must be 'data' or 'region', got {self.distributed!r}")
-        need(self.jacobian_chunk >= 0, "jacobian_chunk", f"must be >= 0 (0 = all at once), got {self.jacobian_chunk}")
+        need(self.jacobian_chunk >= 0, "jacobian_chunk", f"must be >= 0 (0 = fit memory), got {self.jacobian_chunk}")
+        need(self.jacobian_memory >= 0, "jacobian_memory", f"must be >= 0 GiB (0 = auto), got {self.jacobian_memory}")
 
 
 # ---- the scan backward -----------------------------------------------------------------------------------
@@ -117,11 +122,20 @@ def scan_backward(
         m0 = model.first_message(canvas)
     m_ins: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
+    probes: list[RegionMemoryProbe] = []
     m = m0.detach()
     for k in range(k_total):
         with timer("forward", k):
             m_in = m.detach().requires_grad_(True)
-            out = model.region(k, m_in, canvas_leaf)
+            # middle regions: measure what their graph holds, the memory one Jacobian direction costs
+            probe = RegionMemoryProbe(
+                canvas.device,
+                enabled=0 < k < k_total - 1 and not model.config.jacobian_chunk
+                and (canvas.device.type == "cuda" or not model.compiled_modules(k)),
+            )
+            with probe:
+                out = model.region(k, m_in, canvas_leaf)
+            probes.append(probe)
             if k == k_total - 1:
                 out = model.head_loss(out, targets)
         m_ins.append(m_in)
@@ -142,7 +156,7 @@ def scan_backward(
     mats = []
     for k in range(1, k_total - 1):
         with timer("jacobian", k):
-            mats.append(region_jacobian_t(model, k, m_ins[k], outs[k], canvas_leaf, jacobian))
+            mats.append(region_jacobian_t(model, k, m_ins[k], outs[k], canvas_leaf, jacobian, probes[k].bytes))
     if mats:
         with timer("scan", 0):
             seed = _as_scan_vector(lambdas[-1], token_local)

@@ -9,6 +9,7 @@ the equations are described in chainfree.methods.lbi and docs/lbi.md.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -35,6 +36,7 @@ class RegionSpec(Protocol):
     chunk_len: int
     jacobian_chunk: int
     alpha_init: float
+    # (optional) jacobian_memory: float, GiB for the Jacobian passes' directions; 0 = auto (read by getattr)
 
     def validate(self) -> None: ...
 
@@ -324,18 +326,112 @@ def _warn_vjp_unbatched() -> None:
         )
 
 
+
+# ---- bounding the memory of the Jacobian passes ------------------------------------------------------------
+# A batched VJP (or replicate / jvp pass) over s directions holds about s copies of the region's activation
+# gradients at once: without a bound, n = C r = 64 directions through a Mamba-2 region at batch 32 x 1024 took
+# 118 GB on a 140 GB H200 and ran out of memory. So the directions go in passes of `auto_jacobian_chunk`.
+_FREE_FRACTION = 0.5  # of free device memory (CUDA) / available RAM (CPU) given to the Jacobian passes
+_GUESS_FACTOR = 24  # without a measurement: activation bytes per region ~ 24 x canvas bytes per block (rough)
+
+
+def jacobian_budget_bytes(model: LBIModel, device: torch.device) -> int:
+    """Bytes the Jacobian passes may use: method.jacobian_memory GiB if > 0, else half of what is free now
+    (torch.cuda.mem_get_info on CUDA; available physical RAM on CPU), after the forward graphs exist."""
+    gib = float(getattr(model.config, "jacobian_memory", 0.0) or 0.0)
+    if gib > 0:
+        return int(gib * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # blocks cached by PyTorch's allocator are free to it too
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(_FREE_FRACTION * free)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 * 2**30
+    return int(_FREE_FRACTION * avail)
+
+
+def estimate_direction_bytes(model: LBIModel, canvas: torch.Tensor) -> int:
+    """A rough guess of one direction's memory when none was measured: `_GUESS_FACTOR` canvas-sized tensors
+    per block of the region (attention/MLP/SSM intermediates are a few times d wide)."""
+    return _GUESS_FACTOR * model.config.region_size * canvas.numel() * canvas.element_size()
+
+
+def auto_jacobian_chunk(model: LBIModel, n: int, bytes_per_direction: int, device: torch.device) -> int:
+    """Directions per Jacobian pass, in [1, n]: as many as fit the budget at `bytes_per_direction` each."""
+    budget = jacobian_budget_bytes(model, device)
+    return max(1, min(n, budget // max(1, int(bytes_per_direction))))
+
+
+class RegionMemoryProbe:
+    """Context manager measuring the bytes a region's forward keeps for its backward (the activations one
+    Jacobian direction's VJP walks back through): on CUDA the allocator's growth over the forward, elsewhere
+    the distinct storages packed by autograd's saved-tensor hooks (parameters excluded). `.bytes` after exit.
+    torch.compile'd regions on CPU are not probed (saved-tensor hooks would reach into their graphs);
+    `.bytes` stays None and the caller falls back to `estimate_direction_bytes`."""
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.device = device
+        self.enabled = enabled
+        self.bytes: int | None = None
+        self._seen: dict[int, int] = {}
+        self._hooks: AbstractContextManager[None] | None = None
+        self._start = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not (isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)):
+            st = t.untyped_storage()
+            self._seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self) -> RegionMemoryProbe:
+        if not self.enabled:
+            return self
+        if self.device.type == "cuda":
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            self.bytes = max(0, torch.cuda.memory_allocated(self.device) - self._start)
+        else:
+            assert self._hooks is not None
+            self._hooks.__exit__(*exc)
+            self.bytes = sum(self._seen.values())
+
+
 def region_jacobian_t(
-    model: LBIModel, k: int, m_in: torch.Tensor, m_out: torch.Tensor | None, canvas: torch.Tensor, how: str
+    model: LBIModel,
+    k: int,
+    m_in: torch.Tensor,
+    m_out: torch.Tensor | None,
+    canvas: torch.Tensor,
+    how: str,
+    bytes_per_direction: int | None = None,
 ) -> torch.Tensor:
     """A_k = (dm_{k+1}/dm_k)ᵀ per sample ([B, C r, C r]) or per token ([B, T, r, r] for `token`).
 
     m_in is the leaf the region was run on; m_out its output with the graph attached (needed by 'vjp' and
     'loop', which differentiate that graph again and keep it for the region's parameter VJP).
+    `bytes_per_direction`: what one Jacobian direction costs in memory (the region's activation bytes,
+    measured by `RegionMemoryProbe`); without it `estimate_direction_bytes` guesses. With
+    method.jacobian_chunk = 0 the directions are split into passes that fit `jacobian_budget_bytes`.
     """
     token_local = model.interface == "token"
     n = m_in.shape[-1] if token_local else m_in.shape[1] * m_in.shape[2]
     basis = _basis(n, m_in, token_local)
-    step = model.config.jacobian_chunk or n  # directions per pass: bounds the memory of vjp/replicate/jvp
+    # directions per pass: bounds the memory of vjp/replicate/jvp (explicit jacobian_chunk, else a budget)
+    step = model.config.jacobian_chunk or auto_jacobian_chunk(
+        model, n, bytes_per_direction if bytes_per_direction is not None else estimate_direction_bytes(model, canvas),
+        canvas.device,
+    )
     pieces = [basis[i : i + step] for i in range(0, n, step)]
     compiled = how in ("vjp", "loop") and bool(model.compiled_modules(k))
     if how == "vjp" and compiled:
