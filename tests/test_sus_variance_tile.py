@@ -40,7 +40,7 @@ def test_tile_weights_are_unbiased(rule):
     with probability ~6e-7 per entry under the null (a few hundred entries here)."""
     w = _weights(1, 2, 10, causal=True)
     g = torch.Generator().manual_seed(2)
-    draws = torch.stack([tile_sampled_weights(w, rule, True, g)[0] for _ in range(3000)])
+    draws = torch.stack([tile_sampled_weights(w, rule, True, g)[0] for _ in range(1500)])
     mean, sd = draws.mean(0), draws.std(0)
     varying = sd > 0
     z = (mean - w)[varying] / (sd[varying] / math.sqrt(draws.shape[0]))
@@ -55,7 +55,7 @@ def test_kept_share_is_the_drawn_share_in_expectation():
     g = torch.Generator().manual_seed(3)
     _, expected, visible = tile_sampled_weights(w, rule, True, g)
     drawn = [float(((tile_sampled_weights(w, rule, True, g)[0] > 0) | (w == 0)).logical_and(
-        torch.ones(16, 16, dtype=torch.bool).tril()).sum()) for _ in range(2000)]
+        torch.ones(16, 16, dtype=torch.bool).tril()).sum()) for _ in range(400)]
     # visible pairs with w == 0 cannot occur with these scores; every pair of a kept tile is nonzero
     mean = sum(drawn) / len(drawn)
     sd = torch.tensor(drawn).std().item()
@@ -75,7 +75,7 @@ def test_switchable_attention_tile_backward_matches_exact_in_expectation():
     assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out, (q, k, v), go, retain_graph=True),
                                                     exact, strict=True))
     mode.c = TileRule(c=1.0, tile=4)
-    draws = [torch.autograd.grad(out, (q, k, v), go, retain_graph=True) for _ in range(1500)]
+    draws = [torch.autograd.grad(out, (q, k, v), go, retain_graph=True) for _ in range(300)]
     for p in range(3):
         d = torch.stack([x[p] for x in draws])
         sd = d.std(0)
@@ -99,3 +99,28 @@ def test_summary_and_markdown_put_tile_rules_beside_per_pair():
     md = _markdown(rows, [], {"model": "m", "text": "t", "draws": 1, "precision": "fp32", "command": "x",
                               "seconds": 1.0})
     assert "| tile128 c=8 | 2048 |" in md and "30.00%" in md and "| pair c=32 | 2048 |" in md
+
+
+@pytest.mark.parametrize("stride,floor", [(1, 0.0), (2, 0.05)])
+def test_dense_tile_rule_is_the_ops_rule(stride, floor):
+    """The experiment's dense tile rule gives the same keep probabilities as `chainfree.ops.sus_tile`'s
+    reference statistic (so the measured variance is the op's), tails and causal masking included."""
+    from chainfree.ops.sus_tile_reference import tile_allowed, tile_probs, tile_statistic
+
+    g = torch.Generator().manual_seed(6)
+    q, k = (torch.randn(1, 2, 11, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    s = (q @ k.transpose(-1, -2)) * 0.5
+    s = s.masked_fill(torch.ones(11, 11, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    w = torch.softmax(s, dim=-1)
+    rule = TileRule(c=3.0, tile=4, stride=stride, floor=floor)
+    m = tile_statistic(q, k, lse, is_causal=True, scale=0.5, tile=4, row_stride=stride)
+    allowed = tile_allowed(1, 11, 11, 4, True, None, None, q.device)
+    pi_op = tile_probs(m, rule.c, allowed, floor)
+    u = torch.rand(pi_op.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out, expected, _ = tile_sampled_weights(w, rule, True, torch.Generator().manual_seed(7))
+    keep = (u < pi_op) | (pi_op >= 1)
+    weight = torch.where(keep, 1 / pi_op.clamp(min=1e-300), torch.zeros_like(pi_op))
+    ref = w * weight.repeat_interleave(4, 2).repeat_interleave(4, 3)[:, :, :11, :11]
+    assert torch.allclose(out, ref)
+    assert expected > 0

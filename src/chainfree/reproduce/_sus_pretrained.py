@@ -51,8 +51,8 @@ from chainfree.ops.sus_reference import sampled_weights
 class TileRule:
     """SUS on tiles: query tile I x key tile J (edge `tile`) carries gradient with probability
     pi_IJ = min(1, c * m_IJ), weights 1/pi on a kept tile. m_IJ = max over the tile's statistic rows of the
-    row's attention mass in J; the statistic rows are every row (`stride` 1, the exact statistic) or every
-    `stride`-th row of the tile (a proposal), then pi >= `floor` on every tile with a visible pair so the
+    row's attention mass in J; the statistic rows are every row (`stride` 1, the exact statistic) or rows
+    0, S, 2S, ... of the tile (S = `stride`: a proposal), then pi >= `floor` on every tile with a visible pair so the
     estimator stays unbiased. The same rule as `chainfree.ops.sus_tile`, written on the dense weights."""
 
     c: float
@@ -80,7 +80,7 @@ def tile_sampled_weights(w: torch.Tensor, rule: TileRule, causal: bool, generato
     wp = torch.nn.functional.pad(w, (0, n_j * t - n_k, 0, n_i * t - n_q)).view(B, H, n_i, t, n_j, t)
     rows = wp.sum(dim=-1)  # [B, H, I, t, J]: each row's mass in each key tile
     if rule.stride > 1:
-        rows = rows[:, :, :, rule.stride - 1::rule.stride]
+        rows = rows[:, :, :, :: rule.stride]  # rows 0, S, 2S, ... of each query tile
     mass = rows.amax(dim=3)  # [B, H, I, J]
     i = torch.arange(n_i * t, device=w.device)[:, None]
     j = torch.arange(n_j * t, device=w.device)[None, :]
@@ -375,7 +375,7 @@ PLANS = {
     # SUS on tiles beside the paper's per-pair rule on the same sequences: the exact tile statistic at two
     # keep rates and tile edges, and the strided-row proposal with a floor
     "tile": Plan(stages=((2048, (32.0, TileRule(4.0), TileRule(8.0), TileRule(16.0), TileRule(8.0, tile=64),
-                                 TileRule(8.0, stride=16, floor=1 / 32), TileRule(16.0, stride=16, floor=1 / 32)),
+                                 TileRule(8.0, stride=16, floor=1 / 64), TileRule(16.0, stride=16, floor=1 / 64)),
                           3),), draws=1, autocast=True),
 }
 
