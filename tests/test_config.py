@@ -95,3 +95,53 @@ def test_compare_routes_method_settings_to_the_methods_that_have_them():
     assert _method_overrides(sets, "lbi", ["exact", "lbi"]) == sets
     with pytest.raises(ConfigError, match="method.rnak"):
         _method_overrides(["method.rnak=16"], "lbi", ["exact", "lbi"])
+
+
+HF = ['model.kind="hf"', 'model.pretrained="some/folder"']
+
+
+def test_pretrained_kind_defaults_to_fine_tuning_lr_unless_set(tmp_path):
+    """A pretrained model gets HF Trainer's fine-tuning lr (5e-5, no warmup), not the from-scratch 3e-3 / 10;
+    a value the user gives (--set, or a config file) wins, and other kinds keep their defaults."""
+    cfg = load_config(overrides=HF)
+    assert cfg.train.lr == 5e-5 and cfg.train.warmup_steps == 0
+    assert load_config(model="hf", overrides=HF[1:]).train.lr == 5e-5  # --model hf, as typed
+    assert load_config(overrides=[*HF, "train.lr=2e-4"]).train.lr == 2e-4
+    own = tmp_path / "ft.toml"
+    own.write_text('[model]\nkind = "hf"\npretrained = "x"\n[train]\nlr = 1e-4\nwarmup_steps = 3\n')
+    assert (load_config(own).train.lr, load_config(own).train.warmup_steps) == (1e-4, 3)
+    assert load_config().train.lr == 3e-3 and load_config().train.warmup_steps == 10
+
+
+def test_pretrained_config_toml_records_what_ran_not_unused_settings(tmp_path):
+    """config.toml of a pretrained run leaves out the architecture and tokenizer settings that do not apply
+    (d_model, n_layers, data.tokenizer, bpe_vocab_size) and records the checkpoint's in [recorded], which
+    loading the file skips."""
+    import tomllib
+
+    cfg = load_config(overrides=HF)
+    text = to_toml(cfg, {"architecture": "LlamaForCausalLM", "num_hidden_layers": 30, "tokenizer": "GPT2Tokenizer"})
+    raw = tomllib.loads(text)
+    assert not {"d_model", "n_layers", "n_heads", "d_state"} & set(raw["model"])
+    assert not {"tokenizer", "bpe_vocab_size"} & set(raw["data"])
+    assert raw["recorded"]["num_hidden_layers"] == 30
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    assert load_config(path).to_dict() == cfg.to_dict()
+    assert "recorded" not in tomllib.loads(to_toml(load_config()))  # own models: the settings say it all
+
+
+def test_every_setting_has_a_one_line_doc():
+    """`chainfree config` prints each key with a doc read from the source: none may be missing."""
+    import dataclasses
+
+    from chainfree.config import SECTIONS, field_docs
+    from chainfree.methods import METHODS, method_class
+
+    classes = [*SECTIONS.values(), *(method_class(name).Config for name in METHODS)]
+    for cls in classes:
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__}: no doc for {missing}"
+        assert all("\n" not in d for d in docs.values())
+    assert field_docs(SECTIONS["model"])["n_kv_heads"] == "0 = n_heads (no grouped-query attention)"

@@ -183,3 +183,62 @@ def test_load_trained_on_a_compare_folder_names_its_runs(trained_run, tmp_path):
     shutil.copytree(trained_run, tmp_path / "compare" / "sus")
     with pytest.raises(ConfigError, match=r"holds the runs exact, sus.*--out .*compare/exact"):
         load_trained(tmp_path / "compare", "cpu")
+
+
+def _tiny_hf(seed: int = 0):
+    """A tiny random LLaMA in memory behind chainfree's pretrained-model wrapper (no download)."""
+    transformers = pytest.importorskip("transformers")
+    from chainfree.models import hf as hfm
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return hfm.wrap(transformers.LlamaForCausalLM(config).double(), seq_len=64)
+
+
+def test_pretrained_generation_decodes_with_the_kv_cache():
+    """generate() on a pretrained model feeds the prompt once and then one token per step (a KV cache), not
+    the whole window per token, and gives the same greedy tokens as re-running the full forward."""
+    from chainfree.generate import decode_path
+
+    model = _tiny_hf()
+    lengths: list[int] = []
+    hook = model.hf.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)
+    prompt = torch.randint(0, V, (7,), generator=torch.Generator().manual_seed(4))
+    out = generate(model, prompt, max_new_tokens=5, temperature=0.0)
+    hook.remove()
+    assert lengths == [7, 1, 1, 1, 1]
+    assert decode_path(model) == "KV cache"
+    with torch.no_grad():
+        ids = prompt[None]
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids[0])
+
+
+def test_decode_path_names_how_each_model_decodes():
+    from chainfree.generate import decode_path
+
+    assert decode_path(tiny_model("hybrid")) == "prefill + per-block KV cache / recurrent state"
+    rnn = torch.nn.GRU(4, 4)  # no blocks, no cache: a full forward per token
+    assert decode_path(rnn).startswith("full forward over all tokens so far")
+
+
+def test_generate_command_on_an_lbi_run_prints_text_and_rate(tmp_path):
+    """`chainfree generate --out RUN` on a run whose model is a method's wrapper (LBI regions: no .embed)
+    samples from it and reports tokens/s (it raised AttributeError: 'LBIModel' object has no attribute 'embed')."""
+    from typer.testing import CliRunner
+
+    from chainfree.cli import app
+    from chainfree.config import load_config
+    from chainfree.train import train
+
+    cfg = load_config("gpt-tiny", ["train.steps=1", "train.eval_batches=1", "train.batch_size=2",
+                                   "train.device='cpu'", "data.max_chars=20000"], method="lbi")
+    train(cfg, tmp_path / "run", progress=False)
+    result = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "run"), "--max-new-tokens", "3",
+                                      "--temperature", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "3 new tokens in" in result.output and "tokens/s" in result.output
+    assert "full forward over the last 64 tokens per token" in result.output

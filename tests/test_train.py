@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from chainfree.config import load_config
 from chainfree.errors import CheckpointError
@@ -95,3 +96,44 @@ def test_every_registered_method_trains_in_the_one_loop(name, tiny, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["train_loss"]) for r in records)
     assert math.isfinite(summary["final_val_loss"])
+
+
+def _summary(tmp_path: Path, step_times: list[float], **train: object) -> dict:
+    from chainfree.methods import build_method
+    from chainfree.training.trainer import summarize
+
+    cfg = load_config(overrides=[f"train.{k}={str(v).lower()}" for k, v in train.items()])
+    model = torch.nn.Linear(2, 2)
+    return summarize(tmp_path, cfg, build_method("exact"), model, step_times, torch.device("cpu"), 1.0)
+
+
+def test_summary_step_time_leaves_out_the_warmup_step(tmp_path):
+    """The first step of a session (lazy init, compilation) is not the step time: a 2-step run whose first
+    step took 10 s and second 1 s reports 1 s (it reported 10 s: the median of two is the larger)."""
+    s = _summary(tmp_path, [10.0, 1.0])
+    assert s["step_time_s"] == 1.0 and s["timed_steps"] == 1 and s["warmup_steps_excluded"] == 1
+    cfg = load_config()
+    assert s["tokens_per_s"] == cfg.train.batch_size * cfg.model.seq_len / 1.0
+    assert _summary(tmp_path, [10.0, 1.0, 3.0, 2.0])["step_time_s"] == 2.0
+    compiled = _summary(tmp_path, [30.0, 9.0, 1.0, 2.0, 3.0], compile=True)  # compile: two warm-up steps
+    assert compiled["warmup_steps_excluded"] == 2 and compiled["step_time_s"] == 2.0
+
+
+def test_summary_of_a_one_step_run_has_no_step_time(tiny, tmp_path):
+    """A session of warm-up steps only has no honest step time: NaN in the summary, null in summary.json."""
+    from typer.testing import CliRunner
+
+    from chainfree.cli import app
+
+    s = _summary(tmp_path, [10.0])
+    assert math.isnan(s["step_time_s"]) and math.isnan(s["tokens_per_s"]) and s["timed_steps"] == 0
+    sets = tiny(**{"train.steps": 1, "train.eval_every": 1})
+    args = ["train", "--out", str(tmp_path / "run")] + [a for kv in sets for a in ("--set", kv)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"summary.json holds {token}, which is not JSON")
+
+    written = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=refuse)
+    assert written["step_time_s"] is None and written["tokens_per_s"] is None and written["timed_steps"] == 0

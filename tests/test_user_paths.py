@@ -94,3 +94,69 @@ def test_extras_install_only_what_each_use_needs():
     assert names["data"] == {"datasets"}
     assert names["dev"] == {"chainfree", "ruff"} and "chainfree[test]" in extras["dev"]
     assert names["gpu"] == {"triton"}
+
+
+def test_flags_render_without_a_type_and_defaults_render_whole():
+    """--help / --version are flags (no `<bool>` beside them); generate's newline default does not break
+    the help line; train's shortcut options say what they default to."""
+    top = help_text()
+    assert "<bool>" not in top and "--version print the chainfree version" in top
+    for command in (("train",), ("generate",), ("bench", "speed"), ("config",)):
+        assert "<bool>" not in help_text(*command), command
+    from chainfree.cli import app
+
+    raw = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).output
+    assert "[default: (a newline)]" in raw and not re.search(r"\[default:\s*$", raw, re.M)
+    train = help_text("train")
+    for option, default in (("--model", "gpt"), ("--method", "exact"), ("--steps", "60"), ("--device", "auto")):
+        section = train[train.index(option):]
+        assert f"[default: (the --config file's, else {default})]" in section[:400], option
+
+
+def test_help_lists_every_entry_option_and_model_kind():
+    assert "+blocks" in help_text("compare")
+    speed = help_text("bench", "speed")
+    assert "hf" in speed[speed.index("--model"):speed.index("--config")]
+    from chainfree.methods import METHODS
+
+    method_help = help_text("bench", "fidelity")
+    assert " | ".join(METHODS) in method_help
+
+
+def test_config_command_lists_every_key_with_default_and_doc(tmp_path):
+    """`chainfree config` prints every --set key with its default and doc, as TOML a run can load again."""
+    import dataclasses
+
+    from chainfree.cli import app
+    from chainfree.config import SECTIONS
+
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 0, result.output
+    listed = tomllib.loads(result.output)
+    for section, cls in SECTIONS.items():
+        assert set(listed[section]) == {f.name for f in dataclasses.fields(cls)}, section
+    assert listed["train"]["lr"] == 3e-3 and listed["method"] == {"name": "exact"}
+    line = next(x for x in result.output.splitlines() if x.startswith("n_kv_heads"))
+    assert line.split("#", 1)[1].strip() == "0 = n_heads (no grouped-query attention)"
+    path = tmp_path / "all.toml"
+    path.write_text(result.output)
+    assert load_config(path).to_dict() == load_config().to_dict()
+
+    basis = tomllib.loads(CliRunner().invoke(app, ["config", "--method", "basis"]).output)["method"]
+    assert basis["name"] == "basis" and {"shrink", "scalars", "fuse_mlp"} <= set(basis)
+    hf = CliRunner().invoke(app, ["config", "--model", "hf"])
+    assert hf.exit_code == 0, hf.output
+    hf_listed = tomllib.loads(hf.output)
+    assert "d_model" not in hf_listed["model"] and "tokenizer" not in hf_listed["data"]
+    assert hf_listed["train"]["lr"] == 5e-5
+
+
+def test_readme_command_line_explains_every_method():
+    """Every method the CLI offers (--method) is explained in README's command-line section."""
+    from chainfree.methods import METHODS
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Command line"):readme.index("## What we measured")]
+    for name in METHODS:
+        assert f"`{name}`" in section, name
+    assert "chainfree config" in section

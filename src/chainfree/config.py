@@ -23,6 +23,16 @@ from chainfree.errors import ConfigError
 
 MODEL_KINDS = ("gpt", "mamba2", "mamba3", "hybrid", "vision", "char_rnn", "hf")
 LM_KINDS = ("gpt", "mamba2", "mamba3", "hybrid")
+# pretrained kinds: the architecture and tokenizer come from the checkpoint, and the training defaults are a
+# fine-tuning recipe (HF Trainer's learning rate 5e-5, no warmup) instead of the from-scratch ones below
+PRETRAINED_KINDS = ("hf",)
+PRETRAINED_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-5, "warmup_steps": 0}
+# the settings a pretrained run reads; the others (d_model, n_layers, tokenizer, ...) do not apply to it
+PRETRAINED_MODEL_KEYS = ("kind", "vocab_size", "seq_len", "pretrained", "pretrained_dtype")
+PRETRAINED_UNUSED_DATA_KEYS = ("tokenizer", "bpe_vocab_size", "token_dtype")
+# DIR/config.toml's section of facts about what ran (a pretrained checkpoint's architecture and tokenizer):
+# written for the reader, skipped when the file is loaded again
+RECORD_SECTION = "recorded"
 CHECKPOINT_MODES = ("none", "full", "selective")
 STRATEGIES = ("auto", "single", "ddp", "fsdp2", "hbll_tree", "lbi_region")
 
@@ -31,31 +41,31 @@ STRATEGIES = ("auto", "single", "ddp", "fsdp2", "hbll_tree", "lbi_region")
 class ModelConfig:
     """Architecture of the LanguageModel. Defaults: a GPT small enough for a 2-core CPU."""
 
-    kind: str = "gpt"
+    kind: str = "gpt"  # gpt | mamba2 | mamba3 | hybrid | vision | char_rnn | hf (pretrained transformers model)
     vocab_size: int = 0  # 0 = take it from the tokenizer
-    seq_len: int = 128
-    d_model: int = 192
-    n_layers: int = 4
-    n_heads: int = 6
+    seq_len: int = 128  # context length in tokens: the training window
+    d_model: int = 192  # residual stream width
+    n_layers: int = 4  # residual blocks
+    n_heads: int = 6  # attention heads (gpt, hybrid)
     n_kv_heads: int = 0  # 0 = n_heads (no grouped-query attention)
     mlp_hidden: int = 0  # 0 = 4 * d_model
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    init_std: float = 0.02
+    tie_embeddings: bool = True  # the LM head shares the token embedding's weights
+    rope_base: float = 10000.0  # RoPE frequency base of the attention blocks
+    init_std: float = 0.02  # std of the normal weight init (residual output projections get 1/sqrt(2 L) of it)
     # Mamba-2 / Mamba-3 mixers
-    d_state: int = 64
-    ssm_head_dim: int = 64
-    expand: int = 2
-    conv_kernel: int = 4
-    chunk_size: int = 64
+    d_state: int = 64  # SSM state size per head (mamba2, mamba3, hybrid)
+    ssm_head_dim: int = 64  # SSM head width; must divide expand * d_model
+    expand: int = 2  # SSM inner width = expand * d_model
+    conv_kernel: int = 4  # width of the causal depthwise conv before the SSM
+    chunk_size: int = 64  # chunk length of the chunked SSM scan (speed only, same result)
     mimo_rank: int = 1  # Mamba-3 only: 1 = SISO, R > 1 = MIMO with R rank-1 state updates per step
     ssd_backend: str = "torch"  # 'torch' (eager chunked scan, CPU+GPU) or 'compile' (torch.compile of it)
     # hybrid: one attention block every `attn_every` blocks, the others use `hybrid_mixer`
-    attn_every: int = 4
-    hybrid_mixer: str = "mamba3"
+    attn_every: int = 4  # hybrid: every attn_every-th block is attention
+    hybrid_mixer: str = "mamba3"  # hybrid: the other blocks' mixer, mamba2 | mamba3
     # vision (residual MLP classifier over flat feature vectors)
-    in_features: int = 784
-    n_classes: int = 10
+    in_features: int = 784  # vision: input features per example
+    n_classes: int = 10  # vision: output classes
     # hf (a pretrained transformers causal LM, chainfree.models.hf): architecture comes from the checkpoint
     pretrained: str = ""  # transformers folder, .gguf file, or alias 'smollm2'
     pretrained_dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
@@ -140,18 +150,18 @@ class DataConfig:
     `path` holding nanoGPT-style train.bin/val.bin), or 'hf' (a Hugging Face dataset `hf_name`).
     """
 
-    corpus: str = "shakespeare"
-    path: str = ""
+    corpus: str = "shakespeare"  # shakespeare | pystdlib | text | tokens | hf
+    path: str = ""  # corpus=text: a file or folder; corpus=tokens: folder with train.bin/val.bin + meta.json
     tokenizer: str = "bpe"  # 'bpe' (byte-level BPE trained on the train split) or 'bytes' (vocab 256)
-    bpe_vocab_size: int = 4096
-    val_fraction: float = 0.1
+    bpe_vocab_size: int = 4096  # tokenizer=bpe: vocabulary size of the BPE trained on the train split
+    val_fraction: float = 0.1  # share of the documents held out for validation
     max_chars: int = 0  # 0 = whole corpus; otherwise cap the text read (documents kept whole)
     token_dtype: str = "uint16"  # for corpus='tokens'
-    hf_name: str = ""
-    hf_config: str = ""
-    hf_split: str = "train"
-    hf_text_field: str = "text"
-    hf_data_files: str = ""
+    hf_name: str = ""  # corpus=hf: the Hugging Face dataset name (or local folder)
+    hf_config: str = ""  # corpus=hf: the dataset's config name ('' = default)
+    hf_split: str = "train"  # corpus=hf: split to read
+    hf_text_field: str = "text"  # corpus=hf: column holding the text
+    hf_data_files: str = ""  # corpus=hf: data files pattern, passed to datasets.load_dataset
     cache_dir: str = ""  # '' = $CHAINFREE_CACHE or ~/.cache/chainfree
 
     def validate(self) -> None:
@@ -171,21 +181,21 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and bookkeeping. Defaults: 60 steps take about a minute on 2 CPU cores."""
 
-    steps: int = 60
-    batch_size: int = 32
+    steps: int = 60  # optimizer steps of the whole run (a resumed run may raise it)
+    batch_size: int = 32  # sequences per optimizer step, over all ranks and micro-batches
     optimizer: str = "adamw"  # 'adamw' or 'sgd'
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    lr: float = 3e-3  # peak learning rate (from scratch; pretrained kinds default to 5e-5)
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at min_lr_ratio * lr
+    warmup_steps: int = 10  # linear warmup steps (pretrained kinds default to 0)
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (not norms, biases or 1-d parameters)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     momentum: float = 0.9  # sgd only
     grad_clip: float = 1.0  # 0 = no clipping
-    eval_every: int = 20
-    eval_batches: int = 8
-    ckpt_every: int = 50
-    seed: int = 1337
+    eval_every: int = 20  # steps between val-loss evaluations (and always at the last step)
+    eval_batches: int = 8  # fixed val batches per evaluation (the same for every method)
+    ckpt_every: int = 50  # steps between checkpoints (and always at the end and on Ctrl-C)
+    seed: int = 1337  # model init and batch order
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N'
     dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16', 'fp32', 'fp64'
     # exact-baseline options that compose with every method
@@ -193,11 +203,11 @@ class TrainConfig:
     compile_mode: str = "default"  # any torch.compile mode: default | reduce-overhead | max-autotune | ...
     # what is compiled: 'auto' = the whole model when the method's step is autograd through model(x, y), else
     # each block; 'blocks' = each residual block on its own (one compilation shared by identical blocks)
-    compile_scope: str = "auto"  # auto | model | blocks
+    compile_scope: str = "auto"  # what train.compile compiles: auto | model | blocks (each block on its own)
     activation_checkpoint: str = "none"  # none | full (per block, non-reentrant) | selective (save matmuls)
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the effective (global) batch
     # how the step is distributed over the ranks of a torchrun launch; 'auto' = the method's choice
-    strategy: str = "auto"  # auto | single | ddp | fsdp2 | hbll_tree | lbi_region
+    strategy: str = "auto"  # under torchrun: auto (the method's choice) | single | ddp | fsdp2 | hbll_tree | lbi_region
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "grad_accum"):
@@ -269,6 +279,56 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 def setting_defaults(cls: type) -> dict[str, Any]:
     """Default value of every setting of a config dataclass."""
     return dataclasses.asdict(cls())
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """One-line description of every field of a settings dataclass, read from its source: the comment at the
+    end of the field's line, else the comment lines right above it, else a `name: text` line of the class
+    docstring. Fields without any are absent. Used by `chainfree config` to list the settings with their docs."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    from_docstring: dict[str, str] = {}
+    for line in (inspect.getdoc(cls) or "").splitlines():
+        name, sep, text = line.strip().partition(":")
+        if sep and name.isidentifier() and text.strip():
+            from_docstring[name] = text.strip()
+    docs: dict[str, str] = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        name = node.target.id
+        line = lines[node.end_lineno - 1]
+        comment = _trailing_comment(line)
+        above: list[str] = []
+        i = node.lineno - 2
+        while not comment and i >= 0 and lines[i].strip().startswith("#"):
+            above.insert(0, lines[i].strip().lstrip("#").strip())
+            i -= 1
+        doc = comment or " ".join(above) or from_docstring.get(name, "")
+        if doc:
+            docs[name] = doc
+    return docs
+
+
+def _trailing_comment(line: str) -> str:
+    """The `# ...` comment at the end of a line of Python, '' if none (a '#' inside a string is skipped)."""
+    import io
+    import tokenize
+
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+    except (tokenize.TokenError, SyntaxError):
+        return ""
+    return next((t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT), "")
 
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -378,11 +438,13 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} does not exist{hint} (bundled presets: {', '.join(presets())})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, validate: bool = True,
+                **top: Any) -> RunConfig:
     """Build a validated RunConfig from an optional TOML file, `--set` overrides and CLI shortcuts.
 
     `top` holds CLI shortcuts such as model="gpt", method="exact", steps=200, device="cpu"; they win
-    over the file, and `--set` wins over everything.
+    over the file, and `--set` wins over everything. validate=False skips the value checks (not the key and
+    type checks), for listing settings that are not complete yet (`chainfree config --model hf`).
     """
     raw: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}, "method": {}}
     if path is not None:
@@ -391,6 +453,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        loaded.pop(RECORD_SECTION, None)  # facts a run recorded about itself (see to_toml), not settings
         for section, values in loaded.items():
             if section not in raw or not isinstance(values, dict):
                 raise ConfigError(f"{path}: unknown section [{section}]; use [model], [data], [train], [method]")
@@ -405,6 +468,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         section, key, value = parse_set(item)
         raw[section][key] = value
+    if raw["model"].get("kind") in PRETRAINED_KINDS:  # fine-tuning defaults, unless the file or --set gave one
+        for key, value in PRETRAINED_TRAIN_DEFAULTS.items():
+            raw["train"].setdefault(key, value)
     method = {"name": "exact", **raw["method"]}
     cfg = RunConfig(
         model=build_dataclass(ModelConfig, raw["model"], "model"),
@@ -412,14 +478,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         train=build_dataclass(TrainConfig, raw["train"], "train"),
         method=method,
     )
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 
-def to_toml(cfg: RunConfig) -> str:
-    """Serialise a RunConfig as TOML (the subset we need: scalars, strings, lists, None dropped)."""
+def applicable(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """cfg.to_dict() without the settings that do not apply to the run: for a pretrained kind the
+    architecture (d_model, n_layers, ...) comes from the checkpoint and the tokenizer is the model's, so
+    those keys are dropped (PRETRAINED_MODEL_KEYS, PRETRAINED_UNUSED_DATA_KEYS)."""
+    out = cfg.to_dict()
+    if cfg.model.kind in PRETRAINED_KINDS:
+        out["model"] = {k: v for k, v in out["model"].items() if k in PRETRAINED_MODEL_KEYS}
+        out["data"] = {k: v for k, v in out["data"].items() if k not in PRETRAINED_UNUSED_DATA_KEYS}
+    return out
+
+
+def to_toml(cfg: RunConfig, recorded: dict[str, Any] | None = None) -> str:
+    """Serialise a RunConfig as TOML (the subset we need: scalars, strings, lists, None dropped): the
+    settings that apply to the run (`applicable`), then, when given, a [recorded] section of facts about
+    what ran (e.g. a pretrained checkpoint's architecture and tokenizer), which load_config skips."""
     lines = []
-    for section, values in cfg.to_dict().items():
+    sections = applicable(cfg)
+    if recorded:
+        lines.append(f"# [{RECORD_SECTION}]: what this run loaded (not settings; ignored when this file is read)")
+        sections = {**sections, RECORD_SECTION: recorded}
+    for section, values in sections.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
             if value is None:

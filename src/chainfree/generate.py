@@ -89,9 +89,11 @@ def generate(
     ids = prompt_ids[None] if squeeze else prompt_ids
     if ids.shape[-1] == 0:
         raise ValueError("the prompt must contain at least one token")
-    resolve = getattr(model, "generation_model", None)  # a method's wrapper (HBLL tree, LBI regions) names
-    if resolve is not None:  # the model that samples, or raises ConfigError saying why it cannot
-        model = resolve()
+    model = generation_model(model)
+    cached = getattr(model, "generate_tokens", None)  # a pretrained model decodes with its own KV cache
+    if cached is not None:
+        result = cached(ids, max_new_tokens, temperature, top_k, generator)
+        return result[0] if squeeze else result
     if not _has_recurrent_state(model):
         result = _generate_by_forward(model, ids, max_new_tokens, temperature, top_k, generator)
         return result[0] if squeeze else result
@@ -110,6 +112,28 @@ def generate(
         model.train(was_training)
     result = torch.cat(out, dim=1)
     return result[0] if squeeze else result
+
+
+def generation_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that samples: a method's wrapper (HBLL tree, LBI regions) names it through
+    `generation_model()`, or raises ConfigError saying why it cannot generate; any other model samples itself."""
+    resolve = getattr(model, "generation_model", None)
+    return resolve() if resolve is not None else model
+
+
+def decode_path(model: torch.nn.Module) -> str:
+    """How `generate` produces each new token for `model`, in words (printed by `chainfree generate`):
+    a KV cache (pretrained models), per-block recurrent states (chainfree's GPT, Mamba and hybrid models:
+    one parallel prefill, then one O(1)-state step per token), or, for a model without either, a full
+    forward over the window per token."""
+    model = generation_model(model)
+    if getattr(model, "generate_tokens", None) is not None:
+        return "KV cache"
+    if _has_recurrent_state(model):
+        return "prefill + per-block KV cache / recurrent state"
+    ctx = int(getattr(model, "max_context", 0)) or None
+    window = f"the last {ctx} tokens" if ctx else "all tokens so far"
+    return f"full forward over {window} per token (this model has no decode state)"
 
 
 def _has_recurrent_state(model: torch.nn.Module) -> bool:

@@ -12,17 +12,47 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from chainfree.config import MODEL_KINDS
 from chainfree.errors import CheckpointError, ConfigError
+from chainfree.methods import METHODS
 
 if TYPE_CHECKING:  # torch is imported by the commands, so `chainfree --help` stays fast
+    import click
     import torch
 
-bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Measure a method against exact backprop: gradient fidelity, speed, memory.")
 
-ModelOpt = Annotated[str | None, typer.Option("--model", help="gpt | mamba2 | mamba3 | hybrid")]
-MethodOpt = Annotated[str, typer.Option("--method", help="exact | basis | sus | lbi | hbll")]
+def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+    """Give on/off flags (--help, --version, --limit) an empty type column: typer would print `<bool>`
+    beside them, which reads as if the flag took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class FlagCommand(TyperCommand):
+    """A typer command whose flags render without a type (see _plain_flags)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class FlagGroup(TyperGroup):
+    """A typer command group whose flags render without a type (see _plain_flags)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_flags(super().get_params(ctx))
+
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, cls=FlagGroup,
+                        help="Measure a method against exact backprop: gradient fidelity, speed, memory.")
+command = lambda: bench_app.command(cls=FlagCommand)  # noqa: E731
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help=" | ".join(MODEL_KINDS),
+                                              show_default="the --config file's, else gpt")]
+MethodOpt = Annotated[str, typer.Option("--method", help=" | ".join(METHODS))]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="TOML file with \\[model] \\[data] \\[train] \\[method] sections, or a bundled preset name")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
@@ -108,7 +138,7 @@ def _load_model(cfg, device: torch.device, checkpoint: Path | None, trained: dic
     return model
 
 
-@bench_app.command()
+@command()
 def fidelity(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
              checkpoint: CkptOpt = None, device: DeviceOpt = "cpu", out: ScratchOutOpt = SCRATCH_OUT,
              name: NameOpt = None,
@@ -120,16 +150,16 @@ def fidelity(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None
     from chainfree.bench.cases import resolve_device, shapes
     from chainfree.bench.fidelity import FIDELITY_COLUMNS, measure_fidelity, sample_batches
     from chainfree.bench.report import markdown_table, plot_variance_by_group, write_result
-    from chainfree.data import BatchSampler, load_tokens
+    from chainfree.data import BatchSampler
     from chainfree.logging import console
     from chainfree.methods import build_method
-    from chainfree.train import autocast_context
+    from chainfree.training.trainer import autocast_context, run_tokens
 
     if batches < 1:
         raise ConfigError("--batches must be >= 1")
     cfg, trained = _config(config, set_, model, method, device, checkpoint)
     dev = resolve_device(cfg.train.device)
-    data = load_tokens(cfg.data)
+    data = run_tokens(cfg)  # the run's tokens: a pretrained model's corpus is tokenised with its own tokenizer
     cfg.model.fit_vocab(data.vocab_size)
     sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
     batch_list = sample_batches(sampler, batches, dev)
@@ -190,7 +220,7 @@ def _run_sweep(kind: str, cfg, dev: torch.device, seq_lens: list[int], measure) 
     return rows, payload
 
 
-@bench_app.command()
+@command()
 def speed(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
           checkpoint: CkptOpt = None, device: DeviceOpt = "auto", out: OutOpt = DEFAULT_OUT, name: NameOpt = None,
           op: Annotated[str, typer.Option("--op", help="step | block | attn | mlp | attention (SUS kernel sweep)")]
@@ -279,7 +309,7 @@ def _attention(method: str, out: Path, ns: str | None, cs: str | None, head_dims
     typer.echo(f"-> {out}")
 
 
-@bench_app.command()
+@command()
 def memory(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
            checkpoint: CkptOpt = None, device: DeviceOpt = "auto", out: OutOpt = DEFAULT_OUT, name: NameOpt = None,
            warmup: Annotated[int, typer.Option("--warmup")] = 1, seq_lens: SeqOpt = None) -> None:
@@ -313,7 +343,7 @@ def memory(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None, 
     typer.echo(f"-> {json_path}")
 
 
-@bench_app.command()
+@command()
 def baselines(entries: Annotated[str, typer.Option(
                   "--entries", help="compare-style entries, e.g. exact,exact+compile,exact+cudagraphs,exact+ckpt,"
                   "exact+sac,basis")] = "exact,exact+compile,exact+ckpt,exact+sac",

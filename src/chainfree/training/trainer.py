@@ -275,6 +275,12 @@ def run_tokens(cfg: RunConfig) -> Any:
         from chainfree.models.hf import run_tokens as hf_tokens
 
         return hf_tokens(cfg)
+    if cfg.model.kind == "vision":
+        from chainfree.errors import ConfigError
+
+        raise ConfigError("model.kind='vision' classifies feature vectors, while train, compare, generate and the "
+                          "benches run language models on token data; the vision experiments run through "
+                          "`chainfree reproduce hbll`")
     from chainfree.data import load_tokens
 
     return load_tokens(cfg.data)
@@ -288,6 +294,38 @@ def build_run(cfg: RunConfig, device: torch.device) -> tuple[Any, nn.Module, Met
     cfg.model.fit_vocab(data.vocab_size)
     model = method.prepare(seeded_model(cfg, device))
     return data, model, method
+
+
+RECORDED_ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                      "intermediate_size", "vocab_size", "max_position_embeddings", "hidden_act",
+                      "tie_word_embeddings", "torch_dtype")
+
+
+def run_record(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """What a run loaded that its settings do not say, for DIR/config.toml's [recorded] section: for a
+    pretrained transformers model (`model.hf`), the checkpoint's architecture (class, layers, widths, heads,
+    vocabulary, context), its parameter count and the tokenizer (class, vocabulary size, identity hash). Empty
+    for chainfree's own models, whose [model] and [data] settings already describe them completely."""
+    hf = getattr(model, "hf", None)
+    config = getattr(hf, "config", None)
+    if config is None:
+        return {}
+    record: dict[str, Any] = {"architecture": ", ".join(getattr(config, "architectures", None) or [type(hf).__name__])}
+    for key in RECORDED_ARCH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, bool | int | float | str):
+            record[key] = value
+    record["params"] = sum(p.numel() for p in hf.parameters())
+    source = getattr(getattr(model, "cfg", None), "pretrained", None)
+    if source:
+        record["source"] = str(source)
+    inner = getattr(tokenizer, "tok", tokenizer)
+    record["tokenizer"] = type(inner).__name__
+    record["tokenizer_vocab_size"] = int(getattr(tokenizer, "vocab_size", 0))
+    identity = getattr(tokenizer, "identity", None)
+    if identity:
+        record["tokenizer_identity"] = str(identity)
+    return record
 
 
 def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress: bool = True,
@@ -314,7 +352,7 @@ def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress
     resumed = trainer.resume(state, ckpt_dir, config_dict)
     if trainer.launch.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(to_toml(cfg))
+        (out_dir / "config.toml").write_text(to_toml(cfg, run_record(state.model, data.tokenizer)))
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     trainer.callbacks = [
@@ -337,14 +375,28 @@ def train(cfg: RunConfig, out_dir: Path, *, stop_at: int | None = None, progress
     return summary
 
 
+def warmup_steps_excluded(n_steps: int, train: TrainConfig) -> int:
+    """How many of a session's first steps `summarize` leaves out of the step time: the first step always
+    (lazy initialisation, allocator growth, kernel selection, and with train.compile the compilation), and
+    with train.compile also the second (a recompile for the changed lr / optimizer state, CUDA-graph
+    recording under mode='reduce-overhead'). Capped at the steps that ran."""
+    return min(n_steps, 2 if train.compile else 1)
+
+
 def summarize(out_dir: Path, cfg: RunConfig, method: Method, model: nn.Module, step_times: list[float],
               device: torch.device, unigram: float) -> dict[str, Any]:
-    """Run summary from metrics.jsonl and this session's step times (median, after warm-up steps)."""
+    """Run summary from metrics.jsonl and this session's step times.
+
+    Fields (also README, "Command line"): `step_time_s` = median wall time of this session's steps after the
+    `warmup_steps_excluded` first ones (see `warmup_steps_excluded`: 1, or 2 with train.compile),
+    `timed_steps` = how many steps that median is over, `tokens_per_s` = batch_size * seq_len / step_time_s.
+    A session whose only steps are warm-up steps (e.g. a 1-step run) has no honest figure: `step_time_s` and
+    `tokens_per_s` are NaN (null in summary.json) and `timed_steps` is 0."""
     records = read_metrics(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").exists() else []
     vals = [r["val_loss"] for r in records if "val_loss" in r]
-    # skip the first steps (allocator warm-up, compilation) when enough steps ran this session
-    timed = step_times[2:] if len(step_times) > 4 else step_times
-    median = sorted(timed)[len(timed) // 2] if timed else float("nan")
+    skip = warmup_steps_excluded(len(step_times), cfg.train)
+    timed = sorted(step_times[skip:])
+    median = timed[len(timed) // 2] if timed else float("nan")
     return {
         "model": cfg.model.kind,
         "method": method.describe(),
@@ -355,6 +407,8 @@ def summarize(out_dir: Path, cfg: RunConfig, method: Method, model: nn.Module, s
         "unigram_entropy": unigram,
         "step_time_s": median,
         "tokens_per_s": cfg.train.batch_size * cfg.model.seq_len / median if timed else float("nan"),
+        "timed_steps": len(timed),
+        "warmup_steps_excluded": skip,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
