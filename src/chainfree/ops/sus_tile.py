@@ -94,21 +94,57 @@ def _num_programs(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------- forward
 
 
+_CUDNN_LSE_UNIT: dict[int, float | None] = {}
+
+
+def _cudnn_lse_unit(device: torch.device) -> float | None:
+    """Factor turning the cuDNN op's LSE into natural-log units (1.0, or ln 2 for a base-2 LSE), or None if the
+    op is unavailable or its LSE matches neither; checked once per device on a small problem."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CUDNN_LSE_UNIT:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 256, 64, device=device, generator=g, dtype=torch.bfloat16) for _ in range(3))
+        unit = None
+        try:
+            lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, True, False, scale=0.125
+            )[1]
+            s = (q.float() @ k.float().transpose(-1, -2)) * 0.125
+            s = s.masked_fill(~torch.ones(256, 256, dtype=torch.bool, device=device).tril(), -math.inf)
+            want = torch.logsumexp(s, -1)
+            got = lse.reshape(1, 2, -1)[..., :256].float()
+            for factor in (1.0, math.log(2.0)):
+                if (got * factor - want).abs().max() < 1e-2:
+                    unit = factor
+                    break
+        except RuntimeError:
+            unit = None
+        _CUDNN_LSE_UNIT[idx] = unit
+    return _CUDNN_LSE_UNIT[idx]
+
+
 def _cuda_forward(q, k, v, is_causal, scale, q_ids, k_ids) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n_q, _ = q.shape
     n_k = k.shape[2]
     if k.shape[1] != h:
         k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
     if q_ids is None:
-        try:
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, None, True, 0.0, is_causal, False, scale=scale
-            )
-            op = "cudnn"
-        except RuntimeError:
+        lse_unit = _cudnn_lse_unit(q.device)
+        res = None
+        if lse_unit is not None:
+            try:
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, None, True, 0.0, is_causal, False, scale=scale
+                )
+                op = "cudnn"
+            except RuntimeError:
+                res = None
+        if res is None:
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
-            op = "flash"
+            op, lse_unit = "flash", 1.0
         o, lse = res[0], res[1]
+        if lse_unit != 1.0:
+            lse = lse * lse_unit
     else:
         allowed = (q_ids[:, :, None] == k_ids[:, None, :]) & (k_ids[:, None, :] >= 0)
         if is_causal:
