@@ -141,6 +141,16 @@ def _sus_fn(c: float, causal: bool, variant: str = "thinned") -> Callable:
     return attn
 
 
+def _tile_fn(c: float, causal: bool, tile: int = 128, proposal: str | None = None) -> Callable:
+    """Tile-sampled SUS (`chainfree.ops.sus_tile`): exact cuDNN-class forward, block-sparse backward."""
+    from chainfree.ops.sus_tile import DEFAULT_PROPOSAL, sus_tile_attention
+
+    def attn(q, k, v):
+        return sus_tile_attention(q, k, v, c=c, is_causal=causal, tile=tile, proposal=proposal or DEFAULT_PROPOSAL)
+
+    return attn
+
+
 def _sdpa_fn(name: str, causal: bool) -> Callable:
     def attn(q, k, v):
         with _backend_context(name):
@@ -159,6 +169,7 @@ def _bench_shape(
     warmup: int,
     rounds: int,
     v1_cs: tuple[float, ...] = (),
+    tile_cs: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     """All rows of one (causal, D, n): the three exact rows, then SUS for every c, interleaved."""
     g = torch.Generator(device="cuda").manual_seed(n + d)
@@ -177,6 +188,13 @@ def _bench_shape(
         fns[f"sus_v2_c{c:g}"] = _phase_fns(_sus_fn(c, causal), q, k, v, do)
     for c in v1_cs:
         fns[f"sus_v1_c{c:g}"] = _phase_fns(_sus_fn(c, causal, "bernoulli"), q, k, v, do)
+    kept: dict[str, float] = {}
+    for c in tile_cs:
+        fn = _tile_fn(c, causal)
+        fns[f"sus_tile_c{c:g}"] = _phase_fns(fn, q, k, v, do)
+        with _tile_density_probe() as rec:
+            fn(q, k, v).backward(do)
+        kept[f"sus_tile_c{c:g}"] = sum(a for a, _ in rec) / max(1, sum(b for _, b in rec))
     times = time_interleaved(fns, warmup, rounds)
     flops = attention_flops(n, n, d, H, causal)
     base = {p: statistics.median(times["sdpa"][p]) for p in PHASES}
@@ -196,6 +214,8 @@ def _bench_shape(
             mult = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
             for p in PHASES:
                 row[f"{p}_tflops"] = flops * mult[p] / (row[f"{p}_ms"] * 1e-3) / 1e12
+        if name in kept:
+            row["note"] = f"kept tiles {100 * kept[name]:.1f}% (Gaussian q, k: near-uniform attention)"
         if name == "sdpa":
             row["backend"] = info["backend"]
             row["note"] = "default dispatch ran: " + info["backend"]
@@ -229,6 +249,7 @@ def run_attention_bench(
     warmup: int = 3,
     rounds: int = 0,
     v1_cs: tuple[float, ...] = (),
+    tile_cs: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Time SUS vs SDPA's default dispatch (+ forced FLASH and CUDNN rows) for every (causal, D, n, c); write
     JSON + markdown (+ PNG) to out_dir. `causal=None` runs both masks. `rounds=0` picks 15 rounds for
@@ -248,7 +269,7 @@ def run_attention_bench(
         for d in head_dims:
             for n in ns:
                 r = rounds or (15 if n <= 8192 else 8 if n <= 32768 else 5)
-                rows += _bench_shape(d, model_dim // d, n, cs, mask, tdtype, warmup, r, tuple(v1_cs))
+                rows += _bench_shape(d, model_dim // d, n, cs, mask, tdtype, warmup, r, tuple(v1_cs), tuple(tile_cs))
                 torch.cuda.empty_cache()
     from chainfree.ops import sus_triton
 
@@ -256,7 +277,8 @@ def run_attention_bench(
         "ns": ns, "head_dims": head_dims, "cs": cs, "masks": ["causal" if m else "non-causal" for m in masks],
         "model_dim": model_dim, "batch": 1, "dtype": dtype,
         "sus_rows": "sus_v2_c* = sus_attention(variant='thinned'): v2 kernel; sus_v1_c* = variant='bernoulli': v1 "
-        f"kernel (default of chainfree.sus_attention on CUDA: {sus_triton.KERNEL})",
+        f"kernel (default of chainfree.sus_attention on CUDA: {sus_triton.KERNEL}); sus_tile_c* = "
+        "chainfree.ops.sus_tile.sus_tile_attention (tile 128, default proposal)",
         "baseline": "torch F.scaled_dot_product_attention, default backend dispatch (no sdpa_kernel context); "
                     "rows sdpa_flash / sdpa_cudnn force SDPBackend.FLASH_ATTENTION / CUDNN_ATTENTION",
         "timing": "CUDA events per call; methods and phases interleaved round by round after warm-up; "
@@ -340,6 +362,39 @@ def zero_backward_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fa
     return _ZeroBackwardAttention.apply(q, k, v, is_causal)
 
 
+def _tile_density_probe():
+    """Context manager recording, per tile-SUS backward, (kept tiles, tiles with an allowed pair): wraps
+    `chainfree.ops.sus_tile.tile_backward` (looked up at call time by the backward op) for untimed steps."""
+    from chainfree.ops import sus_tile
+
+    record: list[tuple[int, int]] = []
+    inner = sus_tile.tile_backward
+
+    def probe(q, k, v, o, lse, do, pi, keep, **kw):
+        record.append((int(keep.sum()), int((pi > 0).sum())))
+        return inner(q, k, v, o, lse, do, pi, keep, **kw)
+
+    @contextlib.contextmanager
+    def ctx():
+        sus_tile.tile_backward = probe
+        try:
+            yield record
+        finally:
+            sus_tile.tile_backward = inner
+
+    return ctx()
+
+
+def _allow_recompiles(n: int = 64) -> None:
+    """Every (attention function, T) pair compiles its block once: raise dynamo's per-frame cache limit so
+    none of them silently falls back to eager."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(n, getattr(torch._dynamo.config, name)))
+
+
 def run_step_bench(
     seq_lens: list[int],
     head_dims: list[int],
@@ -351,26 +406,37 @@ def run_step_bench(
     name: str = "step_sus",
     warmup: int = 2,
     rounds: int = 6,
+    tile_c: float = 8.0,
+    tile: int = 128,
+    proposal: str | None = None,
+    modes: tuple[str, ...] = ("eager", "compile"),
+    per_pair: bool = True,
 ) -> dict[str, Any]:
     """GPT training step (batch 1, bf16 autocast, fused AdamW, grad clip, chunked CE) with exact attention
-    (SDPA default dispatch), SUS attention (`chainfree.sus_attention`, default CUDA kernel) and the limit
-    (exact forward, zero attention backward) at every (head dim, T); one model, attention swapped between
-    steps, methods interleaved round by round. prize_share = (exact - sus) / (exact - limit)."""
+    (SDPA default dispatch), tile-sampled SUS (`chainfree.ops.sus_tile`), the per-pair v1 kernel (eager only:
+    it runs outside compiled graphs) and the limit (exact forward, zero attention backward), at every
+    (head dim, T) and compile mode: 'eager', or 'compile' = every block compiled on its own (identical blocks
+    share one graph; one compile per attention function and T). One model per (D, T), attention swapped
+    between steps, methods interleaved round by round. prize_share = (exact - sus) / (exact - limit) within
+    a mode; the tile rows record the kept share of tiles with an allowed pair (untimed probe steps)."""
     from functools import partial
 
     from chainfree.config import ModelConfig
     from chainfree.models.lm import LanguageModel
+    from chainfree.ops import sus_tile
     from chainfree.ops.sus import sus_attention
 
     if not torch.cuda.is_available():
         raise RuntimeError("the SUS step benchmark needs a CUDA GPU")
+    proposal = proposal or sus_tile.DEFAULT_PROPOSAL
+    _allow_recompiles()
     rows: list[dict[str, Any]] = []
-    fns = {
-        "exact": F.scaled_dot_product_attention,
-        "sus": partial(sus_attention, c=c, variant="thinned"),
-        "sus_v1": partial(sus_attention, c=c, variant="bernoulli"),
-        "limit": zero_backward_attention,
-    }
+    tile_fn = partial(sus_tile.sus_tile_attention, c=tile_c, tile=tile, proposal=proposal)
+
+    def tile_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return tile_fn(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    base_fns = {"exact": F.scaled_dot_product_attention, "sus_tile": tile_attention, "limit": zero_backward_attention}
     for d in head_dims:
         for T in seq_lens:
             torch.manual_seed(0)
@@ -380,6 +446,9 @@ def run_step_bench(
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ids = torch.randint(0, vocab, (1, T + 1), device="cuda")
             x, y = ids[:, :-1], ids[:, 1:]
+            blocks = list(model.blocks)
+            eager_fwd = [b.forward for b in blocks]
+            compiled_fwd = [torch.compile(f) for f in eager_fwd] if "compile" in modes else eager_fwd
 
             def step(model=model, opt=opt, x=x, y=y):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -389,27 +458,61 @@ def run_step_bench(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            times: dict[str, list[float]] = {m: [] for m in fns}
+            entries = []
+            for mode in modes:
+                for m, fn in base_fns.items():
+                    entries.append((mode, m, fn))
+                if per_pair and mode == "eager":
+                    entries.append((mode, "sus_v1", partial(sus_attention, c=c, variant="bernoulli")))
+
+            def use(mode: str, fn, model=model, blocks=blocks, eager_fwd=eager_fwd, compiled_fwd=compiled_fwd):
+                model.set_attention(fn)
+                for b, ef, cf in zip(blocks, eager_fwd, compiled_fwd, strict=True):
+                    b.forward = cf if mode == "compile" else ef
+
+            times: dict[tuple[str, str], list[float]] = {(mode, m): [] for mode, m, _ in entries}
+            first: dict[tuple[str, str], float] = {}
             for r in range(warmup + rounds):
-                for m, fn in fns.items():
-                    model.set_attention(fn)
+                for mode, m, fn in entries:
+                    use(mode, fn)
                     t = _event_ms(step)
+                    if r == 0:
+                        first[(mode, m)] = t
                     if r >= warmup:
-                        times[m].append(t)
-            med = {m: statistics.median(ts) for m, ts in times.items()}
-            for m, ts in times.items():
-                row = {"D": d, "heads": d_model // d, "T": T, "method": m, "step_ms": med[m], "min_ms": min(ts),
-                       "max_ms": max(ts), "speedup_vs_exact": med["exact"] / med[m]}  # fmt: skip
+                        times[(mode, m)].append(t)
+            density: dict[str, float] = {}
+            for mode in modes:
+                use(mode, tile_attention)
+                with _tile_density_probe() as rec:
+                    for _ in range(2):
+                        step()
+                density[mode] = sum(k for k, _ in rec) / max(1, sum(a for _, a in rec))
+            for b, ef in zip(blocks, eager_fwd, strict=True):
+                b.forward = ef
+            med = {key: statistics.median(ts) for key, ts in times.items()}
+            for (mode, m), ts in times.items():
+                ex, lim = med[(mode, "exact")], med[(mode, "limit")]
+                row = {"D": d, "heads": d_model // d, "T": T, "mode": mode, "method": m, "step_ms": med[(mode, m)],
+                       "min_ms": min(ts), "max_ms": max(ts), "speedup_vs_exact": ex / med[(mode, m)],
+                       "speedup_vs_eager_exact": med[("eager", "exact")] / med[(mode, m)],
+                       "first_step_ms": first[(mode, m)]}  # fmt: skip
                 if m.startswith("sus"):
-                    row["prize_share"] = (med["exact"] - med[m]) / (med["exact"] - med["limit"])
+                    row["prize_share"] = (ex - med[(mode, m)]) / (ex - lim)
+                if m == "sus_tile":
+                    row["kept_tile_share"] = density[mode]
                 rows.append(row)
-                print(f"step D={d} T={T} {m}: {med[m]:.2f} ms (x{row['speedup_vs_exact']:.2f})", flush=True)
-            del model, opt
+                print(f"step D={d} T={T} {mode} {m}: {med[(mode, m)]:.2f} ms (x{row['speedup_vs_exact']:.2f})"
+                      + (f" kept tiles {100 * density[mode]:.1f}%" if m == "sus_tile" else ""), flush=True)
+            del model, opt, blocks, eager_fwd, compiled_fwd
             torch.cuda.empty_cache()
     config = {
-        "model": f"GPT d={d_model}, {n_layers} layers, vocab {vocab}, batch 1, tied embeddings, chunked CE",
-        "train": "bf16 autocast, fused AdamW, grad clip 1.0, eager (no torch.compile for any row)",
-        "exact": "F.scaled_dot_product_attention default dispatch", "sus": f"chainfree.sus_attention c={c:g}",
+        "model": f"GPT d={d_model}, {n_layers} layers, vocab {vocab}, batch 1, tied embeddings, chunked CE, "
+                 "random init (its attention is far flatter than a trained model's: kept shares differ)",
+        "train": "bf16 autocast, fused AdamW, grad clip 1.0",
+        "modes": "eager; compile = torch.compile of every block's forward (identical blocks share one graph)",
+        "exact": "F.scaled_dot_product_attention default dispatch",
+        "sus_tile": f"chainfree.ops.sus_tile.sus_tile_attention c={tile_c:g}, tile={tile}, proposal={proposal}",
+        "sus_v1": f"chainfree.sus_attention c={c:g} variant='bernoulli' (per-pair v1 kernel, eager only)",
         "limit": "exact forward, attention backward returns zeros",
         "timing": f"CUDA events per step, {warmup} warm-up rounds, median of {rounds} interleaved rounds",
         "command": " ".join(shlex.quote(a) for a in sys.argv),
@@ -417,11 +520,14 @@ def run_step_bench(
     }  # fmt: skip
     payload = {"config": config, "rows": rows}
     columns = [
-        ("D", "D"), ("T", "T"), ("method", "method"), ("step_ms", "step ms"), ("min_ms", "min"), ("max_ms", "max"),
-        ("speedup_vs_exact", "speedup vs exact"), ("prize_share", "share of limit"),
+        ("D", "D"), ("T", "T"), ("mode", "mode"), ("method", "method"), ("step_ms", "step ms"), ("min_ms", "min"),
+        ("max_ms", "max"), ("speedup_vs_exact", "speedup vs exact (same mode)"),
+        ("speedup_vs_eager_exact", "vs eager exact"), ("prize_share", "share of limit"),
+        ("kept_tile_share", "kept tiles"),
     ]  # fmt: skip
     title = (f"# GPT training step: SUS vs exact vs limit ({torch.cuda.get_device_name(0)})\n\n"
-             f"{config['model']}; {config['train']}. limit = {config['limit']}.\n\n")  # fmt: skip
+             f"{config['model']}; {config['train']}; {config['modes']}. limit = {config['limit']}. "
+             f"sus_tile = {config['sus_tile']}.\n\n")  # fmt: skip
     write_result(Path(out_dir), name, payload, title + markdown_table(rows, columns))
     return payload
 
@@ -435,21 +541,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--ns", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--head-dims", type=_ints, default=[64, 128])
-    p.add_argument("--cs", type=lambda s: [float(x) for x in s.split(",")], default=[16.0, 32.0, 64.0])
+    p.add_argument("--cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[16.0, 32.0, 64.0])
     p.add_argument("--model-dim", type=int, default=2048)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--mask", choices=["both", "causal", "non-causal"], default="both")
     p.add_argument("--rounds", type=int, default=0)
     p.add_argument("--v1-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
+    p.add_argument("--tile-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                   help="keep rates of tile-sampled SUS rows (sus_tile_c*)")
     p.add_argument("--name", default=None)
     p.add_argument("--step", action="store_true", help="GPT training step bench instead (--ns = sequence lengths)")
+    p.add_argument("--tile-c", type=float, default=8.0, help="--step: keep rate c of the tile-sampled SUS rows")
+    p.add_argument("--tile", type=int, default=128, help="--step: tile edge of the tile-sampled SUS rows")
+    p.add_argument("--proposal", default=None, help="--step: tile statistic ('exact' or 'rowsS'; default the op's)")
+    p.add_argument("--modes", default="eager,compile", help="--step: comma-separated subset of eager,compile")
+    p.add_argument("--no-per-pair", action="store_true", help="--step: leave out the per-pair v1 rows")
     a = p.parse_args(argv)
     if a.step:
-        run_step_bench(a.ns, a.head_dims, a.cs[0], out_dir=a.out, name=a.name or "step_sus")
+        run_step_bench(a.ns, a.head_dims, a.cs[0], d_model=a.model_dim, out_dir=a.out, name=a.name or "step_sus",
+                       tile_c=a.tile_c, tile=a.tile, proposal=a.proposal, modes=tuple(a.modes.split(",")),
+                       per_pair=not a.no_per_pair, **({"rounds": a.rounds} if a.rounds else {}))
         return
     causal = None if a.mask == "both" else a.mask == "causal"
     run_attention_bench(a.ns, a.head_dims, a.cs, causal, a.model_dim, a.dtype, a.out, a.name or "attention_sus",
-                        rounds=a.rounds, v1_cs=tuple(a.v1_cs))  # fmt: skip
+                        rounds=a.rounds, v1_cs=tuple(a.v1_cs), tile_cs=tuple(a.tile_cs))  # fmt: skip
 
 
 if __name__ == "__main__":
