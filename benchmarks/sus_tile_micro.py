@@ -50,22 +50,26 @@ def realistic_qkv(b: int, h: int, n: int, d: int, seed: int = 0, device: str = "
     return [t.to(torch.bfloat16).contiguous() for t in (q, k, v)]
 
 
-def timeit(fn, reps: int = 15, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        fn()
+def timeit(fn, reps: int = 15, warmup: int = 3, setup=None) -> dict:
+    """CUDA-event times (ms) of fn(); `setup` (untimed) runs before each call and its result is fn's argument."""
     times = []
-    for _ in range(reps):
+    for i in range(warmup + reps):
+        arg = setup() if setup is not None else None
+        call = (lambda arg=arg: fn(arg)) if setup is not None else fn
         if not torch.cuda.is_available():  # CPU dry run of the script's logic
             t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-            continue
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
+            call()
+            dt = (time.perf_counter() - t) * 1e3
+        else:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            s.record()
+            call()
+            e.record()
+            e.synchronize()
+            dt = s.elapsed_time(e)
+        if i >= warmup:
+            times.append(dt)
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
@@ -73,7 +77,7 @@ _FLEX = None
 
 
 def flex_bwd(q, k, v, do, keep, tile: int):
-    """A closure timing FlexAttention's backward over the kept tiles (diagonal tiles causal-masked, the others full)."""
+    """(setup, fn) timing FlexAttention's backward over the kept tiles (diagonal tiles causal, the others full)."""
     global _FLEX
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -90,20 +94,21 @@ def flex_bwd(q, k, v, do, keep, tile: int):
     fn_, fi = lists(full)
     bm = BlockMask.from_kv_blocks(kn, ki, fn_, fi, BLOCK_SIZE=tile, mask_mod=lambda b, h, qi, ki_: qi >= ki_)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = _FLEX(*leaves, block_mask=bm)
-    return lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)
+    return {"setup": lambda: _FLEX(*leaves, block_mask=bm), "fn": lambda out: torch.autograd.grad(out, leaves, do)}
 
 
 def sdpa_bwd(q, k, v, do, backend=None):
     from torch.nn.attention import sdpa_kernel
 
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    if backend is None:
-        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
-    else:
-        with sdpa_kernel(backend):  # noqa: SIM117
-            out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
-    return lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)
+
+    def setup():
+        if backend is None:
+            return torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+
+    return {"setup": setup, "fn": lambda out: torch.autograd.grad(out, leaves, do)}
 
 
 def density(keep: torch.Tensor, n: int, tile: int) -> float:
@@ -144,9 +149,9 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
         )
     except (RuntimeError, NotImplementedError) as exc:
         row["cudnn_fwd"] = {"error": str(exc)[:200]}
-    row["sdpa_bwd"] = timeit(sdpa_bwd(q, k, v, do))
+    row["sdpa_bwd"] = timeit(**sdpa_bwd(q, k, v, do))
     try:
-        row["cudnn_bwd"] = timeit(sdpa_bwd(q, k, v, do, SDPBackend.CUDNN_ATTENTION))
+        row["cudnn_bwd"] = timeit(**sdpa_bwd(q, k, v, do, SDPBackend.CUDNN_ATTENTION))
     except (RuntimeError, NotImplementedError) as exc:
         row["cudnn_bwd"] = {"error": str(exc)[:200]}
     st.FORWARD_OPS.clear()
@@ -226,7 +231,7 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
                             "dv": statistics.mean(e[2] for e in errs)}  # fmt: skip
             if prop == "exact" and args.flex and f"{n}:{d}" in args.flex_shapes.split(","):
                 try:
-                    r["flex_bwd"] = timeit(flex_bwd(q, k, v, do, keep, tile))
+                    r["flex_bwd"] = timeit(**flex_bwd(q, k, v, do, keep, tile))
                 except Exception as exc:
                     r["flex_bwd"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             runs.append(r)
