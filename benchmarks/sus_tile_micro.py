@@ -179,8 +179,8 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
         pi = st.keep_probs(stats["exact"], c, n_q=n, n_k=n, tile=tile, is_causal=True, row_stride=1, pi_min=0.0)
         keep = torch.rand(pi.shape, device=dev) < pi
         res = {}
-        for qcfg in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)]:
-            for kcfg in [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)]:
+        for qcfg in [(64, 64, 4, 3), (128, 64, 8, 3)]:
+            for kcfg in [(64, 64, 4, 3), (64, 128, 8, 3)]:
                 for seg in [8, 16, 32]:
                     try:
                         t = timeit(
