@@ -98,7 +98,7 @@ def test_scan_backward_other_interfaces(kind, interface):
     check_exact(model, "vjp")
 
 
-@pytest.mark.parametrize("jacobian", ["vjp", "jvp", "loop", "replicate"])
+@pytest.mark.parametrize("jacobian", ["vjp", "jvp", "loop", "replicate", "prefix"])
 @pytest.mark.parametrize("chunk", [0, 3])
 def test_every_jacobian_mode_is_exact(jacobian, chunk):
     config = LBIConfig(region_size=2, rank=2, n_chunks=2, jacobian=jacobian, jacobian_chunk=chunk)
@@ -360,3 +360,11 @@ def test_jacobian_budget_defaults_to_free_memory():
     assert auto_jacobian_chunk(model, 64, budget // 5, torch.device("cpu")) == 5
     assert auto_jacobian_chunk(model, 64, 10 * budget, torch.device("cpu")) == 1
     assert auto_jacobian_chunk(model, 4, 1, torch.device("cpu")) == 4
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_prefix_jacobian_is_exact_for_every_architecture(kind):
+    """'prefix' re-runs each region on causal prefixes (T/C .. T tokens, ragged against the SSM chunk size):
+    the same Jacobian, so the same float64 gradients as autograd."""
+    config = LBIConfig(region_size=1, rank=3, n_chunks=4, jacobian="prefix", jacobian_chunk=2)
+    check_exact(LBI(config).prepare(tiny_lm(kind, 4)), "prefix")

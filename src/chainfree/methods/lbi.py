@@ -66,7 +66,7 @@ class LBIConfig:
     interface: str = "causal_chunk"  # 'causal_chunk' (C1) | 'token' (C2) | 'paper_leaky' (authors', not causal)
     n_chunks: int = 4  # C for causal_chunk (ignored when chunk_len > 0)
     chunk_len: int = 0  # > 0: C = seq_len / chunk_len
-    jacobian: str = "vjp"  # 'vjp' | 'jvp' | 'replicate' | 'loop'
+    jacobian: str = "vjp"  # 'vjp' | 'jvp' | 'replicate' | 'loop' | 'prefix' (replicate on causal prefixes)
     jacobian_chunk: int = 0  # > 0: at most this many Jacobian directions per pass; 0 = as many as fit memory
     # GiB the Jacobian passes may use (directions per pass = this / one direction's measured activation bytes);
     # 0 = auto: half of the free device memory (CUDA) or of the available RAM (CPU) at Jacobian time

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from chainfree.errors import ConfigError
 
 INTERFACES = ("causal_chunk", "token", "paper_leaky")
-JACOBIANS = ("vjp", "jvp", "replicate", "loop")
+JACOBIANS = ("vjp", "jvp", "replicate", "loop", "prefix")
 
 
 class RegionSpec(Protocol):
@@ -450,7 +450,9 @@ def region_jacobian_t(
             rows = [torch.autograd.grad(m_out, m_in, e.to(m_out.dtype), retain_graph=True)[0] for e in basis]
         return _transpose_rows(torch.stack(rows), token_local)
     canvas = canvas.detach()
-    if how == "replicate":
+    if how == "prefix" and model.interface == "causal_chunk":
+        return _prefix_jacobian_t(model, k, m_in, canvas, step)
+    if how in ("replicate", "prefix"):  # prefix without chunks (paper_leaky, token): plain replicate
         b = m_in.shape[0]
         rows = []
         for e in pieces:
@@ -468,6 +470,33 @@ def region_jacobian_t(
             cols = jvp_cols(basis.contiguous())
         return _transpose_cols(cols, token_local)
     raise ValueError(f"jacobian must be one of {JACOBIANS}, got {how!r}")
+
+
+def _prefix_jacobian_t(model: LBIModel, k: int, m_in: torch.Tensor, canvas: torch.Tensor, step: int) -> torch.Tensor:
+    """'prefix' Jacobian of a causal_chunk region: the rows of output chunk c depend only on the tokens of
+    chunks <= c (causal blocks, prefix means, shifted messages), so they come from re-running the region on
+    the first (c+1) T/C tokens only, the batch replicated once per direction (as 'replicate'), and one
+    input-only backward. Work: sum over c of (c+1)/C = (C+1)/2 full-length passes of r directions, instead of
+    C for 'replicate' or for 'vjp' on the full-length graph; and no vmap (whose batched backward runs
+    LayerNorm, GELU, SiLU and SDPA backward one direction at a time and stacks the results). Same numbers:
+    the truncated run computes the same m_{k+1}[0..c] (tested in float64)."""
+    b, c, r = m_in.shape
+    tc = canvas.shape[1] // c
+    m0 = m_in.detach()
+    a = m0.new_zeros(b, c * r, c * r)  # A[b, input coordinate, output coordinate] = J[b, out, in]
+    eye = torch.eye(r, device=m0.device, dtype=m0.dtype)
+    for cp in range(c):
+        m_p, canvas_p = m0[:, : cp + 1], canvas[:, : (cp + 1) * tc]
+        for j0 in range(0, r, step):
+            s = min(step, r - j0)
+            m_rep = m_p.repeat(s, 1, 1).requires_grad_(True)
+            out = model.region(k, m_rep, canvas_p.repeat(s, 1, 1))
+            cot = torch.zeros(s, b, cp + 1, r, device=out.device, dtype=out.dtype)
+            cot[:, :, cp, :] = eye[j0 : j0 + s].to(out.dtype).unsqueeze(1)
+            (g,) = torch.autograd.grad(out, m_rep, cot.view_as(out))
+            rows = g.reshape(s, b, (cp + 1) * r).permute(1, 2, 0)
+            a[:, : (cp + 1) * r, cp * r + j0 : cp * r + j0 + s] = rows.to(a.dtype)
+    return a
 
 
 def accumulate_grads(params: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
