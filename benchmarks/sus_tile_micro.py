@@ -50,9 +50,14 @@ def realistic_qkv(b: int, h: int, n: int, d: int, seed: int = 0, device: str = "
     return [t.to(torch.bfloat16).contiguous() for t in (q, k, v)]
 
 
-def timeit(fn, reps: int = 15, warmup: int = 3, setup=None) -> dict:
+REPS = 15
+
+
+def timeit(fn, reps: int | None = None, warmup: int = 3, setup=None) -> dict:
     """CUDA-event times (ms) of fn(); `setup` (untimed) runs before each call and its result is fn's argument."""
     times = []
+    reps = reps or REPS
+    warmup = min(warmup, reps)
     for i in range(warmup + reps):
         arg = setup() if setup is not None else None
         call = (lambda arg=arg: fn(arg)) if setup is not None else fn
@@ -187,7 +192,7 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
                             lambda qcfg=qcfg, kcfg=kcfg, seg=seg: st.tile_backward(
                                 q, k, v, o, lse, do, pi, keep, is_causal=True, scale=scale, tile=tile,
                                 segment=seg, configs=(qcfg, kcfg),
-                            ), reps=7, warmup=2,
+                            ), reps=min(7, REPS), warmup=2,
                         )  # fmt: skip
                         res[f"{qcfg}|{kcfg}|{seg}"] = t["median"]
                     except Exception as exc:  # a tiling that does not fit the GPU
@@ -303,8 +308,12 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--flex-shapes", default="16384:128,32768:128,16384:64")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining shapes after this many seconds")
     args = p.parse_args()
+    global REPS
+    REPS = args.reps
     import subprocess
 
     import triton
@@ -328,7 +337,7 @@ def main() -> None:
             print("budget reached; skipping", shape, flush=True)
             continue
         n, d = (int(x) for x in shape.split(":"))
-        res["rows"].append(run_shape(n, d, cs, res["proposals"], args, sweep=(i == 0)))
+        res["rows"].append(run_shape(n, d, cs, res["proposals"], args, sweep=(i == 0 and args.sweep)))
         torch.cuda.empty_cache()
         with open(os.path.join(args.out, f"sus_tile_micro_{tag}.json"), "w") as fh:
             json.dump(res, fh, indent=1, default=str)
