@@ -21,6 +21,7 @@ from chainfree.methods import METHODS
 if TYPE_CHECKING:  # torch is imported by the commands, so `chainfree --help` stays fast
     import click
     import torch
+    from torch import nn
 
 
 def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
@@ -110,16 +111,17 @@ def _config(config: Path | None, set_: list[str] | None, model: str | None, meth
     return cfg, trained
 
 
-def _load_model(cfg, device: torch.device, checkpoint: Path | None, trained: dict[str, Any] | None):
+def _load_model(cfg, device: torch.device, checkpoint: Path | None, trained: dict[str, Any] | None,
+                weights: dict[str, torch.Tensor] | None = None):
     """The unprepared model (or, for a checkpoint of a method that restructures the model, the model prepared
-    by that training method) with the checkpoint's weights."""
+    by that training method) with the checkpoint's weights (`weights`, read from it when not given)."""
     from chainfree.bench.cases import build_model
     from chainfree.methods import build_method
 
     model = build_model(cfg, device)
     if checkpoint is None:
         return model
-    weights = checkpoint_weights(checkpoint)
+    weights = checkpoint_weights(checkpoint) if weights is None else weights
     try:
         model.load_state_dict(weights)
         return model
@@ -136,6 +138,14 @@ def _load_model(cfg, device: torch.device, checkpoint: Path | None, trained: dic
         raise ConfigError(f"checkpoint {checkpoint} holds a {train_method.name} model; measure --method "
                           f"{train_method.name} on it, or a dense (exact/basis/sus) checkpoint for {cfg.method_name}")
     return model
+
+
+# methods whose gradient has no exact-autograd counterpart on the same network to compare with, and why
+NO_FIDELITY = {
+    "hbll_time": "its time tree trains shortcut GRUs that backprop through the character GRU has no gradient for "
+                 "(and the tree has no forward of its own); `chainfree reproduce hbll --set hbll.parts=rnn` measures "
+                 "it against exact BPTT and tbptt by training",
+}
 
 
 @command()
@@ -157,13 +167,22 @@ def fidelity(method: MethodOpt, model: ModelOpt = None, config: ConfigOpt = None
 
     if batches < 1:
         raise ConfigError("--batches must be >= 1")
+    if method in NO_FIDELITY:
+        raise ConfigError(f"bench fidelity cannot measure --method {method}: {NO_FIDELITY[method]}")
     cfg, trained = _config(config, set_, model, method, device, checkpoint)
     dev = resolve_device(cfg.train.device)
     data = run_tokens(cfg)  # the run's tokens: a pretrained model's corpus is tokenised with its own tokenizer
     cfg.model.fit_vocab(data.vocab_size)
     sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
     batch_list = sample_batches(sampler, batches, dev)
-    base = _load_model(cfg, dev, checkpoint, trained)
+    weights = checkpoint_weights(checkpoint) if checkpoint is not None else None
+    base = _load_model(cfg, dev, checkpoint, trained, weights)
+    if checkpoint is not None:  # each model measure_fidelity needs is built afresh with the weights, not deep-
+        # copied: a method's structure (HBLL's stacked tree) indexes its own modules and does not survive a copy
+        def factory() -> nn.Module:
+            return _load_model(cfg, dev, checkpoint, trained, weights)
+
+        base = factory
     meth = build_method(cfg.method_name, cfg.method_params)
     autocast = (lambda: autocast_context(cfg.train, dev)) if cfg.train.dtype == "bf16" else None
     with console.status(f"fidelity of {meth.name}: {batches} batches x {k} estimates") as status:
