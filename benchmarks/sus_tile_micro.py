@@ -184,19 +184,20 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
         pi = st.keep_probs(stats["exact"], c, n_q=n, n_k=n, tile=tile, is_causal=True, row_stride=1, pi_min=0.0)
         keep = torch.rand(pi.shape, device=dev) < pi
         res = {}
-        for qcfg in [(64, 64, 4, 3), (128, 64, 8, 3)]:
-            for kcfg in [(64, 64, 4, 3), (64, 128, 8, 3)]:
-                for seg in [8, 16, 32]:
-                    try:
-                        t = timeit(
-                            lambda qcfg=qcfg, kcfg=kcfg, seg=seg: st.tile_backward(
-                                q, k, v, o, lse, do, pi, keep, is_causal=True, scale=scale, tile=tile,
-                                segment=seg, configs=(qcfg, kcfg),
-                            ), reps=min(7, REPS), warmup=2,
-                        )  # fmt: skip
-                        res[f"{qcfg}|{kcfg}|{seg}"] = t["median"]
-                    except Exception as exc:  # a tiling that does not fit the GPU
-                        res[f"{qcfg}|{kcfg}|{seg}"] = f"error {type(exc).__name__}"
+        combos = [((64, 64, 4, 3, 0), (64, 64, 4, 3, 0)), ((64, 64, 4, 3, 1), (64, 64, 4, 3, 1)),
+                  ((128, 64, 8, 3, 1), (64, 128, 8, 3, 1))]  # fmt: skip
+        for qcfg, kcfg in combos:
+            for seg in [8, 16, 32]:
+                try:
+                    t = timeit(
+                        lambda qcfg=qcfg, kcfg=kcfg, seg=seg: st.tile_backward(
+                            q, k, v, o, lse, do, pi, keep, is_causal=True, scale=scale, tile=tile,
+                            segment=seg, configs=(qcfg, kcfg),
+                        ), reps=min(7, REPS), warmup=2,
+                    )  # fmt: skip
+                    res[f"{qcfg}|{kcfg}|{seg}"] = t["median"]
+                except Exception as exc:  # a tiling that does not fit the GPU
+                    res[f"{qcfg}|{kcfg}|{seg}"] = f"error {type(exc).__name__}"
         best = min((x for x in res.items() if isinstance(x[1], float)), key=lambda x: x[1])
         row["sweep"] = {"c": c, "density": density(keep, n, tile), "ms": res, "best": best}
         qs, ks, seg = best[0].split("|")

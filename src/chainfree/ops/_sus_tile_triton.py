@@ -71,6 +71,55 @@ def _stats_kernel(
 
 
 @triton.jit
+def _dq_block(
+    dq, q, do, lse, delta, qid, rows, rmask, cols, kbase, vbase, KID, b, n_k, skn, svn, wgt, qk_scale, d,
+    CAUSAL: tl.constexpr, DOC: tl.constexpr,
+):  # fmt: skip
+    """dq += (P/π ∘ (dO Vᵀ − D)) K for one key block `cols` (masked pairs contribute 0)."""
+    cmask = cols < n_k
+    k = tl.load(kbase + cols[:, None] * skn + d[None, :], mask=cmask[:, None], other=0.0)
+    v = tl.load(vbase + cols[:, None] * svn + d[None, :], mask=cmask[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    ok = rmask[:, None] & cmask[None, :]
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None])
+    if DOC:
+        kid = tl.load(KID + b * n_k + cols, mask=cmask, other=-1)
+        ok = ok & (qid[:, None] == kid[None, :]) & (kid[None, :] >= 0)
+    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0) * wgt
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, kid, cols, cmask, rows, Q, DO, LSE, DELTA, QID, b, h, H, n_q,
+    sqb, sqh, sqn, sdb, sdh, sdn, wgt, qk_scale, d, CAUSAL: tl.constexpr, DOC: tl.constexpr,
+):  # fmt: skip
+    """dv += (P/π)ᵀ dO, dk += (P/π ∘ (dO Vᵀ − D))ᵀ Q for one query block `rows` of head h (unscaled)."""
+    rmask = rows < n_q
+    bh = b * H + h
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + d[None, :], mask=rmask[:, None], other=0.0)
+    lse = tl.load(LSE + bh * n_q + rows, mask=rmask, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * n_q + rows, mask=rmask, other=0.0)
+    st = tl.dot(k, tl.trans(q)) * qk_scale  # [KB, QB]
+    ok = cmask[:, None] & rmask[None, :]
+    if CAUSAL:
+        ok = ok & (cols[:, None] <= rows[None, :])
+    if DOC:
+        qid = tl.load(QID + b * n_q + rows, mask=rmask, other=-1)
+        ok = ok & (kid[:, None] == qid[None, :]) & (kid[:, None] >= 0)
+    pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0) * wgt
+    dv = dv + tl.dot(pt.to(do.dtype), do)
+    dpt = tl.dot(v, tl.trans(do))
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + tl.dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, QID, KID, WT,
     SEG_LIST, SEG_START, TOTAL, IDX, CNT, NSEG,
@@ -78,10 +127,11 @@ def _bwd_dq_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
     H, G, n_q, n_k, Tq, Tk, scale, qk_scale, L, NPROG,
     CAUSAL: tl.constexpr, DOC: tl.constexpr, TILE: tl.constexpr, QB: tl.constexpr, KB: tl.constexpr,
-    D: tl.constexpr,
+    D: tl.constexpr, FLAT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     SUBS: tl.constexpr = TILE // QB
+    RK: tl.constexpr = TILE // KB
     units = tl.load(TOTAL) * SUBS
     d = tl.arange(0, D)
     for u in range(pid, units, NPROG):
@@ -105,6 +155,7 @@ def _bwd_dq_kernel(
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         if start == 0:
             tl.store(DELTA + bh * n_q + rows, delta, mask=rmask)
+        qid = rows
         if DOC:
             qid = tl.load(QID + b * n_q + rows, mask=rmask, other=-1)
         kbase = K + b * skb + hk * skh
@@ -114,26 +165,22 @@ def _bwd_dq_kernel(
         row_hi = i_tile * TILE + sub * QB + QB - 1
         if not CAUSAL:
             row_hi = row_hi * 0 + Tk * TILE  # every key tile runs
-        for e in range(start, end):
-            j = tl.load(IDX + lst * Tk + e)
-            wgt = tl.load(WT + lst * Tk + j)
-            for c0 in range(0, TILE, KB):
-                if j * TILE + c0 <= row_hi:
-                    cols = j * TILE + c0 + tl.arange(0, KB)
-                    cmask = cols < n_k
-                    k = tl.load(kbase + cols[:, None] * skn + d[None, :], mask=cmask[:, None], other=0.0)
-                    v = tl.load(vbase + cols[:, None] * svn + d[None, :], mask=cmask[:, None], other=0.0)
-                    s = tl.dot(q, tl.trans(k)) * qk_scale
-                    ok = rmask[:, None] & cmask[None, :]
-                    if CAUSAL:
-                        ok = ok & (cols[None, :] <= rows[:, None])
-                    if DOC:
-                        kid = tl.load(KID + b * n_k + cols, mask=cmask, other=-1)
-                        ok = ok & (qid[:, None] == kid[None, :]) & (kid[None, :] >= 0)
-                    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0) * wgt
-                    dp = tl.dot(do, tl.trans(v))
-                    ds = p * (dp - delta[:, None])
-                    dq += tl.dot(ds.to(k.dtype), k)
+        if FLAT:  # one loop over (kept tile, key block): the loads of the next block pipeline across tiles
+            for t in range(start * RK, end * RK):
+                j = tl.load(IDX + lst * Tk + t // RK)
+                wgt = tl.load(WT + lst * Tk + j)
+                cols = j * TILE + (t % RK) * KB + tl.arange(0, KB)
+                dq = _dq_block(dq, q, do, lse, delta, qid, rows, rmask, cols, kbase, vbase, KID, b, n_k, skn, svn,
+                               wgt, qk_scale, d, CAUSAL, DOC)  # fmt: skip
+        else:  # nested loops; causal blocks above the diagonal are skipped
+            for e in range(start, end):
+                j = tl.load(IDX + lst * Tk + e)
+                wgt = tl.load(WT + lst * Tk + j)
+                for c0 in range(0, TILE, KB):
+                    if j * TILE + c0 <= row_hi:
+                        cols = j * TILE + c0 + tl.arange(0, KB)
+                        dq = _dq_block(dq, q, do, lse, delta, qid, rows, rmask, cols, kbase, vbase, KID, b, n_k, skn,
+                                       svn, wgt, qk_scale, d, CAUSAL, DOC)  # fmt: skip
         dq = dq * scale
         optr = rows[:, None] * D + d[None, :]
         if nseg == 1:
@@ -150,10 +197,11 @@ def _bwd_dkdv_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     H, HKV, G, n_q, n_k, Tq, Tk, M, scale, qk_scale, L, NPROG,
     CAUSAL: tl.constexpr, DOC: tl.constexpr, TILE: tl.constexpr, QB: tl.constexpr, KB: tl.constexpr,
-    D: tl.constexpr,
+    D: tl.constexpr, FLAT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     SUBS: tl.constexpr = TILE // KB
+    RQ: tl.constexpr = TILE // QB
     units = tl.load(TOTAL) * SUBS
     d = tl.arange(0, D)
     for u in range(pid, units, NPROG):
@@ -171,6 +219,7 @@ def _bwd_dkdv_kernel(
         cmask = cols < n_k
         k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + d[None, :], mask=cmask[:, None], other=0.0)
         v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + d[None, :], mask=cmask[:, None], other=0.0)
+        kid = cols
         if DOC:
             kid = tl.load(KID + b * n_k + cols, mask=cmask, other=-1)
         dk = tl.zeros([KB, D], dtype=tl.float32)
@@ -179,36 +228,27 @@ def _bwd_dkdv_kernel(
         col_lo = j_tile * TILE + sub * KB
         if not CAUSAL:
             col_lo = col_lo * 0  # every query block runs
-        for e in range(start, end):
-            ent = tl.load(IDX + lst * M + e)  # = g * Tq + I
-            g = ent // Tq
-            i_tile = ent % Tq
-            h = hk * G + g
-            bh = b * H + h
-            wgt = tl.load(WT + (bh * Tq + i_tile) * Tk + j_tile)
-            for r0 in range(0, TILE, QB):
-                if i_tile * TILE + r0 + QB - 1 >= col_lo:
-                    rows = i_tile * TILE + r0 + tl.arange(0, QB)
-                    rmask = rows < n_q
-                    qptr = Q + b * sqb + h * sqh + rows[:, None] * sqn + d[None, :]
-                    q = tl.load(qptr, mask=rmask[:, None], other=0.0)
-                    do = tl.load(
-                        DO + b * sdb + h * sdh + rows[:, None] * sdn + d[None, :], mask=rmask[:, None], other=0.0
-                    )
-                    lse = tl.load(LSE + bh * n_q + rows, mask=rmask, other=float("inf")) * 1.4426950408889634
-                    delta = tl.load(DELTA + bh * n_q + rows, mask=rmask, other=0.0)
-                    st = tl.dot(k, tl.trans(q)) * qk_scale  # [KB, QB]
-                    ok = cmask[:, None] & rmask[None, :]
-                    if CAUSAL:
-                        ok = ok & (cols[:, None] <= rows[None, :])
-                    if DOC:
-                        qid = tl.load(QID + b * n_q + rows, mask=rmask, other=-1)
-                        ok = ok & (kid[:, None] == qid[None, :]) & (kid[:, None] >= 0)
-                    pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0) * wgt
-                    dv += tl.dot(pt.to(do.dtype), do)
-                    dpt = tl.dot(v, tl.trans(do))
-                    dst = pt * (dpt - delta[None, :])
-                    dk += tl.dot(dst.to(q.dtype), q)
+        if FLAT:  # one loop over (kept tile, query block): the loads of the next block pipeline across tiles
+            for t in range(start * RQ, end * RQ):
+                ent = tl.load(IDX + lst * M + t // RQ)  # = g * Tq + I
+                h = hk * G + ent // Tq
+                i_tile = ent % Tq
+                wgt = tl.load(WT + ((b * H + h) * Tq + i_tile) * Tk + j_tile)
+                rows = i_tile * TILE + (t % RQ) * QB + tl.arange(0, QB)
+                dk, dv = _dkdv_block(dk, dv, k, v, kid, cols, cmask, rows, Q, DO, LSE, DELTA, QID, b, h, H, n_q,
+                                     sqb, sqh, sqn, sdb, sdh, sdn, wgt, qk_scale, d, CAUSAL, DOC)  # fmt: skip
+        else:  # nested loops; causal blocks above the diagonal are skipped
+            for e in range(start, end):
+                ent = tl.load(IDX + lst * M + e)
+                h = hk * G + ent // Tq
+                i_tile = ent % Tq
+                wgt = tl.load(WT + ((b * H + h) * Tq + i_tile) * Tk + j_tile)
+                for r0 in range(0, TILE, QB):
+                    if i_tile * TILE + r0 + QB - 1 >= col_lo:
+                        rows = i_tile * TILE + r0 + tl.arange(0, QB)
+                        dk, dv = _dkdv_block(dk, dv, k, v, kid, cols, cmask, rows, Q, DO, LSE, DELTA, QID, b, h,
+                                             H, n_q, sqb, sqh, sqn, sdb, sdh, sdn, wgt, qk_scale, d, CAUSAL,
+                                             DOC)  # fmt: skip
         dk = dk * scale
         optr = bhk * n_k * D + cols[:, None] * D + d[None, :]
         if nseg == 1:

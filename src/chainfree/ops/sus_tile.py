@@ -44,9 +44,10 @@ SUPPORTED_TILES = (16, 32, 64, 128)
 DEFAULT_PROPOSAL = "exact"
 DEFAULT_PI_MIN = 1.0 / 64  # floor of π for row-subsampled proposals
 SEGMENT = 16  # kept tiles per backward program (longer lists are split across programs)
-# (QB, KB, num_warps, num_stages) of the two backward kernels per head dim; QB, KB are clipped to `tile`.
-DQ_CONFIG: dict[int, tuple[int, int, int, int]] = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}
-DKDV_CONFIG: dict[int, tuple[int, int, int, int]] = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}
+# (QB, KB, num_warps, num_stages, flat) of the two backward kernels per head dim; QB, KB are clipped to `tile`;
+# flat = one loop over (kept tile, block) pairs instead of nested loops (see _sus_tile_triton).
+DQ_CONFIG: dict[int, tuple[int, int, int, int, int]] = {64: (64, 64, 4, 3, 0), 128: (64, 64, 4, 3, 0)}
+DKDV_CONFIG: dict[int, tuple[int, int, int, int, int]] = {64: (64, 64, 4, 3, 0), 128: (64, 64, 4, 3, 0)}
 FORWARD_OPS: dict[str, int] = {}  # which aten op served the CUDA forward, with counts (for the benchmarks)
 
 
@@ -326,11 +327,11 @@ def tile_backward(
     k_ids: torch.Tensor | None = None,
     use_kernel: bool | None = None,
     segment: int | None = None,
-    configs: tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None = None,
+    configs: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) of the tile estimator for a given keep set and π: Triton kernels where supported.
 
-    `segment` (kept tiles per program), `configs` ((QB, KB, warps, stages) of the dQ and dK/dV kernels)
+    `segment` (kept tiles per program), `configs` ((QB, KB, warps, stages, flat) of the dQ and dK/dV kernels)
     override the defaults (benchmarks).
     """
     if use_kernel is None:
@@ -348,8 +349,11 @@ def tile_backward(
     tq, tk = keep.shape[-2], keep.shape[-1]
     dev = q.device
     seg = int(segment or SEGMENT)
-    fallback = (64, 64, 4, 3)
-    (qb1, kb1, w1, st1), (qb2, kb2, w2, st2) = configs or (DQ_CONFIG.get(d, fallback), DKDV_CONFIG.get(d, fallback))
+    fallback = (64, 64, 4, 3, 0)
+    (qb1, kb1, w1, st1, flat1), (qb2, kb2, w2, st2, flat2) = configs or (
+        DQ_CONFIG.get(d, fallback),
+        DKDV_CONFIG.get(d, fallback),
+    )
     qb1, kb1, qb2, kb2 = min(qb1, tile), min(kb1, tile), min(qb2, tile), min(kb2, tile)
     wt = torch.where(keep, 1.0 / torch.where(keep, pi, 1.0).float(), 0.0).float().contiguous()
     lse2 = lse.reshape(b * h, n_q).float().contiguous()
@@ -381,7 +385,7 @@ def tile_backward(
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         h, g, n_q, n_k, tq, tk, scale, scale * kern.LOG2E, seg, nprog,
-        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb1, KB=kb1, D=d, num_warps=w1, num_stages=st1,
+        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb1, KB=kb1, D=d, FLAT=bool(flat1), num_warps=w1, num_stages=st1,
     )  # fmt: skip
     nprog = min(c_smax * (tile // kb2), nprog_max)
     kern._bwd_dkdv_kernel[(nprog,)](
@@ -390,7 +394,7 @@ def tile_backward(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         h, h_kv, g, n_q, n_k, tq, tk, g * tq, scale, scale * kern.LOG2E, seg, nprog,
-        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb2, KB=kb2, D=d, num_warps=w2, num_stages=st2,
+        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb2, KB=kb2, D=d, FLAT=bool(flat2), num_warps=w2, num_stages=st2,
     )  # fmt: skip
     kern._cast_multi_kernel[(b * h * tq,)](r_nseg, dq32, dq32, dq, dq, n_q, TILE=tile, D=d, BR=br, PAIR=False)
     kern._cast_multi_kernel[(b * h_kv * tk,)](c_nseg, dk32, dv32, dk, dv, n_k, TILE=tile, D=d, BR=br, PAIR=True)
