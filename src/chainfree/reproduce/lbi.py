@@ -221,7 +221,7 @@ def full_base(arch: str, device: str, tokens: int, overrides: list[str]) -> tupl
         f"train.device={device}",
         f"train.steps={steps}",
         f"train.warmup_steps={max(1, min(cfg.train.warmup_steps, steps // 10))}",
-        f"train.eval_every={max(1, steps // 8)}",
+        f"train.eval_every={max(1, steps // 5)}",
         "train.eval_batches=20",
         f"train.ckpt_every={steps}",
     ]
