@@ -93,7 +93,7 @@ def flex_bwd(q, k, v, do, keep, tile: int):
     part, full = keep & diag, keep & ~diag
 
     def lists(m):
-        return m.sum(-1, dtype=torch.int32), torch.sort(m.to(torch.int8), -1, descending=True, stable=True)[1].int()
+        return m.sum(-1, dtype=torch.int32), torch.sort(m.to(torch.int8), dim=-1, descending=True, stable=True)[1].int()
 
     kn, ki = lists(part)
     fn_, fi = lists(full)
@@ -168,10 +168,6 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
     tq = -(-n // tile)
     allowed = torch.ones(tq, tq, dtype=torch.bool, device=dev).tril().expand(1, h, tq, tq)
     ones = torch.ones(1, h, tq, tq, device=dev)
-    g_exact = st.tile_backward(q, k, v, o, lse, do, ones, allowed, is_causal=True, scale=scale, tile=tile)
-    row["ours_bwd_all_tiles"] = timeit(
-        lambda: st.tile_backward(q, k, v, o, lse, do, ones, allowed, is_causal=True, scale=scale, tile=tile)
-    )
     stats = {}
     for prop in proposals:
         stride = st.proposal_stride(prop)
@@ -184,10 +180,9 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
         pi = st.keep_probs(stats["exact"], c, n_q=n, n_k=n, tile=tile, is_causal=True, row_stride=1, pi_min=0.0)
         keep = torch.rand(pi.shape, device=dev) < pi
         res = {}
-        combos = [((64, 64, 4, 3, 0), (64, 64, 4, 3, 0)), ((64, 64, 4, 3, 1), (64, 64, 4, 3, 1)),
-                  ((128, 64, 8, 3, 1), (64, 128, 8, 3, 1))]  # fmt: skip
+        combos = [((128, 64, 8, 3, 1, 0), (64, 128, 8, 3, 1, 0)), ((128, 64, 8, 3, 1, 1), (64, 128, 8, 3, 1, 1))]
         for qcfg, kcfg in combos:
-            for seg in [8, 16, 32]:
+            for seg in [16, 32, 64]:
                 try:
                     t = timeit(
                         lambda qcfg=qcfg, kcfg=kcfg, seg=seg: st.tile_backward(
@@ -206,6 +201,17 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
         st.SEGMENT = int(seg)
         print("sweep best", best, flush=True)
     row["configs"] = {"dq": st.DQ_CONFIG[d], "dkdv": st.DKDV_CONFIG[d], "segment": st.SEGMENT}
+    row["ours_bwd_all_tiles"] = timeit(
+        lambda: st.tile_backward(q, k, v, o, lse, do, ones, allowed, is_causal=True, scale=scale, tile=tile)
+    )
+    g_exact = st.tile_backward(q, k, v, o, lse, do, ones, allowed, is_causal=True, scale=scale, tile=tile)
+    if dev == "cuda":  # all tiles kept at π = 1 must equal SDPA's (cuDNN's) gradients to bf16 rounding
+        ref = sdpa_bwd(q, k, v, do)
+        g_ref = ref["fn"](ref["setup"]())
+        row["all_tiles_vs_sdpa_rel_err"] = [
+            float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(g_exact, g_ref, strict=True)
+        ]
+        print("all tiles vs SDPA grads, relative error", row["all_tiles_vs_sdpa_rel_err"], flush=True)
     runs = []
     for c in cs:
         for prop in proposals:
@@ -222,6 +228,15 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
                     q, k, v, o, lse, do, pi, keep, is_causal=True, scale=scale, tile=tile
                 )
             )
+            if prop == "exact" and c == cs[len(cs) // 2]:  # where the backward's time goes
+                r["stages"] = {
+                    stage: timeit(
+                        lambda pi=pi, keep=keep, stage=stage: st.tile_backward(
+                            q, k, v, o, lse, do, pi, keep, is_causal=True, scale=scale, tile=tile, stop_after=stage
+                        )
+                    )["median"]
+                    for stage in ("prep", "dq")
+                }
             r["bwd_total"] = timeit(
                 lambda stride=stride, pi_min=pi_min, c=c: st._bwd_op(
                     do, q, k, v, o, lse, c, True, scale, tile, stride, pi_min, None, None, None
@@ -290,6 +305,19 @@ def to_markdown(res: dict) -> str:
                 f"{sp:.2f} | {x['rel_var']['dq']:.4f} / {x['rel_var']['dk']:.4f} / {x['rel_var']['dv']:.4f} |"
             )
     for r in res["rows"]:
+        for x in r["runs"]:
+            if "stages" in x:
+                st_ = x["stages"]
+                lines.append(
+                    f"\nBackward breakdown at n={r['n']}, D={r['D']}, c={x['c']} exact (density {x['density']:.3f}): "
+                    f"list building etc. {st_['prep']:.3f} ms, + dQ kernel {st_['dq']:.3f}, + dK/dV kernel "
+                    f"{x['bwd_kernels']['median']:.3f} (cumulative medians); statistics pass "
+                    f"{r['stats_exact']['median']:.3f}."
+                )
+        if "all_tiles_vs_sdpa_rel_err" in r:
+            lines.append(f"\nn={r['n']}, D={r['D']}: all tiles kept (π = 1) vs SDPA gradients, relative error dQ/dK/dV "
+                         + " / ".join(f"{e:.2e}" for e in r["all_tiles_vs_sdpa_rel_err"]))  # fmt: skip
+    for r in res["rows"]:
         if "sweep" in r:
             sw = r["sweep"]
             lines += ["", f"Kernel sweep at n={r['n']}, D={r['D']}, c={sw['c']} (density {sw['density']:.3f}): "
@@ -310,6 +338,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--flex-shapes", default="16384:128,32768:128,16384:64")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--commit", default="")
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining shapes after this many seconds")
     args = p.parse_args()
@@ -322,7 +351,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res = {
-        "device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit or "?",
+        "device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": args.commit or commit or "?",
         "command": "python benchmarks/sus_tile_micro.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()
                                                                       if k != "out"),
         "proposals": args.proposals.split(","), "rows": [],

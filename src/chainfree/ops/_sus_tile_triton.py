@@ -122,19 +122,23 @@ def _dkdv_block(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, QID, KID, WT,
-    SEG_LIST, SEG_START, TOTAL, IDX, CNT, NSEG,
+    SEG_LIST, SEG_START, TOTAL, IDX, CNT, NSEG, COUNTER,
     DQ, DQ32,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
     H, G, n_q, n_k, Tq, Tk, scale, qk_scale, L, NPROG,
     CAUSAL: tl.constexpr, DOC: tl.constexpr, TILE: tl.constexpr, QB: tl.constexpr, KB: tl.constexpr,
-    D: tl.constexpr, FLAT: tl.constexpr,
+    D: tl.constexpr, FLAT: tl.constexpr, DYN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     SUBS: tl.constexpr = TILE // QB
     RK: tl.constexpr = TILE // KB
     units = tl.load(TOTAL) * SUBS
     d = tl.arange(0, D)
-    for u in range(pid, units, NPROG):
+    if DYN:  # dynamic scheduling: each program takes the next unit from a counter (units longest first)
+        u = tl.atomic_add(COUNTER, 1)
+    else:
+        u = pid
+    while u < units:
         seg = u // SUBS
         sub = u % SUBS
         lst = tl.load(SEG_LIST + seg)  # = bh * Tq + I
@@ -187,24 +191,32 @@ def _bwd_dq_kernel(
             tl.store(DQ + bh * n_q * D + optr, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
         else:
             tl.atomic_add(DQ32 + bh * n_q * D + optr, dq, mask=rmask[:, None])
+        if DYN:
+            u = tl.atomic_add(COUNTER, 1)
+        else:
+            u += NPROG
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QID, KID, WT,
-    SEG_LIST, SEG_START, TOTAL, IDX, CNT, NSEG,
+    SEG_LIST, SEG_START, TOTAL, IDX, CNT, NSEG, COUNTER,
     DK, DV, DK32, DV32,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     H, HKV, G, n_q, n_k, Tq, Tk, M, scale, qk_scale, L, NPROG,
     CAUSAL: tl.constexpr, DOC: tl.constexpr, TILE: tl.constexpr, QB: tl.constexpr, KB: tl.constexpr,
-    D: tl.constexpr, FLAT: tl.constexpr,
+    D: tl.constexpr, FLAT: tl.constexpr, DYN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     SUBS: tl.constexpr = TILE // KB
     RQ: tl.constexpr = TILE // QB
     units = tl.load(TOTAL) * SUBS
     d = tl.arange(0, D)
-    for u in range(pid, units, NPROG):
+    if DYN:  # dynamic scheduling: each program takes the next unit from a counter (units longest first)
+        u = tl.atomic_add(COUNTER, 1)
+    else:
+        u = pid
+    while u < units:
         seg = u // SUBS
         sub = u % SUBS
         lst = tl.load(SEG_LIST + seg)  # = (b * HKV + hk) * Tk + J
@@ -257,6 +269,10 @@ def _bwd_dkdv_kernel(
         else:
             tl.atomic_add(DK32 + optr, dk, mask=cmask[:, None])
             tl.atomic_add(DV32 + optr, dv, mask=cmask[:, None])
+        if DYN:
+            u = tl.atomic_add(COUNTER, 1)
+        else:
+            u += NPROG
 
 
 @triton.jit

@@ -44,10 +44,11 @@ SUPPORTED_TILES = (16, 32, 64, 128)
 DEFAULT_PROPOSAL = "exact"
 DEFAULT_PI_MIN = 1.0 / 64  # floor of π for row-subsampled proposals
 SEGMENT = 16  # kept tiles per backward program (longer lists are split across programs)
-# (QB, KB, num_warps, num_stages, flat) of the two backward kernels per head dim; QB, KB are clipped to `tile`;
-# flat = one loop over (kept tile, block) pairs instead of nested loops (see _sus_tile_triton).
-DQ_CONFIG: dict[int, tuple[int, int, int, int, int]] = {64: (64, 64, 4, 3, 0), 128: (64, 64, 4, 3, 0)}
-DKDV_CONFIG: dict[int, tuple[int, int, int, int, int]] = {64: (64, 64, 4, 3, 0), 128: (64, 64, 4, 3, 0)}
+# (QB, KB, num_warps, num_stages, flat, dyn) of the two backward kernels per head dim; QB, KB are clipped to
+# `tile`; flat = one loop over (kept tile, block) pairs instead of nested loops; dyn = programs take work
+# units from an atomic counter instead of a static stride (see _sus_tile_triton).
+DQ_CONFIG: dict[int, tuple[int, ...]] = {64: (64, 64, 4, 3, 0, 0), 128: (128, 64, 8, 3, 1, 0)}
+DKDV_CONFIG: dict[int, tuple[int, ...]] = {64: (64, 64, 4, 3, 0, 0), 128: (64, 128, 8, 3, 1, 0)}
 FORWARD_OPS: dict[str, int] = {}  # which aten op served the CUDA forward, with counts (for the benchmarks)
 
 
@@ -228,7 +229,7 @@ def tile_stats(
     doc = q_ids is not None
     qid = q_ids.contiguous() if doc else lse2
     kid = k_ids.contiguous() if doc else lse2
-    bn = min(64, tile)
+    bn = tile if q.is_cuda else min(64, tile)  # one key block per tile: the tile loop is the pipelined loop
     warps = 8 if tpp * rows * d >= 128 * 128 else 4
     kern._stats_kernel[(-(-tq // tpp), b * h)](
         q, k, lse2, qid, kid, m, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -295,8 +296,9 @@ def _lists(keep2d: torch.Tensor, seg: int):
     """Segmented kept lists of the rows of `keep2d` [R, n] (bool), without a host sync.
 
     Returns idx [R, n] int32 (each row's kept indices first, ascending), cnt [R], nseg [R] (≥ 1: an empty
-    list still gets one program, which writes zeros), the segment table (list, start) [S_max] int32 sorted by
-    list, the device count of segments [1] and the table's length S_max (an upper bound, host-known).
+    list still gets one program, which writes zeros), the segment table (list, start) [S_max] int32 with
+    the longest segments first, the device count of segments [1] and the table's length S_max (an upper
+    bound, host-known).
     """
     r, n = keep2d.shape
     cnt = keep2d.sum(-1, dtype=torch.int32)
@@ -307,6 +309,10 @@ def _lists(keep2d: torch.Tensor, seg: int):
     s = torch.arange(s_max, device=keep2d.device)
     lst = torch.searchsorted(cum, s, right=True).clamp_(max=r - 1)
     start = (s - (cum[lst] - nseg[lst])) * seg
+    # longest segments first (entries past the device count last), so programs finish together
+    length = torch.where(s < cum[-1], torch.clamp(cnt[lst] - start, min=0, max=seg), -1)
+    order = torch.sort(length, descending=True, stable=True).indices
+    lst, start = lst[order], start[order]
     return idx.contiguous(), cnt, nseg, lst.to(torch.int32), start.to(torch.int32), cum[-1:].to(torch.int32), s_max
 
 
@@ -328,11 +334,13 @@ def tile_backward(
     use_kernel: bool | None = None,
     segment: int | None = None,
     configs: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    stop_after: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) of the tile estimator for a given keep set and π: Triton kernels where supported.
 
-    `segment` (kept tiles per program), `configs` ((QB, KB, warps, stages, flat) of the dQ and dK/dV kernels)
-    override the defaults (benchmarks).
+    `segment` (kept tiles per program), `configs` ((QB, KB, warps, stages, flat, dyn) of the dQ and dK/dV
+    kernels) override the defaults (benchmarks); `stop_after` ('prep' or 'dq') returns early, a timing probe
+    (the outputs are then incomplete).
     """
     if use_kernel is None:
         use_kernel = supports(q, k, v, tile, is_causal)
@@ -349,10 +357,11 @@ def tile_backward(
     tq, tk = keep.shape[-2], keep.shape[-1]
     dev = q.device
     seg = int(segment or SEGMENT)
-    fallback = (64, 64, 4, 3, 0)
-    (qb1, kb1, w1, st1, flat1), (qb2, kb2, w2, st2, flat2) = configs or (
-        DQ_CONFIG.get(d, fallback),
-        DKDV_CONFIG.get(d, fallback),
+    fallback = (64, 64, 4, 3, 0, 0)
+    cfg1, cfg2 = configs or (DQ_CONFIG.get(d, fallback), DKDV_CONFIG.get(d, fallback))
+    (qb1, kb1, w1, st1, flat1, dyn1), (qb2, kb2, w2, st2, flat2, dyn2) = (
+        (tuple(cfg1) + (0,))[:6],
+        (tuple(cfg2) + (0,))[:6],
     )
     qb1, kb1, qb2, kb2 = min(qb1, tile), min(kb1, tile), min(qb2, tile), min(kb2, tile)
     wt = torch.where(keep, 1.0 / torch.where(keep, pi, 1.0).float(), 0.0).float().contiguous()
@@ -373,28 +382,35 @@ def tile_backward(
     dk32 = torch.empty(b * h_kv * n_k * d, device=dev, dtype=torch.float32)
     dv32 = torch.empty_like(dk32)
     delta = torch.empty(b * h * n_q, device=dev, dtype=torch.float32)
+    counters = torch.zeros(2, device=dev, dtype=torch.int32)
     br = min(64, tile)
+    if stop_after == "prep":
+        return dq, dk, dv
     kern._zero_multi_kernel[(b * h * tq,)](r_nseg, dq32, dq32, n_q, TILE=tile, D=d, BR=br, PAIR=False)
     kern._zero_multi_kernel[(b * h_kv * tk,)](c_nseg, dk32, dv32, n_k, TILE=tile, D=d, BR=br, PAIR=True)
 
     nprog = min(r_smax * (tile // qb1), nprog_max)
     kern._bwd_dq_kernel[(nprog,)](
         q, k, v, o, do, lse2, delta, qid, kid, wt,
-        r_lst, r_start, r_total, r_idx, r_cnt, r_nseg, dq, dq32,
+        r_lst, r_start, r_total, r_idx, r_cnt, r_nseg, counters, dq, dq32,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         h, g, n_q, n_k, tq, tk, scale, scale * kern.LOG2E, seg, nprog,
-        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb1, KB=kb1, D=d, FLAT=bool(flat1), num_warps=w1, num_stages=st1,
+        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb1, KB=kb1, D=d, FLAT=bool(flat1), DYN=bool(dyn1),
+        num_warps=w1, num_stages=st1,
     )  # fmt: skip
+    if stop_after == "dq":
+        return dq, dk, dv
     nprog = min(c_smax * (tile // kb2), nprog_max)
     kern._bwd_dkdv_kernel[(nprog,)](
         q, k, v, do, lse2, delta, qid, kid, wt,
-        c_lst, c_start, c_total, c_idx, c_cnt, c_nseg, dk, dv, dk32, dv32,
+        c_lst, c_start, c_total, c_idx, c_cnt, c_nseg, counters[1:], dk, dv, dk32, dv32,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         h, h_kv, g, n_q, n_k, tq, tk, g * tq, scale, scale * kern.LOG2E, seg, nprog,
-        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb2, KB=kb2, D=d, FLAT=bool(flat2), num_warps=w2, num_stages=st2,
+        CAUSAL=is_causal, DOC=doc, TILE=tile, QB=qb2, KB=kb2, D=d, FLAT=bool(flat2), DYN=bool(dyn2),
+        num_warps=w2, num_stages=st2,
     )  # fmt: skip
     kern._cast_multi_kernel[(b * h * tq,)](r_nseg, dq32, dq32, dq, dq, n_q, TILE=tile, D=d, BR=br, PAIR=False)
     kern._cast_multi_kernel[(b * h_kv * tk,)](c_nseg, dk32, dv32, dk, dv, n_k, TILE=tile, D=d, BR=br, PAIR=True)
