@@ -137,7 +137,7 @@ def default_backend_kernels(q, k, v, do) -> list[str]:
     return [x[:80] for x in names if any(w in x.lower() for w in ("cudnn", "flash", "fmha", "attn", "sdpa", "mha"))]
 
 
-def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep: bool) -> dict:
+def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep: bool, save=None) -> dict:
     h, tile, dev = args.heads, args.tile, args.device
     scale = d**-0.5
     q, k, v = realistic_qkv(1, h, n, d, device=dev)
@@ -213,6 +213,7 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
         ]
         print("all tiles vs SDPA grads, relative error", row["all_tiles_vs_sdpa_rel_err"], flush=True)
     runs = []
+    row["runs"] = runs
     for c in cs:
         for prop in proposals:
             stride = st.proposal_stride(prop)
@@ -256,6 +257,8 @@ def run_shape(n: int, d: int, cs: list[float], proposals: list[str], args, sweep
                 except Exception as exc:
                     r["flex_bwd"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             runs.append(r)
+            if save is not None:  # partial results survive a time limit
+                save(row)
             print(
                 f"n={n} D={d} c={c} {prop}: density {r['density']:.3f} kernels {r['bwd_kernels']['median']:.3f} "
                 f"total {r['bwd_total']['median']:.3f} flex {r.get('flex_bwd', {}).get('median', float('nan')):.3f} "
@@ -367,12 +370,20 @@ def main() -> None:
             print("budget reached; skipping", shape, flush=True)
             continue
         n, d = (int(x) for x in shape.split(":"))
-        res["rows"].append(run_shape(n, d, cs, res["proposals"], args, sweep=(i == 0 and args.sweep)))
-        torch.cuda.empty_cache()
-        with open(os.path.join(args.out, f"sus_tile_micro_{tag}.json"), "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
-        with open(os.path.join(args.out, f"sus_tile_micro_{tag}.md"), "w") as fh:
-            fh.write(to_markdown(res))
+
+        def save(row, res=res):
+            rows = [r for r in res["rows"] if r is not row] + [row]
+            out = dict(res, rows=rows)
+            with open(os.path.join(args.out, f"sus_tile_micro_{tag}.json"), "w") as fh:
+                json.dump(out, fh, indent=1, default=str)
+            with open(os.path.join(args.out, f"sus_tile_micro_{tag}.md"), "w") as fh:
+                fh.write(to_markdown(out))
+
+        row = run_shape(n, d, cs, res["proposals"], args, sweep=(i == 0 and args.sweep), save=save)
+        res["rows"].append(row)
+        save(row)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     print(to_markdown(res))
 
 
