@@ -285,8 +285,14 @@ def test_block_size_does_not_change_anything():
 def test_top_level_export_and_clear_errors():
     q, k, v = qkv(1, 4, 2, 5, 8)
     assert chainfree.sus_attention is sus_attention
-    with pytest.raises(ValueError, match="attn_mask"):
-        sus_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be a bool"):
+        sus_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sus_attention(q, q, q, attn_mask=torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="document_ids"):
+        sus_attention(q, q, q, document_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        sus_attention(q, q, q, document_ids=torch.zeros(1, 5))
     with pytest.raises(ValueError, match="dropout_p"):
         sus_attention(q, q, q, dropout_p=0.1)
     with pytest.raises(ValueError, match="enable_gqa=True"):
@@ -473,3 +479,140 @@ def test_float64_exactness_stress_many_fresh_processes(threads):
     bad = [e for e in errors if not _exact(e)]
     kinds = len({e["digest"] for e in errors})  # bitwise variants (rounding-level ones are allowed, not errors)
     assert not bad, f"{len(bad)} of {len(errors)} fresh processes not exact ({kinds} bitwise variants): {bad[:3]}"
+
+
+# ---- masks: attn_mask (SDPA's) and document_ids (padding / packing in compact form) ----
+
+IDS = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2], [-1, -1, -1, 5, 5, 5, 5, 5, 5, -1, -1]])  # packed; padded
+
+
+def mask_cases(B: int, H: int, n: int) -> dict[str, dict]:
+    g = torch.Generator().manual_seed(3)
+    bool_mask = torch.rand(B, 1, n, n, generator=g) > 0.3
+    bool_mask[0, 0, 2] = False  # one row that sees no key at all
+    float_mask = torch.randn(B, H, n, n, generator=g, dtype=torch.float64)
+    float_mask = float_mask.masked_fill(torch.rand(B, H, n, n, generator=g) > 0.7, float("-inf"))
+    right_pad_rows = torch.where(IDS < 0, torch.tensor([[2], [5]]), IDS)  # HF: a right-pad query sees its document
+    return {"bool": {"attn_mask": bool_mask}, "float": {"attn_mask": float_mask}, "ids": {"document_ids": IDS},
+            "pair": {"document_ids": (right_pad_rows, IDS)},
+            "ids+float": {"document_ids": IDS, "attn_mask": float_mask}}
+
+
+def sdpa_reference(kw: dict, n: int, B: int) -> torch.Tensor | None:
+    """The same mask as one dense SDPA attn_mask, written out independently of chainfree."""
+    mask = kw.get("attn_mask")
+    if "document_ids" in kw:
+        ids = kw["document_ids"]
+        q_ids, k_ids = ids if isinstance(ids, tuple) else (ids, ids)
+        docs = ((q_ids[:, :, None] == k_ids[:, None, :]) & (k_ids[:, None, :] >= 0))[:, None]
+        mask = docs if mask is None else mask.masked_fill(~docs, float("-inf"))
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "ids", "pair", "ids+float"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_forward_and_uncut_backward_equal_sdpa(kind, causal):
+    """With c = 1e300 nothing is cut: output and every gradient equal SDPA's with the same mask (float64),
+    rows that see no key included (output 0, gradient 0, no NaN); blocking does not matter."""
+    B, H, Hkv, n, D = 2, 4, 2, 11, 8
+    kw = mask_cases(B, H, n)[kind]
+    q, k, v = qkv(B, H, Hkv, n, D)
+    go = torch.randn(B, H, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_reference(kw, n, B), is_causal=causal,
+                                             enable_gqa=True)  # fmt: skip
+    ref = torch.autograd.grad(ref_out, (q, k, v), go)
+    for block in (3, None):
+        out = sus_attention(q, k, v, is_causal=causal, enable_gqa=True, c=1e300, block_rows=block, **kw)
+        got = torch.autograd.grad(out, (q, k, v), go)
+        torch.testing.assert_close(out, ref_out, atol=1e-13, rtol=1e-12)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    small = sus_attention(q, k, v, is_causal=causal, enable_gqa=True, c=1.0, **kw)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(small, (q, k, v), go))
+
+
+def test_padding_gets_no_gradient_and_masked_pairs_are_never_kept():
+    """Padded keys (id < 0) get dK = dV = 0 and padded query rows dQ = 0 and output 0, at any c; the kept
+    count never includes a masked pair (all kept entries lie inside a query's own document)."""
+    B, H, n, D = 2, 2, 11, 8
+    q, k, v = qkv(B, H, H, n, D)
+    stats = SusStats()
+    out = sus_attention(q, k, v, is_causal=True, c=1.5, document_ids=IDS, stats=stats,
+                        generator=torch.Generator().manual_seed(4))  # fmt: skip
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    pad = IDS < 0
+    assert out[1][:, pad[1]].abs().max() == 0 and dq[1][:, pad[1]].abs().max() == 0
+    assert dk[1][:, pad[1]].abs().max() == 0 and dv[1][:, pad[1]].abs().max() == 0
+    assert dk[1][:, ~pad[1]].abs().max() > 0
+    # visible pairs: same document, causal, key not padding; kept entries are a subset, so kept <= visible
+    visible = ((IDS[:, :, None] == IDS[:, None, :]) & (IDS[:, None, :] >= 0)).tril().sum() * H
+    assert stats.valid == visible and 0 < stats.kept <= visible
+
+
+@pytest.mark.parametrize("variant", ["bernoulli", "systematic"])
+def test_masked_sus_gradients_are_unbiased(variant):
+    """Packed documents + padding (document_ids, causal, GQA): the mean of K = 4096 SUS gradients equals
+    SDPA's masked gradient within |z| < 5 (z from the measured spread), and a 20% error is rejected."""
+    K, c, n, H, Hkv, D = 4096, 2.0, 11, 4, 2, 8
+    ids = IDS[1:]  # one sequence: padding at both ends
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1, -1, -1]]) if variant == "bernoulli" else ids
+    q, k, v = qkv(1, H, Hkv, n, D, spread=0.5)
+    go = torch.randn(1, H, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    reps = [x.detach().repeat(K, 1, 1, 1).requires_grad_() for x in (q, k, v)]
+    out = sus_attention(*reps, is_causal=True, enable_gqa=True, c=c, variant=variant, document_ids=ids,
+                        generator=torch.Generator().manual_seed(2))  # fmt: skip
+    samples = torch.autograd.grad(out, reps, go.repeat(K, 1, 1, 1))
+    docs = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0))[:, None]
+    exact = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=docs, is_causal=True,
+                                                               enable_gqa=True), (q, k, v), go)  # fmt: skip
+    for s, e in zip(samples, exact, strict=True):
+        z, deterministic_err = z_scores(s.view(K, *e.shape), e)
+        assert z.numel() > 0 and z.abs().max() < Z_MAX, f"max |z| = {z.abs().max():.2f}"
+        assert deterministic_err.abs().max() < 1e-12 if deterministic_err.numel() else True
+        z_off, _ = z_scores(s.view(K, *e.shape), e * 1.2)
+        assert z_off.abs().max() > Z_MAX
+
+
+class _FakeKernel:
+    """Stands in for the per-pair CUDA kernel module; a masked call must never reach it."""
+
+    calls = 0
+
+    def sus_attention_triton(self, q, k, v, **kwargs):
+        _FakeKernel.calls += 1
+        return F.scaled_dot_product_attention(q, k, v, is_causal=kwargs["is_causal"], enable_gqa=kwargs["enable_gqa"])
+
+
+def test_masked_call_on_a_per_pair_kernel_falls_back_to_exact_sdpa_once_warned(monkeypatch):
+    import chainfree.ops.sus as sus_module
+
+    monkeypatch.setattr(sus_module, "_kernel", lambda *a: _FakeKernel())
+    monkeypatch.setattr(sus_module, "_WARNED", set())
+    q, k, v = qkv(2, 4, 2, 11, 8)
+    sus_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert _FakeKernel.calls == 1  # unmasked: the kernel
+    with pytest.warns(RuntimeWarning, match="per-pair CUDA kernel"):
+        out = sus_attention(q, k, v, is_causal=True, enable_gqa=True, document_ids=IDS)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_reference({"document_ids": IDS}, 11, 2),
+                                         is_causal=True, enable_gqa=True)  # fmt: skip
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second masked call is silent
+        sus_attention(q, k, v, is_causal=True, enable_gqa=True, document_ids=IDS)
+    assert _FakeKernel.calls == 1
+
+
+def test_learned_float_mask_gets_its_gradient_from_exact_sdpa(monkeypatch):
+    import chainfree.ops.sus as sus_module
+
+    monkeypatch.setattr(sus_module, "_WARNED", set())
+    q, k, v = qkv(1, 2, 2, 6, 4)
+    bias = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="requires grad"):
+        out = sus_attention(q, k, v, attn_mask=bias, is_causal=True, c=1.0)
+    (g,) = torch.autograd.grad(out.sum(), (bias,))
+    causal_bias = bias.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    (ref,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias).sum(), (bias,))
+    torch.testing.assert_close(g, ref)

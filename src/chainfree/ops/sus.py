@@ -5,18 +5,45 @@ The forward is exact attention; the backward keeps about `c` attention weights p
 Dispatch: CUDA tensors go to the fused Triton kernel (`chainfree.ops.sus_triton`) when it is installed
 and supports the case, everything else to the pure-PyTorch reference (`sus_reference`), which defines
 the semantics; both consume the same random draws (`sus_random`), so they agree draw for draw.
+Masks: `attn_mask` (SDPA's) and `document_ids` (padding and packed documents in compact form) are handled
+by the reference; the per-pair CUDA kernels take none, so a masked call that would run on them computes
+exact attention with SDPA instead (one warning per process says so).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import threading
+import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from chainfree.ops.sus_random import draw_seed
-from chainfree.ops.sus_reference import VARIANTS, SusStats, sus_attention_reference
+from chainfree.ops.sus_reference import (
+    VARIANTS,
+    SusStats,
+    check_attn_mask,
+    dense_mask,
+    normalize_document_ids,
+    sus_attention_reference,
+)
+
+DocumentIds = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+_WARNED: set[str] = set()
+_WARN_LOCK = threading.Lock()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A RuntimeWarning the first time `key` is seen in this process (a fallback that a training run
+    would otherwise report every step)."""
+    with _WARN_LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 BACKENDS = ("auto", "reference", "triton")
 KERNEL_VARIANTS = ("thinned", "bernoulli")  # contracts a CUDA kernel implements (v2, v1)
@@ -46,12 +73,7 @@ def _triton_supports(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return q.is_cuda and q.dtype in dtypes and q.shape[-1] in head_dims
 
 
-def _check_inputs(q, k, v, c, enable_gqa, attn_mask, dropout_p, variant, backend) -> None:
-    if attn_mask is not None:
-        raise ValueError(
-            "sus_attention does not take attn_mask: SUS supports only is_causal=True/False; "
-            "drop attn_mask (use is_causal=True for a causal mask)"
-        )
+def _check_inputs(q, k, v, c, enable_gqa, dropout_p, variant, backend) -> None:
     if dropout_p != 0.0:
         raise ValueError(f"sus_attention needs dropout_p=0 (got {dropout_p}); SUS adds its own sampling noise")
     if variant not in VARIANTS:
@@ -87,6 +109,27 @@ def _check_inputs(q, k, v, c, enable_gqa, attn_mask, dropout_p, variant, backend
             raise ValueError(f"enable_gqa needs q heads ({H}) to be a multiple of k/v heads ({H_kv})")
 
 
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, variant: str, backend: str) -> Any:
+    """The per-pair Triton kernel module that runs this call, or None for the reference."""
+    if backend == "reference" or variant not in KERNEL_VARIANTS:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' supports variant in {KERNEL_VARIANTS}, got {variant!r}; "
+                             "use backend='auto'")
+        return None
+    module = _triton_module() if (backend == "triton" or q.is_cuda) else None
+    if backend == "triton" and module is None:
+        raise ImportError("backend='triton' needs chainfree.ops.sus_triton and triton (pip install 'chainfree[gpu]')")
+    if module is not None and (backend == "triton" or _triton_supports(module, q, k, v, is_causal)):
+        return module
+    return None
+
+
+def _exact_attention(q, k, v, attn_mask, document_ids, is_causal, scale, enable_gqa) -> torch.Tensor:
+    """SDPA with the masks folded into one attn_mask (exact forward and backward)."""
+    mask = dense_mask(q.shape[2], k.shape[2], is_causal, attn_mask, document_ids, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
 # Runs outside torch.compile's graphs (a graph break around each call): the per-call seed is a Python int
 # drawn on the host, and a traced call would specialise on it -- a recompile every step until dynamo's
 # recompile limit, then eager anyway.
@@ -107,13 +150,22 @@ def sus_attention(
     backend: str = "auto",
     block_rows: int | None = None,
     stats: SusStats | None = None,
+    document_ids: DocumentIds | None = None,
 ) -> torch.Tensor:
     """Attention with an exact forward and a SUS (sparse, unbiased, stochastic) backward.
 
     Same positional convention as F.scaled_dot_product_attention (q [B,H,n_q,D], k/v [B,H_kv,n_k,D]);
-    `attn_mask` must be None and `dropout_p` 0. `c` bounds the expected number of attention weights per
-    query row and head that carry gradient (q_ij = min(1, c·W_ij)). One seed is drawn from `generator`
-    (default: torch's CPU generator) per call that needs a gradient; the backward replays it.
+    `dropout_p` must be 0. Masks, combined with `is_causal` (top-left aligned) as SDPA combines them:
+    `attn_mask` is SDPA's (bool, True = may attend, or additive float with -inf; broadcastable to
+    [B,H,n_q,n_k]); `document_ids` is an int tensor [B,n] (n_q == n_k) or a pair (q_ids [B,n_q],
+    k_ids [B,n_k]): pair (i, j) may attend iff q_ids[b,i] == k_ids[b,j] and k_ids[b,j] >= 0 (a negative id
+    is padding) -- padded and packed batches in compact form. A masked pair has W = 0 and is never kept;
+    a row that sees no key gets output 0 and no gradient (SDPA's answer). A float attn_mask that requires
+    grad, or any mask on a call the per-pair CUDA kernels would run, is computed exactly by SDPA instead
+    (one RuntimeWarning per process names why).
+    `c` bounds the expected number of attention weights per query row and head that carry gradient
+    (q_ij = min(1, c·W_ij)). One seed is drawn from `generator` (default: torch's CPU generator) per call
+    that needs a gradient; the backward replays it.
     `variant`: 'bernoulli' (default: independent keeps; on CUDA the v1 kernel, which samples in the
     backward), 'thinned' (on CUDA the v2 kernel, which samples inside the forward: a faster backward but a
     much slower forward, docs/sus_kernel.md) or 'systematic' (at most c entries per row with certainty;
@@ -121,28 +173,36 @@ def sus_attention(
     `stats`, if given, accumulates kept-entry counts in the backward (reference backend only; the kernel
     does not report them). No seed is drawn when no gradient is needed, so eval leaves the RNG alone.
     """
-    _check_inputs(query, key, value, c, enable_gqa, attn_mask, dropout_p, variant, backend)
+    _check_inputs(query, key, value, c, enable_gqa, dropout_p, variant, backend)
+    B, H, n_q, _ = query.shape
+    check_attn_mask(attn_mask, B, H, n_q, key.shape[2], query.device)
+    ids = normalize_document_ids(document_ids, B, n_q, key.shape[2])
+    if ids is not None and ids[0].device != query.device:
+        ids = (ids[0].to(query.device), ids[1].to(query.device))
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if attn_mask is not None and attn_mask.requires_grad and needs_grad:
+        warn_once("mask-grad", "sus_attention: an attn_mask that requires grad (a learned additive bias) gets its "
+                  "gradient from exact SDPA: these calls run exact attention, not SUS")
+        return _exact_attention(query, key, value, attn_mask, ids, is_causal, scale, enable_gqa)
     seed = draw_seed(generator) if needs_grad else 0
-    if backend != "reference" and variant in KERNEL_VARIANTS:
-        module = _triton_module() if (backend == "triton" or query.is_cuda) else None
-        if backend == "triton" and module is None:
-            raise ImportError(
-                "backend='triton' needs chainfree.ops.sus_triton and triton (pip install 'chainfree[gpu]')"
-            )
-        if module is not None and (backend == "triton" or _triton_supports(module, query, key, value, is_causal)):
-            extra = {"kernel": "v2"} if variant == "thinned" else {}
-            return module.sus_attention_triton(
-                query, key, value, c=float(c), is_causal=bool(is_causal), scale=float(scale),
-                enable_gqa=enable_gqa, seed=seed, **extra,
-            )  # fmt: skip
-    elif backend == "triton":
-        raise ValueError(f"backend='triton' supports variant in {KERNEL_VARIANTS}, got {variant!r}; use backend='auto'")
+    kernel = _kernel(query, key, value, is_causal, variant, backend)
+    if kernel is not None:
+        if attn_mask is not None or ids is not None:
+            warn_once("mask-kernel", f"sus_attention: the per-pair CUDA kernel (variant={variant!r}) takes no "
+                      "attn_mask or document_ids, so masked calls (padded or packed batches) run exact SDPA "
+                      "instead of SUS")
+            return _exact_attention(query, key, value, attn_mask, ids, is_causal, scale, enable_gqa)
+        extra = {"kernel": "v2"} if variant == "thinned" else {}
+        return kernel.sus_attention_triton(
+            query, key, value, c=float(c), is_causal=bool(is_causal), scale=float(scale),
+            enable_gqa=enable_gqa, seed=seed, **extra,
+        )  # fmt: skip
     return sus_attention_reference(
-        query, key, value, float(c), bool(is_causal), float(scale), seed, block_rows, variant, stats
-    )
+        query, key, value, float(c), bool(is_causal), float(scale), seed, block_rows, variant, stats,
+        attn_mask=attn_mask, document_ids=ids,
+    )  # fmt: skip
 
 
-__all__ = ["BACKENDS", "SusStats", "sus_attention"]
+__all__ = ["BACKENDS", "DocumentIds", "SusStats", "sus_attention", "warn_once"]

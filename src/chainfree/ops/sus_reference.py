@@ -27,6 +27,14 @@ Variant 'thinned' (the GPU kernel's, decided inside the forward pass where the s
     first switch is deterministic given W (no bias); the second has probability < 1e-15 per row at the
     default cap (Bernstein), which bounds its bias. `capacities(c, n_k)` gives the kernel's defaults.
 
+Masks (the same as SDPA's, plus a compact form for padded and packed batches):
+    `attn_mask` (bool: True = may attend, or additive float with -inf), broadcastable to [B, H, n_q, n_k],
+    is added to / applied on S; `document_ids` = (q_ids [B, n_q], k_ids [B, n_k]) lets (i, j) attend iff
+    q_ids[i] == k_ids[j] and k_ids[j] >= 0 (negative = padding). Both combine with the causal mask (AND).
+    A masked pair has W = 0, so q = 0 and it is never kept. A row that sees no key at all (a left-padded
+    query) gets output 0 and gradient 0, as SDPA (torch >= 2.5) gives for a fully masked row; its
+    log-sum-exp is stored as +inf so the backward recomputes W = 0 there, never NaN.
+
 Memory: the work is blocked over query rows; a block holds a handful of [B, H, rows, n_k] temporaries, with
 rows chosen so a block has about 2^21 entries. So n = 8192 runs on a CPU without any n×n×H tensor.
 Cost: this reference is O(n²D) (it recomputes all of S); the point of SUS, O(n·c·D), is the kernel's job.
@@ -149,13 +157,116 @@ def _visible_keys(n_k: int, last_row: int, causal: bool) -> int:
     return min(n_k, last_row + 1) if causal else n_k
 
 
-def _scores(qb: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Scaled scores of a query block. qb [B, Hkv, M, D] (M = G*R rows), k [B, Hkv, n_k, D] -> [B, Hkv, M, n_k]."""
+def _scores(
+    qb: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    rows: torch.Tensor,
+    causal: bool,
+    allowed: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled, masked scores of a query block. qb [B, Hkv, M, D] (M = G*R rows), k [B, Hkv, n_k, D] ->
+    [B, Hkv, M, n_k]; `allowed` / `bias` (block layout, from `_block_masks`) are the caller's masks."""
     s = torch.matmul(qb, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
     if causal:
         cols = torch.arange(k.shape[-2], device=k.device)
         s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
     return s
+
+
+def normalize_document_ids(
+    document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, batch: int, n_q: int, n_k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q_ids [B', n_q], k_ids [B', n_k]) int64 (B' = 1 or `batch`) from one [B, n] tensor (n_q == n_k) or a
+    pair; ValueError naming the shape rule otherwise."""
+    if document_ids is None:
+        return None
+    pair = tuple(document_ids) if isinstance(document_ids, tuple | list) else (document_ids, document_ids)
+    if len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+        raise ValueError("document_ids must be an int tensor [B, n] or a pair (q_ids [B, n_q], k_ids [B, n_k])")
+    q_ids, k_ids = pair
+    for name, ids, n in (("q", q_ids, n_q), ("k", k_ids, n_k)):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"document_ids must be integer tensors, got {ids.dtype} for the {name} ids")
+        if ids.dim() != 2 or ids.shape[1] != n or ids.shape[0] not in (1, batch):
+            raise ValueError(f"document_ids: {name} ids of shape {tuple(ids.shape)} do not fit batch {batch} and "
+                             f"{'query' if name == 'q' else 'key'} length {n}; need [B, {n}] (or pass a (q_ids, "
+                             "k_ids) pair when n_q != n_k)")
+    return q_ids.long(), k_ids.long()
+
+
+def check_attn_mask(attn_mask: torch.Tensor | None, B: int, H: int, n_q: int, n_k: int, device: torch.device) -> None:
+    """ValueError unless `attn_mask` is an SDPA mask (bool or float) broadcastable to [B, H, n_q, n_k]."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        kind = attn_mask.dtype if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+        raise ValueError(f"attn_mask must be a bool (True = may attend) or float (additive) tensor, got {kind}")
+    try:
+        torch.broadcast_shapes(tuple(attn_mask.shape), (B, H, n_q, n_k))
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, n_q, n_k] = "
+                         f"{[B, H, n_q, n_k]}") from None
+    if attn_mask.dim() > 4 or attn_mask.device != device:
+        raise ValueError(f"attn_mask must have at most 4 dims and live on {device}, got {attn_mask.dim()} dims on "
+                         f"{attn_mask.device}")
+
+
+def dense_mask(
+    n_q: int,
+    n_k: int,
+    is_causal: bool,
+    attn_mask: torch.Tensor | None,
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """One SDPA attn_mask that says what (causal, attn_mask, document_ids) say together (None: no mask):
+    bool [B', 1, n_q, n_k] (or attn_mask's shape), or attn_mask's float with -inf where a pair is masked."""
+    allowed = None
+    if is_causal:
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+    if document_ids is not None:
+        q_ids, k_ids = document_ids
+        docs = ((q_ids[:, :, None] == k_ids[:, None, :]) & (k_ids[:, None, :] >= 0))[:, None]
+        allowed = docs if allowed is None else allowed & docs
+    if attn_mask is None:
+        return allowed
+    if attn_mask.dtype == torch.bool:
+        return attn_mask if allowed is None else attn_mask & allowed
+    return attn_mask if allowed is None else attn_mask.masked_fill(~allowed, float("-inf"))
+
+
+def _block_masks(
+    attn_mask: torch.Tensor | None,
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None,
+    r0: int,
+    r1: int,
+    nk: int,
+    shape: tuple[int, int, int, int],
+    H_kv: int,
+    cdt: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(allowed, bias) for query rows r0:r1 and keys :nk in the GQA block layout [B, H_kv, G*(r1-r0), nk]:
+    bool from document_ids and a bool attn_mask, float from a float attn_mask (None where absent)."""
+    B, H, n_q, n_k = shape
+    G, R = H // H_kv, r1 - r0
+    allowed = bias = None
+    if document_ids is not None:
+        q_ids, k_ids = document_ids
+        docs = (q_ids[:, r0:r1, None] == k_ids[:, None, :nk]) & (k_ids[:, None, :nk] >= 0)  # [B', R, nk]
+        allowed = docs[:, None, None].expand(B, H_kv, G, R, nk).reshape(B, H_kv, G * R, nk)
+    if attn_mask is not None:
+        block = _block(attn_mask.expand(B, H, n_q, n_k)[:, :, r0:r1, :nk], 0, R, H_kv)
+        if block.dtype == torch.bool:
+            allowed = block if allowed is None else allowed & block
+        else:
+            bias = block.to(cdt)
+    return allowed, bias
 
 
 def _block(x: torch.Tensor, r0: int, r1: int, H_kv: int) -> torch.Tensor:
@@ -238,7 +349,7 @@ class SusAttentionFunction(torch.autograd.Function):
     """Autograd Function of the reference. Inputs are 4-D: q [B, H, n_q, D], k/v [B, H_kv, n_k, D]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps):
+    def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps, attn_mask, document_ids):
         B, H, n_q, _ = q.shape
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
@@ -253,13 +364,18 @@ class SusAttentionFunction(torch.autograd.Function):
             r1 = min(r0 + R, n_q)
             rows = torch.arange(r0, r1, device=q.device).repeat(G)
             nk = _visible_keys(n_k, r1 - 1, is_causal)
-            s = _scores(_block(q, r0, r1, H_kv).to(cdt), kc[:, :, :nk], scale, rows, is_causal)
+            allowed, bias = _block_masks(attn_mask, document_ids, r0, r1, nk, (B, H, n_q, n_k), H_kv, cdt)
+            s = _scores(_block(q, r0, r1, H_kv).to(cdt), kc[:, :, :nk], scale, rows, is_causal, allowed, bias)
             m = s.amax(dim=-1, keepdim=True)
+            m = m.masked_fill(m == float("-inf"), 0.0)  # a row with no visible key: p = 0 below, not NaN
             p = torch.exp(s - m)
             denom = p.sum(dim=-1, keepdim=True)
-            out[:, :, r0:r1] = _unblock(torch.matmul(p, vc[:, :, :nk]) / denom, H, r1 - r0)
-            lse[:, :, r0:r1] = _unblock(m + torch.log(denom), H, r1 - r0)
+            seen = denom > 0
+            out[:, :, r0:r1] = _unblock(torch.where(seen, torch.matmul(p, vc[:, :, :nk]) / denom, 0.0), H, r1 - r0)
+            # +inf for an empty row: the backward's exp(s - lse) is then exp(-inf) = 0, so W = 0 and no gradient
+            lse[:, :, r0:r1] = _unblock(torch.where(seen, m + torch.log(denom), float("inf")), H, r1 - r0)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.masks = (attn_mask, document_ids)
         ctx.params = (c, is_causal, scale, seed, R, variant, stats, caps or capacities(c, n_k))
         return out.to(q.dtype)
 
@@ -267,6 +383,7 @@ class SusAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         c, is_causal, scale, seed, R, variant, stats, caps = ctx.params
+        attn_mask, document_ids = ctx.masks
         B, H, n_q, D = q.shape
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
@@ -288,7 +405,8 @@ class SusAttentionFunction(torch.autograd.Function):
             gob = _block(go, r0, r1, H_kv)
             nk = _visible_keys(n_k, r1 - 1, is_causal)
             kb, vb = kc[:, :, :nk], vc[:, :, :nk]
-            w = torch.exp(_scores(qb, kb, scale, rows, is_causal) - _block(lse, r0, r1, H_kv))
+            allowed, bias = _block_masks(attn_mask, document_ids, r0, r1, nk, (B, H, n_q, n_k), H_kv, cdt)
+            w = torch.exp(_scores(qb, kb, scale, rows, is_causal, allowed, bias) - _block(lse, r0, r1, H_kv))
             w_tilde, keep, _ = sampled_weights(w, c, seed, bh, rows, variant, caps)
             if stats is not None:
                 per_row = keep.sum(dim=-1)
@@ -302,7 +420,7 @@ class SusAttentionFunction(torch.autograd.Function):
             dv[:, :, :nk] += torch.matmul(w_tilde.transpose(-1, -2), gob)
             dq[:, :, r0:r1] = _unblock(torch.matmul(ds, kb) * scale, H, nr)
             dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qb) * scale
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 11
 
 
 def sus_attention_reference(
@@ -317,15 +435,27 @@ def sus_attention_reference(
     variant: str = "bernoulli",
     stats: SusStats | None = None,
     caps: tuple[int, int] | None = None,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference SUS attention on validated 4-D inputs (see `chainfree.ops.sus.sus_attention` for the public API).
 
     `seed` fixes every draw of the backward; `block_rows` the query rows per block (None = ~2^21 entries);
     `caps` = (cand_cap, cap) of the 'thinned' fallback rule (None: `capacities(c, n_k)`, the kernel's).
+    `attn_mask` (SDPA's: bool True = may attend, or additive float) and `document_ids` ([B, n] or a
+    (q_ids, k_ids) pair; a negative id is padding) mask pairs on top of `is_causal` (module docstring).
+    A float attn_mask gets no gradient (use SDPA to learn an additive bias).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return SusAttentionFunction.apply(q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps)
+    B, H, n_q, _ = q.shape
+    check_attn_mask(attn_mask, B, H, n_q, k.shape[2], q.device)
+    ids = normalize_document_ids(document_ids, B, n_q, k.shape[2])
+    if ids is not None and ids[0].device != q.device:
+        ids = (ids[0].to(q.device), ids[1].to(q.device))
+    mask = attn_mask.detach() if attn_mask is not None else None
+    return SusAttentionFunction.apply(q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps, mask, ids)
 
 
 __all__ = [
@@ -334,6 +464,9 @@ __all__ = [
     "SusAttentionFunction",
     "SusStats",
     "capacities",
+    "check_attn_mask",
+    "dense_mask",
+    "normalize_document_ids",
     "sampled_weights",
     "sus_attention_reference",
     "thinned_keep",
