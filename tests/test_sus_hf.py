@@ -55,15 +55,14 @@ def test_hf_sus_exact_at_huge_c_and_stochastic_at_small_c(kind):
     assert not torch.equal(a[attn], b[attn])  # fresh masks every step
 
 
-def test_hf_sus_refuses_padding_and_dropout():
+def test_hf_sus_refuses_dropout_and_runs_padding():
     model = tiny("llama", register_sus_attention(c=4))
     ids = torch.randint(0, 64, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :3] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
-    with torch.no_grad():  # inference defers to SDPA, padding allowed
-        model(input_ids=ids, attention_mask=mask)
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
     gpt2 = tiny("gpt2", "chainfree_sus")
     gpt2.config.attn_pdrop = 0.1
     for m in gpt2.modules():
@@ -71,3 +70,65 @@ def test_hf_sus_refuses_padding_and_dropout():
             m.attn_dropout.p = 0.1
     with pytest.raises(ValueError, match="dropout"):
         gpt2(input_ids=ids, labels=ids, use_cache=False)
+
+
+def _batch(kind: str, ids: torch.Tensor) -> dict:
+    """Batches as transformers' collators make them: right/left padding (2-D attention_mask, labels -100 on
+    padding), packing (position_ids restarting per document, as DataCollatorWithFlattening)."""
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    pad[1, -4:] = True
+    if kind == "left":
+        pad = pad.flip(-1)
+    if kind == "packed":
+        return {"input_ids": ids[:1], "labels": ids[:1], "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1,
+                                                                                       2, 3, 4, 5, 6, 7, 8, 9, 10]])}
+    return {"input_ids": ids.masked_fill(pad, 0), "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "packed"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_sus_padded_and_packed_equal_sdpa_when_nothing_is_cut(kind, arch):
+    """Issue 28 item 4: a padded or packed batch (what the collators give) trains; with c huge the loss and
+    every gradient equal transformers' SDPA on the same batch (float64), so the mask is read exactly."""
+    ids = torch.randint(1, 64, (2, 19), generator=torch.Generator().manual_seed(0))
+    batch = _batch(kind, ids)
+
+    def run(attn):
+        model = tiny(arch, attn)
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = run("sdpa")
+    loss, got = run(register_sus_attention(c=1e300, name="chainfree_sus_uncut"))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-13, rtol=1e-12)
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-12, rtol=1e-9, msg=name)
+    loss, got = run(register_sus_attention(c=1))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-13, rtol=1e-12)  # the forward stays exact
+    assert all(torch.isfinite(g).all() for g in got.values())
+
+
+def test_mask_plan_reads_what_transformers_builds():
+    """The 4-D masks transformers passes become document ids (padding / packing), nothing (plain causal) or a
+    dense mask (anything else, e.g. a sliding window), and the ids rebuild the mask exactly."""
+    from chainfree.integrations.hf import mask_plan
+
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert mask_plan(causal[None, None], 6, 6, True) == ("plain", None)
+    right = causal & torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)  # key padding, as sdpa_mask builds it
+    kind, (q_ids, k_ids) = mask_plan(right[None, None], 6, 6, True)
+    assert kind == "documents" and k_ids.tolist() == [[0, 0, 0, 0, -1, -1]] and q_ids.tolist() == [[0] * 6]
+    left = causal & torch.tensor([0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    kind, ids = mask_plan(left[None, None], 6, 6, True)
+    assert kind == "documents" and ids.tolist() == [[-1, -1, 2, 2, 2, 2]]  # empty rows: id -1, no key
+    docs = torch.tensor([0, 0, 0, 1, 1, 1])
+    packed = causal & (docs[:, None] == docs[None, :])
+    kind, ids = mask_plan(packed[None, None], 6, 6, True)
+    assert kind == "documents" and ids.tolist() == [[0, 0, 0, 3, 3, 3]]
+    additive = torch.zeros(1, 1, 6, 6).masked_fill(~packed, torch.finfo(torch.float32).min)
+    assert mask_plan(additive, 6, 6, True)[0] == "documents"
+    window = causal & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
+    kind, dense = mask_plan(window[None, None], 6, 6, True)
+    assert kind == "dense" and torch.equal(dense, window[None, None])
