@@ -262,3 +262,70 @@ def test_gelu_mlp_with_fc_names_is_fused():
     model = Holder()
     basis.apply(model, rank=2)
     assert isinstance(model.ffn, BasisMLP) and model.ffn.names == ("fc1", "act", "fc2")
+
+
+class GeluMLP(nn.Module):
+    """A model that is itself one MLP: up -> GELU -> down at the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("layers", [["up", "down"], None])
+def test_root_mlp_is_sketched_unfused_and_exact_at_full_rank(layers):
+    """Issue 28 item 2: the root cannot replace itself, so its named Linears are swapped one by one."""
+    torch.manual_seed(0)
+    exact = GeluMLP().double()
+    model = GeluMLP().double()
+    model.load_state_dict(exact.state_dict())
+    basis.apply(model, rank=50, shrink=0.0, scalars=False, layers=layers)
+    assert isinstance(model.up, BasisLinear) and isinstance(model.down, BasisLinear)
+    x, dy = torch.randn(5, 6, dtype=f64), torch.randn(5, 6, dtype=f64)
+    exact(x).backward(dy)
+    model(x).backward(dy)  # rank 50 >= 5 rows, no shrink, no scalars: the sketch is exact
+    for (name, pe), (_, ps) in zip(exact.named_parameters(), model.named_parameters(), strict=True):
+        torch.testing.assert_close(ps.grad, pe.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_root_linear_says_it_cannot_replace_itself():
+    with pytest.raises(ConfigError, match="cannot replace itself"):
+        basis.apply(nn.Linear(4, 4), rank=2, filter_fn=lambda module, fqn: True)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_applying_twice_says_already_applied(fuse):
+    """Issue 28 item 6: the second apply named 'no nn.Linear layer was selected' (unfused) or a fused part."""
+    model = Block()
+    basis.apply(model, rank=2, fuse_mlp=fuse)
+    with pytest.raises(ConfigError, match=r"BASIS is already applied to this Block .*chainfree.remove"):
+        basis.apply(model, rank=2, fuse_mlp=fuse)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_remove_restores_modules_weights_keys_and_outputs(fuse):
+    """Issue 28 item 5: apply + remove gives back the same modules and Parameters (a tied head stays tied)."""
+    torch.manual_seed(0)
+    model = Block().double()
+    model.emb = nn.Embedding(7, 6).double()
+    model.head.weight = model.emb.weight  # tied: the head shares the embedding's Parameter
+    x = torch.randn(3, 6, dtype=f64)
+    ref = model(x)
+    mlp_type, params = type(model.mlp), dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    basis.apply(model, rank=2, fuse_mlp=fuse)
+    assert isinstance(model.head, BasisLinear) and list(model.state_dict()) == list(state)
+    model(x).sum().backward()
+    assert basis.remove(model) == (2 if fuse else 4)
+    assert type(model.mlp) is mlp_type and type(model.head) is nn.Linear and type(model.mlp.up_proj) is nn.Linear
+    assert model.head.weight is model.emb.weight
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    assert basis.remove(model) == 0
+    basis.apply(model, rank=2, fuse_mlp=fuse)  # applies again after removal

@@ -27,6 +27,11 @@ is fused only if its own forward gives the fused layer's output on a small rando
 with dropout or extra terms is left to per-Linear swaps). Without fusion each projection becomes a
 BasisLinear, and the activation's saved hidden tensors stay.
 
+Applying twice is refused ("BASIS is already applied to ..."); `remove(model)` (also `chainfree.remove`)
+swaps every BASIS layer back for the module it replaced, so parameters, state_dict keys and outputs are the
+original model's again. A model that is itself one MLP (up/act/down at the root) cannot replace itself, so
+its projections are swapped one by one (unfused).
+
 Tied embeddings: BasisLinear reuses the head's Parameter object, so the tie survives the swap and
 autograd adds the head's sketched dW to the embedding's exact gradient in the same .grad.
 """
@@ -217,10 +222,16 @@ def apply(
     """
     cfg = _make_config(config, kwargs)
     sketch = cfg.sketch_kwargs()
+    if basis_layers(model):
+        raise ConfigError(f"BASIS is already applied to this {type(model).__name__} ({summary(model)}); apply it "
+                          "once, or undo it first with chainfree.remove(model) to change its settings")
     chosen = set(select(model, cfg.layers, filter_fn))
     if cfg.fuse_mlp:
         for name, module in list(model.named_modules()):
-            if isinstance(module, BasisMLP | BasisSwiGLU) or not (found := _fusable(module)):
+            if not name and _fusable(module):  # the root cannot replace itself: its Linears are swapped below
+                log.info("basis.apply: the model itself is an MLP; its projections are sketched one by one (unfused)")
+                continue
+            if not (found := _fusable(module)):
                 continue
             kind, names = found
             linears = [n for n in names if isinstance(getattr(module, n), nn.Linear)]
@@ -244,10 +255,31 @@ def apply(
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     if not name:
-        raise ConfigError("basis.apply: the model itself is a single MLP; wrap it in a module (or swap its Linears)")
+        raise ConfigError(f"basis.apply: the model itself is the selected {type(model).__name__}, which cannot replace "
+                          "itself; wrap it in a module, or use BasisLinear.from_linear(model, rank=...)")
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
+
+
+def basis_layers(model: nn.Module) -> list[str]:
+    """Names of the BASIS layers in `model` (fused MLPs and BasisLinears outside them)."""
+    fused = [n for n, m in model.named_modules() if isinstance(m, BasisMLP | BasisSwiGLU)]
+    return fused + [n for n, m in model.named_modules() if isinstance(m, BasisLinear)
+                    and not any(n.startswith(f + ".") for f in fused)]
+
+
+def remove(model: nn.Module) -> int:
+    """Swap every BASIS layer in `model` back for the module it replaced (in place); returns how many.
+
+    The original modules come back holding the BASIS layers' current Parameters and children, so weights,
+    ties, state_dict keys and the forward are the original model's. A no-op without BASIS layers."""
+    names = basis_layers(model)
+    for name in names:
+        _replace(model, name, model.get_submodule(name).original())
+    if names:
+        log.info(f"BASIS removed: {len(names)} layer(s) restored")
+    return len(names)
 
 
 def _compact(names: list[str]) -> str:

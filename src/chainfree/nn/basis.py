@@ -6,6 +6,10 @@ state_dict keys do not change (checkpoints load either way, a tied head stays ti
 only when a weight gradient will be needed (grad mode on and a weight trainable); otherwise (eval,
 no_grad, frozen weights) the layer is the plain module and saves nothing extra.
 
+Undo: a layer made from an existing module keeps a reference to it (not a registered submodule, so neither
+parameters nor state_dict keys change), and `original()` gives that module back holding the layer's current
+Parameters and children -- `chainfree.remove` / `basis.remove` swap it back in.
+
 Sketch size: `rank` (R rows) or `compression` (R = ceil(rows / compression), resolved from each call's
 batch x sequence rows); exactly one of them.
 """
@@ -24,6 +28,8 @@ from chainfree.ops.basis_linear import (
     check_params,
 )
 from chainfree.ops.cross_entropy import linear_cross_entropy
+
+ORIGINAL = "_chainfree_original"  # instance attribute (outside _modules) holding the replaced module
 
 
 class _Sketched:
@@ -64,7 +70,19 @@ class BasisLinear(nn.Linear, _Sketched):
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
+        new.__dict__[ORIGINAL] = linear
         return new
+
+    def original(self) -> nn.Linear:
+        """The nn.Linear this layer replaced (a plain one when it was built directly), holding this layer's
+        current weight and bias Parameters (a tie survives) and training mode."""
+        linear = self.__dict__.get(ORIGINAL)
+        if linear is None:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        linear.train(self.training)
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -86,8 +104,20 @@ class BasisLinear(nn.Linear, _Sketched):
         return f"{super().extra_repr()}, {self._sketch_repr()}"
 
 
-def _trainable(*linears: nn.Linear) -> bool:
-    return torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears)
+def _restored(fused: nn.Module) -> nn.Module:
+    """The module a fused BASIS MLP replaced, with the fused layer's current children and training mode."""
+    mlp = fused.__dict__[ORIGINAL]
+    for name in fused.names:
+        setattr(mlp, name, getattr(fused, name))
+    mlp.train(fused.training)
+    return mlp
+
+
+def _trainable(*linears: nn.Module) -> bool:
+    """Whether the fused sketched path runs: a weight gradient is needed and every projection is still a plain
+    nn.Linear (one wrapped after BASIS, e.g. by PEFT LoRA, runs its own forward so its adapter is not skipped)."""
+    return (torch.is_grad_enabled() and all(isinstance(lin, nn.Linear) for lin in linears)
+            and any(lin.weight.requires_grad for lin in linears))
 
 
 class BasisMLP(nn.Module, _Sketched):
@@ -109,6 +139,11 @@ class BasisMLP(nn.Module, _Sketched):
         for name, module in zip(names, (up, act, down), strict=True):
             setattr(self, name, module)
         self.train(mlp.training)
+        self.__dict__[ORIGINAL] = mlp
+
+    def original(self) -> nn.Module:
+        """The MLP module this layer replaced, holding this layer's current children (e.g. LoRA wrappers)."""
+        return _restored(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, act, down = (getattr(self, n) for n in self.names)
@@ -142,6 +177,11 @@ class BasisSwiGLU(nn.Module, _Sketched):
         for name, module in zip(names, modules, strict=True):
             setattr(self, name, module)
         self.train(mlp.training)
+        self.__dict__[ORIGINAL] = mlp
+
+    def original(self) -> nn.Module:
+        """The MLP module this layer replaced, holding this layer's current children (e.g. LoRA wrappers)."""
+        return _restored(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names[:3])
