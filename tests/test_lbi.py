@@ -368,3 +368,38 @@ def test_prefix_jacobian_is_exact_for_every_architecture(kind):
     the same Jacobian, so the same float64 gradients as autograd."""
     config = LBIConfig(region_size=1, rank=3, n_chunks=4, jacobian="prefix", jacobian_chunk=2)
     check_exact(LBI(config).prepare(tiny_lm(kind, 4)), "prefix")
+
+
+# ---- (7) the full-scale reproduction's plumbing, at toy size --------------------------------------------------
+@pytest.mark.slow  # ~1 min on 2 busy cores: 5 short training runs
+def test_full_reproduction_writes_the_issue_table(tmp_path, monkeypatch):
+    """`reproduce lbi --scale full` at toy size on CPU: one row with the issue's keys (arch, params = block
+    parameters, tokens, dense_val, lbi_r16_val, paper_leaky_val, gap_r16), the scan step time and the
+    scan-vs-autograd gradient check, and the loss curves to redraw the PNG from the JSON."""
+    import json
+
+    from chainfree.reproduce import lbi as repro
+
+    monkeypatch.setenv("CHAINFREE_CACHE", str(tmp_path / "cache"))
+    tiny = ["model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.seq_len=32", "train.batch_size=2",
+            "data.tokenizer=bytes", "data.max_chars=60000", "train.eval_batches=1"]
+    row = repro.run_full(tmp_path, "cpu", ["model.kind=gpt", *tiny, "repro.tokens=128", "repro.scan_steps=2"])
+    for key in ("arch", "params", "tokens", "dense_val", "lbi_r16_val", "paper_leaky_val", "gap_r16",
+                "step_ms_dense", "step_ms_lbi_r16", "step_ms_lbi_r16_scan_vjp", "step_ms_lbi_r16_scan_prefix"):
+        assert row.get(key) is not None, key
+    assert row["params"] == sum(p.numel() for p in tiny_lm_blocks(tiny))
+    assert row["tokens"] == 2 * 2 * 32 and abs(row["gap_r16"] - (row["lbi_r16_val"] - row["dense_val"])) < 1e-12
+    assert row["grad_check_max_rel_err_fp32"] < 1e-5
+    payload = json.loads((tmp_path / "lbi_full_gpt_cpu.json").read_text())
+    assert set(payload["curves"]) == {"dense", "lbi_r16", "paper_leaky_r16"}
+    assert repro.plot_json(tmp_path / "lbi_full_gpt_cpu.json").is_file()
+    with pytest.raises(ValueError, match="unknown case"):
+        repro.run_full(tmp_path, "cpu", ["repro.cases=dense,nope"])
+
+
+def tiny_lm_blocks(sets: list[str]) -> list[torch.Tensor]:
+    from chainfree.config import load_config
+    from chainfree.models import build_model
+
+    cfg = load_config("gpt-50m", ["model.vocab_size=256", *sets])
+    return list(build_model(cfg.model).blocks.parameters())
