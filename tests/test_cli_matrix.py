@@ -32,6 +32,8 @@ CHAR_RNN = ["--model", "char_rnn", "--set", "data.tokenizer=bytes", "--set", "mo
 # settings a method needs on the kinds it trains (the time tree: seq_len / chunk a power of two)
 METHOD_ARGS = {"hbll_time": ["--set", "method.chunk=16", "--set", "method.window=8"],
                "tbptt": ["--set", "method.chunk=16"]}
+# HBLL stacks its leaves, which must be alike: on the hybrid (attention every 2nd block) a leaf is 2 blocks
+CELL_ARGS = {("hybrid", "hbll"): ["--set", "method.block_size=2"]}
 
 DENSE = ("exact", "basis", "sus")  # keep the architecture: also pretrained models
 STRUCTURAL = ("lbi", "hbll", "flat_bll")  # rebuild a LanguageModel's blocks
@@ -40,7 +42,7 @@ ATTENTION_KINDS = ("gpt", "hybrid")  # SUS needs attention blocks
 WORKS = (
     {(k, m) for k in LM_KINDS for m in ("exact", "basis", *STRUCTURAL)}
     | {(k, "sus") for k in ATTENTION_KINDS}
-    | {("char_rnn", m) for m in ("exact", *TIME)}
+    | {("char_rnn", m) for m in ("exact", "basis", *TIME)}
     | {("hf", m) for m in DENSE}
 )
 # methods `bench fidelity` measures (gradient estimates beside exact autograd on the same weights)
@@ -122,7 +124,7 @@ def works_or_one_error_line(proc: subprocess.CompletedProcess[str], what: str) -
 def run_cell(kind: str, method: str, root: Path, pretrained: tuple[Path, Path] | None) -> None:
     out = root / "run"
     train = ["train", *kind_args(kind, pretrained), "--method", method, *COMMON, *METHOD_ARGS.get(method, []),
-             "--out", str(out)]
+             *CELL_ARGS.get((kind, method), []), "--out", str(out)]
     first = chainfree(*train, cwd=root)
     trained = works_or_one_error_line(first, f"train {kind}/{method}")
     assert trained == ((kind, method) in WORKS), (

@@ -137,3 +137,16 @@ def test_summary_of_a_one_step_run_has_no_step_time(tiny, tmp_path):
 
     written = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=refuse)
     assert written["step_time_s"] is None and written["tokens_per_s"] is None and written["timed_steps"] == 0
+
+
+@pytest.mark.parametrize("name", ["flat_bll", "hbll", "lbi"])
+def test_block_methods_refuse_a_model_without_blocks_in_one_line(name, tmp_path):
+    """A method that cuts residual blocks, on the character GRU: one ConfigError naming what is missing (flat_bll
+    raised AttributeError: 'CharGRU' object has no attribute 'blocks')."""
+    from chainfree.errors import ConfigError
+
+    overrides = ['model.kind="char_rnn"', 'data.tokenizer="bytes"', "model.seq_len=32", "model.d_model=16",
+                 "data.max_chars=20000", "train.steps=1", "train.batch_size=2", 'train.device="cpu"']
+    with pytest.raises(ConfigError, match=r"needs embed -> blocks -> norm -> head; CharGRU has no \.blocks") as e:
+        train(load_config(overrides=overrides, method=name), tmp_path, progress=False)
+    assert "\n" not in str(e.value)

@@ -20,7 +20,11 @@ from chainfree.methods import METHODS
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=FlagGroup,
                   help="Train networks without paying the full price of backprop; compare against exact backprop.")
 app.add_typer(bench_app, name="bench")
-command = lambda: app.command(cls=FlagCommand)  # noqa: E731  (flags render without a <bool> type)
+
+
+def command() -> Any:
+    """`@app.command()` with flags rendered without a `<bool>` type (see FlagCommand)."""
+    return app.command(cls=FlagCommand)
 
 
 def _version(value: bool) -> None:
@@ -117,7 +121,10 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option(
 @command()
 def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll")], out: OutOpt,
               scale: Annotated[str, typer.Option("--scale", help="small (CPU minutes) | full (GPU)")] = "small",
-              device: DeviceOpt = None, set_: SetOpt = None,
+              device: Annotated[str | None, typer.Option("--device", help="cpu | cuda | cuda:N | auto",
+                                                         show_default="auto")] = None,
+              set_: Annotated[list[str] | None, typer.Option(
+                  "--set", help="override: section.key=value (repeatable; the reproduction's own knobs too)")] = None,
               model: Annotated[str | None, typer.Option("--model", help="sus only: smollm2 | hf (pretrained)")] = None,
               ) -> None:
     """Run a paper's experiment at a scale that fits the machine; writes its table beside the paper's."""

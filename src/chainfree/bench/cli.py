@@ -49,7 +49,12 @@ class FlagGroup(TyperGroup):
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, cls=FlagGroup,
                         help="Measure a method against exact backprop: gradient fidelity, speed, memory.")
-command = lambda: bench_app.command(cls=FlagCommand)  # noqa: E731
+
+
+def command() -> Any:
+    """`@bench_app.command()` with flags rendered without a `<bool>` type (see FlagCommand)."""
+    return bench_app.command(cls=FlagCommand)
+
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help=" | ".join(MODEL_KINDS),
                                               show_default="the --config file's, else gpt")]

@@ -92,6 +92,27 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     return list(zip(x.chunk(parts), y.chunk(parts), strict=True))
 
 
+# methods that cut a model's residual blocks into regions, trees or local blocks: they need the layout
+# embed -> blocks -> norm -> head (docs/architecture.md) of chainfree's language models
+BLOCK_METHODS = ("lbi", "hbll", "flat_bll")
+BLOCK_LAYOUT = ("embed", "blocks", "norm", "head")
+
+
+def check_layout(method: Method, model: nn.Module) -> None:
+    """ConfigError naming the method and the missing part when a block-cutting method (BLOCK_METHODS) meets a
+    model without the embed -> blocks -> norm -> head layout (e.g. the character GRU), instead of an
+    AttributeError from deep inside its prepare. A model a method already prepared passes."""
+    if method.name not in BLOCK_METHODS or getattr(model, "generation_model", None) is not None:
+        return
+    missing = [attr for attr in BLOCK_LAYOUT if not hasattr(model, attr)]
+    if missing:
+        kind = getattr(getattr(model, "cfg", None), "kind", None) or type(model).__name__
+        from chainfree.errors import ConfigError
+
+        raise ConfigError(f"method {method.name!r} cuts a model's residual blocks and needs embed -> blocks -> norm "
+                          f"-> head; {kind} has no .{missing[0]}: use model.kind gpt, mamba2, mamba3 or hybrid")
+
+
 class Trainer:
     """One optimizer step and the loop around it, shared by every method, model kind and strategy.
 
@@ -124,6 +145,7 @@ class Trainer:
         """Prepare `model` (already seeded and on the device) for training: method.prepare, activation
         checkpointing / torch.compile (train.activation_checkpoint, train.compile), the strategy's wrap,
         then the optimizer over the prepared model's parameters."""
+        check_layout(self.method, model)
         model = self.method.prepare(model)
         from chainfree.training.options import apply_train_options
 
@@ -292,7 +314,9 @@ def build_run(cfg: RunConfig, device: torch.device) -> tuple[Any, nn.Module, Met
     method = method_from_config(cfg)
     data = run_tokens(cfg)
     cfg.model.fit_vocab(data.vocab_size)
-    model = method.prepare(seeded_model(cfg, device))
+    model = seeded_model(cfg, device)
+    check_layout(method, model)
+    model = method.prepare(model)
     return data, model, method
 
 
