@@ -116,6 +116,30 @@ def test_apply_refuses_architecture_changes_and_typos():
     assert chainfree.apply(model, "exact") is model
 
 
+def test_remove_restores_attention_of_chainfree_models_and_the_hf_wrapper(one_thread):
+    """Issue 28 item 5 beyond transformers models: SUS on chainfree's own GPT (each block's attn_fn) and on the
+    HFLanguageModel wrapper (its transformers model's attention implementation) is undone by remove, also when
+    applied twice; a torch.compile wrapper is looked through."""
+    import torch.nn.functional as F
+
+    from chainfree.config import ModelConfig
+    from chainfree.models import build_model
+
+    gpt = build_model(ModelConfig(kind="gpt", vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=2))
+    fns = [m.attn_fn for m in gpt.modules() if hasattr(m, "attn_fn")]
+    assert fns and all(fn is F.scaled_dot_product_attention for fn in fns)
+    chainfree.apply(gpt, "sus", c=4)
+    chainfree.apply(gpt, "sus", c=8)
+    assert all(m.attn_fn is not F.scaled_dot_product_attention for m in gpt.modules() if hasattr(m, "attn_fn"))
+    chainfree.remove(torch.compile(gpt))  # the compiled wrapper holds the same module
+    assert [m.attn_fn for m in gpt.modules() if hasattr(m, "attn_fn")] == fns
+    wrapped = hfm.wrap(tiny_llama(), seq_len=32)
+    chainfree.apply(wrapped, "sus", c=4)
+    assert wrapped.hf.config._attn_implementation.startswith("chainfree_fn")
+    assert chainfree.apply(wrapped, "exact") is wrapped
+    assert wrapped.hf.config._attn_implementation == "sdpa"
+
+
 def test_wrapper_loss_equals_hf_loss_and_sus_method_reaches_it(one_thread):
     from chainfree.methods.sus import Sus, SusConfig
 

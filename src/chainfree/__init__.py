@@ -4,6 +4,7 @@ Drop-in entry points:
     chainfree.sus_attention(q, k, v, c=32)      # in place of F.scaled_dot_product_attention
     chainfree.methods.basis.apply(model, rank=32)
     chainfree.apply(model, "sus", c=32)         # prepare any model (transformers included) for your own trainer
+    chainfree.remove(model)                     # undo apply: the original attention and layers come back
 """
 
 __version__ = "0.1.0"
@@ -19,4 +20,8 @@ def __getattr__(name: str):
         import chainfree.apply as module
 
         return module
+    if name == "remove":
+        from chainfree.apply import remove
+
+        return remove
     raise AttributeError(f"module 'chainfree' has no attribute {name!r}")
