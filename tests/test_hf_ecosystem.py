@@ -66,7 +66,7 @@ def test_docs_trainer_example(variant, tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile(code, str(DOCS), "exec"), ns)  # noqa: S102 - the documented example, verbatim
     losses = [r["loss"] for r in ns["trainer"].state.log_history if "loss" in r]
-    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     if variant == "as written":
         assert seen["attn"].startswith("chainfree_sus") and not seen["basis"]
@@ -182,20 +182,20 @@ def embedding_grads(model, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return loss.detach(), g
 
 
-Z_MAX = 5.0  # normal tail 5.7e-7 per entry; t with K-1 = 1023 dof ~6.5e-7; <= 768 entries: family-wise < 1e-3
+Z_MAX = 5.0  # two-sided tail per entry: normal 5.7e-7, t with K-1 = 511 dof ~8e-7; <= 768 entries: family-wise < 1e-3
 
 
 @pytest.mark.parametrize("kind", ["right", "left", "packed"])
 def test_sus_padded_and_packed_loss_exact_gradients_finite_and_unbiased(kind):
     """Issue 28 item 4 through the model: the loss of a padded / packed batch equals SDPA's (the SUS forward
-    is exact), gradients are finite, and K = 1024 independent SUS draws average to SDPA's gradient.
+    is exact), gradients are finite, and K = 512 independent SUS draws average to SDPA's gradient.
 
     The K draws come from one call: the batch is repeated K times, and SUS hashes each batch row's keeps
     independently (bh = b*H + h), so copy k's embedding gradient is one draw (times 1/K, the loss being the
     mean over K equal copies). Per entry z = (mean - exact) / (sd / sqrt(K)); entries with no SUS noise
     (padding: its attention sees no key and is no one's key) must match to 1e-12. A 20% error in the target is rejected
     by the same statistic (power)."""
-    K, c = 1024, 1
+    K, c = 512, 1
     model = tiny_llama()
     exact_loss, exact = embedding_grads(model, batch(kind))
     sus = chainfree.apply(copy.deepcopy(model), "sus", c=c)
