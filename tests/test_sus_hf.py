@@ -132,3 +132,25 @@ def test_mask_plan_reads_what_transformers_builds():
     window = causal & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
     kind, dense = mask_plan(window[None, None], 6, 6, True)
     assert kind == "dense" and torch.equal(dense, window[None, None])
+
+
+def test_unsupported_masks_fall_back_to_sdpa_with_one_warning(monkeypatch):
+    """A mask SUS cannot take (here a 3-D one, as no transformers model builds) runs transformers' SDPA for
+    that call, warning once per process, instead of stopping a training run."""
+    import warnings
+
+    import chainfree.ops.sus as sus_module
+    from chainfree.integrations.hf import sus_attention_forward
+
+    monkeypatch.setattr(sus_module, "_WARNED", set())
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(1, 5, 5, dtype=torch.bool).tril()
+    with pytest.warns(RuntimeWarning, match="3-D torch.bool mask run transformers' SDPA"):
+        out, _ = sus_attention_forward(module, q, k, v, mask, c=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sus_attention_forward(module, q, k, v, mask, c=1)

@@ -95,6 +95,19 @@ def mask_plan(mask: torch.Tensor, q_len: int, kv_len: int, causal: bool) -> Mask
     return plan
 
 
+def _unsupported(mask: Any, kwargs: dict[str, Any]) -> str | None:
+    """Why a training call cannot run SUS (then it runs transformers' SDPA), or None when it can."""
+    if kwargs.get("position_bias") is not None:
+        return "a position bias"
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        return f"a {type(mask).__name__} mask"
+    if mask.dim() != 4 or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        return f"a {mask.dim()}-D {mask.dtype} mask"
+    return None
+
+
 def _takes_document_ids(attn_fn: Callable[..., Any]) -> bool:
     try:
         return "document_ids" in inspect.signature(attn_fn).parameters
@@ -135,9 +148,8 @@ def attention_forward(
         )
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{label} does not support attention logit softcapping; use attn_implementation='eager'")
-    if kwargs.get("position_bias") is not None or not (attention_mask is None or isinstance(attention_mask,
-                                                                                              torch.Tensor)):
-        why = "a position bias" if kwargs.get("position_bias") is not None else type(attention_mask).__name__
+    why = _unsupported(attention_mask, kwargs)
+    if why is not None:
         warn_once(f"hf-{label}-{why}", f"{label}: calls with {why} run transformers' SDPA attention (exact "
                   "gradients) instead")  # fmt: skip
         return sdpa()
