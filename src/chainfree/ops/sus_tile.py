@@ -11,6 +11,11 @@ Where m̂ comes from (`proposal`):
   against the forward's LSE, no PV);
 - "rowsS" (S in 2..tile, e.g. "rows8"): the same pass over every S-th query row of each query tile only,
   with a floor π ≥ `pi_min` on every tile that may hold an allowed pair, so the estimator stays unbiased.
+Both are one kernel (the exact statistic is row stride 1). "rows8" is the default: at equal c the exact
+statistic gives several times lower variance, but its pass costs a QKᵀ and an exp per causal pair (more
+than the sparse backward itself at 16k-32k), so at equal estimator variance "rows8" with a larger c gave
+the faster backward in every measured case (benchmarks/results/sus_tile_micro_h100.md). "rows16" had
+clearly higher variance than "rows8" at similar density (CPU comparison at n=2048, same folder).
 
 Implementation: two `torch.library.custom_op`s (forward → (O, LSE); backward → (dQ, dK, dV)) with fake
 impls and an autograd formula, so `torch.compile` traces through without graph breaks or recompiles.
@@ -24,6 +29,7 @@ other head dims) runs the PyTorch reference, which defines the semantics.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -41,14 +47,14 @@ from chainfree.ops.sus_tile_reference import (
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_TILES = (16, 32, 64, 128)
-DEFAULT_PROPOSAL = "exact"
+DEFAULT_PROPOSAL = "rows8"
 DEFAULT_PI_MIN = 1.0 / 64  # floor of π for row-subsampled proposals
-SEGMENT = 16  # kept tiles per backward program (longer lists are split across programs)
+SEGMENT = 64  # kept tiles per backward program (longer lists are split across programs)
 # (QB, KB, num_warps, num_stages, flat, dyn) of the two backward kernels per head dim; QB, KB are clipped to
 # `tile`; flat = one loop over (kept tile, block) pairs instead of nested loops; dyn = programs take work
 # units from an atomic counter instead of a static stride (see _sus_tile_triton).
-DQ_CONFIG: dict[int, tuple[int, ...]] = {64: (64, 64, 4, 3, 0, 0), 128: (128, 64, 8, 3, 1, 0)}
-DKDV_CONFIG: dict[int, tuple[int, ...]] = {64: (64, 64, 4, 3, 0, 0), 128: (64, 128, 8, 3, 1, 0)}
+DQ_CONFIG: dict[int, tuple[int, ...]] = {64: (64, 64, 4, 3, 0, 0), 128: (128, 64, 8, 3, 1, 1)}
+DKDV_CONFIG: dict[int, tuple[int, ...]] = {64: (64, 64, 4, 3, 0, 0), 128: (64, 128, 8, 3, 1, 1)}
 FORWARD_OPS: dict[str, int] = {}  # which aten op served the CUDA forward, with counts (for the benchmarks)
 
 
@@ -87,10 +93,16 @@ def _kern():
     return _sus_tile_triton
 
 
+@functools.cache
 def _num_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count * 4
     return 4
+
+
+@functools.cache
+def _tile_allowed_cached(n_q: int, n_k: int, tile: int, is_causal: bool, device: torch.device) -> torch.Tensor:
+    return tile_allowed(1, n_q, n_k, tile, is_causal, None, None, device=device)
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -229,7 +241,7 @@ def tile_stats(
     doc = q_ids is not None
     qid = q_ids.contiguous() if doc else lse2
     kid = k_ids.contiguous() if doc else lse2
-    bn = tile if q.is_cuda else min(64, tile)  # one key block per tile: the tile loop is the pipelined loop
+    bn = min(64, tile)
     warps = 8 if tpp * rows * d >= 128 * 128 else 4
     kern._stats_kernel[(-(-tq // tpp), b * h)](
         q, k, lse2, qid, kid, m, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -254,7 +266,10 @@ def keep_probs(
     k_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """π [B, H, Tq, Tk]: min(1, c·m̂) on tiles that may hold an allowed pair, at least `pi_min` there."""
-    allowed = tile_allowed(m_hat.shape[0], n_q, n_k, tile, is_causal, q_ids, k_ids, device=m_hat.device)
+    if q_ids is None:
+        allowed = _tile_allowed_cached(n_q, n_k, tile, is_causal, m_hat.device)
+    else:
+        allowed = tile_allowed(m_hat.shape[0], n_q, n_k, tile, is_causal, q_ids, k_ids, device=m_hat.device)
     return tile_probs(m_hat, c, allowed, pi_min)
 
 
