@@ -82,6 +82,28 @@ def test_docs_trainer_example(variant, tmp_path, monkeypatch):
     assert len(moved) == len(list(model.parameters())), "every parameter trains"
 
 
+def test_trainer_with_sus_on_padded_batches(tmp_path):
+    """The issue's report: SUS + Trainer + DataCollatorForLanguageModeling (padding, batch 2) raised a
+    ValueError at the first step. It trains now: finite losses, every parameter moves."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {str(i): i for i in range(1, V)} | {"[PAD]": 0}
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[PAD]")), pad_token="[PAD]")
+    documents = [{"input_ids": [(s + i) % (V - 1) + 1 for i in range(4 + s % 9)]} for s in range(12)]
+    model = chainfree.apply(tiny_llama(), "sus", c=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                          learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+                                          use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=documents,
+                                   data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False))
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 # ---- PEFT LoRA, both orders ----
 
 def lora_grads(model, ids) -> dict[str, torch.Tensor]:
