@@ -267,6 +267,21 @@ def test_kernels_match_reference_in_triton_interpreter():
                 err = ((a.double() - w).norm() / w.norm()).item()
                 worst = max(worst, err)
                 assert err < 3e-3, err
+        for b, h, hkv, tq, tk, seg in [(2, 4, 2, 5, 7, 2), (1, 8, 2, 6, 6, 64)]:  # Triton plan = torch plan
+            keep = torch.rand(b, h, tq, tk) < 0.4
+            g = h // hkv
+            for cols in (False, True):
+                got = st._lists_triton(keep, cols, hkv, seg)
+                k2 = (keep.reshape(b, hkv, g, tq, tk).permute(0, 1, 4, 2, 3).reshape(b * hkv * tk, g * tq) if cols
+                      else keep.reshape(b * h * tq, tk))
+                want = st._lists(k2, seg)
+                assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]) and got[6] == want[6]
+                total = int(got[5])
+                assert total == int(want[5])
+                for lst in range(k2.shape[0]):
+                    assert torch.equal(got[0][lst, : got[1][lst]], want[0][lst, : want[1][lst]])
+                assert sorted(zip(got[3][:total].tolist(), got[4][:total].tolist())) == sorted(
+                    zip(want[3][:total].tolist(), want[4][:total].tolist()))
         print("worst", worst)
         """
     )

@@ -10,8 +10,13 @@
 Segments bound the serial chain of a program: a column that every query tile keeps (attention sink) is
 split over several programs. A list with one segment stores its result in the output dtype; a list with
 several adds fp32 partials into a scratch buffer that `_zero_multi_kernel` clears and `_cast_multi_kernel`
-converts, both only for those lists. Both backward kernels are persistent: NPROG programs stride over the
-segment units (segment × sub-block), whose count is read on the device, so nothing syncs with the host.
+converts, both only for those lists. Both backward kernels are persistent: NPROG programs take the segment
+units (segment × sub-block), whose count is read on the device, by a static stride or (DYN) from an atomic
+counter, so nothing syncs with the host. FLAT runs one loop over (kept tile, block) pairs, so the loads of
+the next block can be pipelined across tiles; the nested form skips causal blocks above the diagonal.
+A kept tile's weight 1/π is read from π. The lists come from `_plan_lists_kernel` (per list: kept entries
+by a prefix sum, count, segments; the column lists read keep transposed) and `_plan_segments_kernel`
+(segment table from the cumulative segment counts): a few launches instead of dozens of small torch ops.
 Products of bf16/fp16 operands accumulate in fp32; LSE and D are fp32.
 """
 
@@ -121,7 +126,7 @@ def _dkdv_block(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, QID, KID, WT,
+    Q, K, V, O, DO, LSE, DELTA, QID, KID, PI,
     SEG_LIST, SEG_START, TOTAL, IDX, CNT, NSEG, COUNTER,
     DQ, DQ32,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
@@ -134,7 +139,7 @@ def _bwd_dq_kernel(
     RK: tl.constexpr = TILE // KB
     units = tl.load(TOTAL) * SUBS
     d = tl.arange(0, D)
-    if DYN:  # dynamic scheduling: each program takes the next unit from a counter (units longest first)
+    if DYN:  # dynamic scheduling: each program takes the next unit from a counter
         u = tl.atomic_add(COUNTER, 1)
     else:
         u = pid
@@ -172,14 +177,14 @@ def _bwd_dq_kernel(
         if FLAT:  # one loop over (kept tile, key block): the loads of the next block pipeline across tiles
             for t in range(start * RK, end * RK):
                 j = tl.load(IDX + lst * Tk + t // RK)
-                wgt = tl.load(WT + lst * Tk + j)
+                wgt = 1.0 / tl.load(PI + lst * Tk + j)
                 cols = j * TILE + (t % RK) * KB + tl.arange(0, KB)
                 dq = _dq_block(dq, q, do, lse, delta, qid, rows, rmask, cols, kbase, vbase, KID, b, n_k, skn, svn,
                                wgt, qk_scale, d, CAUSAL, DOC)  # fmt: skip
         else:  # nested loops; causal blocks above the diagonal are skipped
             for e in range(start, end):
                 j = tl.load(IDX + lst * Tk + e)
-                wgt = tl.load(WT + lst * Tk + j)
+                wgt = 1.0 / tl.load(PI + lst * Tk + j)
                 for c0 in range(0, TILE, KB):
                     if j * TILE + c0 <= row_hi:
                         cols = j * TILE + c0 + tl.arange(0, KB)
@@ -199,7 +204,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QID, KID, WT,
+    Q, K, V, DO, LSE, DELTA, QID, KID, PI,
     SEG_LIST, SEG_START, TOTAL, IDX, CNT, NSEG, COUNTER,
     DK, DV, DK32, DV32,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
@@ -212,7 +217,7 @@ def _bwd_dkdv_kernel(
     RQ: tl.constexpr = TILE // QB
     units = tl.load(TOTAL) * SUBS
     d = tl.arange(0, D)
-    if DYN:  # dynamic scheduling: each program takes the next unit from a counter (units longest first)
+    if DYN:  # dynamic scheduling: each program takes the next unit from a counter
         u = tl.atomic_add(COUNTER, 1)
     else:
         u = pid
@@ -245,7 +250,7 @@ def _bwd_dkdv_kernel(
                 ent = tl.load(IDX + lst * M + t // RQ)  # = g * Tq + I
                 h = hk * G + ent // Tq
                 i_tile = ent % Tq
-                wgt = tl.load(WT + ((b * H + h) * Tq + i_tile) * Tk + j_tile)
+                wgt = 1.0 / tl.load(PI + ((b * H + h) * Tq + i_tile) * Tk + j_tile)
                 rows = i_tile * TILE + (t % RQ) * QB + tl.arange(0, QB)
                 dk, dv = _dkdv_block(dk, dv, k, v, kid, cols, cmask, rows, Q, DO, LSE, DELTA, QID, b, h, H, n_q,
                                      sqb, sqh, sqn, sdb, sdh, sdn, wgt, qk_scale, d, CAUSAL, DOC)  # fmt: skip
@@ -254,7 +259,7 @@ def _bwd_dkdv_kernel(
                 ent = tl.load(IDX + lst * M + e)
                 h = hk * G + ent // Tq
                 i_tile = ent % Tq
-                wgt = tl.load(WT + ((b * H + h) * Tq + i_tile) * Tk + j_tile)
+                wgt = 1.0 / tl.load(PI + ((b * H + h) * Tq + i_tile) * Tk + j_tile)
                 for r0 in range(0, TILE, QB):
                     if i_tile * TILE + r0 + QB - 1 >= col_lo:
                         rows = i_tile * TILE + r0 + tl.arange(0, QB)
@@ -311,3 +316,40 @@ def _cast_multi_kernel(
             tl.store(A + ptr, tl.load(A32 + ptr, mask=m).to(A.dtype.element_ty), mask=m)
             if PAIR:
                 tl.store(B + ptr, tl.load(B32 + ptr, mask=m).to(B.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _plan_lists_kernel(
+    KEEP, IDX, CNT, NSEG, N, Tq, Tk, H, HKV, G, seg, COLS: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """One kept list per program: its kept entries in ascending order (stream compaction by a prefix sum),
+    its count and its number of segments (≥ 1). Rows: list bh·Tq + I over key tiles J. Columns (COLS): list
+    (b·HKV + hk)·Tk + J over entries g·Tq + I of the kv head's query heads, read from keep [B, H, Tq, Tk]."""
+    lst = tl.program_id(0)
+    e = tl.arange(0, BLOCK)
+    emask = e < N
+    if COLS:
+        j = lst % Tk
+        bhk = lst // Tk
+        b = bhk // HKV
+        hk = bhk % HKV
+        off = ((b * H + hk * G + e // Tq) * Tq + e % Tq) * Tk + j
+    else:
+        off = lst * Tk + e
+    kv = tl.load(KEEP + off, mask=emask, other=0).to(tl.int32)
+    pos = tl.cumsum(kv, 0) - kv
+    cnt = tl.sum(kv, 0)
+    tl.store(IDX + lst * N + pos, e, mask=emask & (kv != 0))
+    tl.store(CNT + lst, cnt)
+    tl.store(NSEG + lst, tl.maximum((cnt + seg - 1) // seg, 1))
+
+
+@triton.jit
+def _plan_segments_kernel(CUM, NSEG, SEG_LIST, SEG_START, seg):
+    """Writes list l's segments (l, s·seg) at slots cum[l] − nseg[l] … cum[l] − 1 of the segment table."""
+    lst = tl.program_id(0)
+    n = tl.load(NSEG + lst)
+    base = tl.load(CUM + lst) - n
+    for s in range(0, n):
+        tl.store(SEG_LIST + base + s, lst)
+        tl.store(SEG_START + base + s, s * seg)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import warnings
 
 import torch
 
@@ -331,6 +332,44 @@ def _lists(keep2d: torch.Tensor, seg: int):
     return idx.contiguous(), cnt, nseg, lst.to(torch.int32), start.to(torch.int32), cum[-1:].to(torch.int32), s_max
 
 
+PLAN = "triton"  # how the kept lists are built on the kernel path: "triton" (3 launches a list type) or "torch"
+
+
+def _lists_triton(keep: torch.Tensor, cols: bool, h_kv: int, seg: int):
+    """`_lists` by two Triton kernels and a cumsum (few launches), from keep [B, H, Tq, Tk] directly (the
+    column lists read it transposed). Same outputs, except that the segment table is in list order and the
+    index entries past each list's count are undefined."""
+    kern = _kern()
+    b, h, tq, tk = keep.shape
+    g = h // h_kv
+    r, n = (b * h_kv * tk, g * tq) if cols else (b * h * tq, tk)
+    dev = keep.device
+    idx = torch.empty(r, n, device=dev, dtype=torch.int32)
+    cnt = torch.empty(r, device=dev, dtype=torch.int32)
+    nseg = torch.empty(r, device=dev, dtype=torch.int32)
+    block = max(16, triton_next_pow2(n))
+    kern._plan_lists_kernel[(r,)](
+        keep.view(torch.uint8) if keep.dtype == torch.bool else keep, idx, cnt, nseg, n, tq, tk, h, h_kv, g, seg,
+        COLS=cols, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )  # fmt: skip
+    cum = torch.cumsum(nseg, 0, dtype=torch.int32)
+    s_max = r * max(1, -(-n // seg))
+    lst = torch.empty(s_max, device=dev, dtype=torch.int32)
+    start = torch.empty(s_max, device=dev, dtype=torch.int32)
+    kern._plan_segments_kernel[(r,)](cum, nseg, lst, start, seg, num_warps=1)
+    return idx, cnt, nseg, lst, start, cum[-1:], s_max
+
+
+def _use_torch_plan(exc: Exception) -> None:
+    global PLAN
+    PLAN = "torch"
+    warnings.warn(f"sus_tile: Triton list-building kernels failed ({exc!r}); using the PyTorch plan", stacklevel=3)
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
 def tile_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -379,16 +418,27 @@ def tile_backward(
         (tuple(cfg2) + (0,))[:6],
     )
     qb1, kb1, qb2, kb2 = min(qb1, tile), min(kb1, tile), min(qb2, tile), min(kb2, tile)
-    wt = torch.where(keep, 1.0 / torch.where(keep, pi, 1.0).float(), 0.0).float().contiguous()
+    pi32 = pi.float().contiguous()  # kernels weight a kept tile by 1 / π (π > 0 wherever keep)
     lse2 = lse.reshape(b * h, n_q).float().contiguous()
     doc = q_ids is not None
     qid = q_ids.contiguous() if doc else lse2
     kid = k_ids.contiguous() if doc else lse2
     nprog_max = _num_programs(dev)
 
-    r_idx, r_cnt, r_nseg, r_lst, r_start, r_total, r_smax = _lists(keep.reshape(b * h * tq, tk), seg)
-    keep_t = keep.reshape(b, h_kv, g, tq, tk).permute(0, 1, 4, 2, 3).reshape(b * h_kv * tk, g * tq)
-    c_idx, c_cnt, c_nseg, c_lst, c_start, c_total, c_smax = _lists(keep_t, seg)
+    keep = keep.contiguous()
+    plans = None
+    if PLAN == "triton":
+        try:
+            plans = _lists_triton(keep, False, h_kv, seg), _lists_triton(keep, True, h_kv, seg)
+        except Exception as exc:  # a Triton build that cannot compile the plan kernels: the torch plan is equal
+            _use_torch_plan(exc)
+    if plans is not None:
+        (r_idx, r_cnt, r_nseg, r_lst, r_start, r_total, r_smax), (c_idx, c_cnt, c_nseg, c_lst, c_start, c_total,
+                                                                   c_smax) = plans  # fmt: skip
+    else:
+        r_idx, r_cnt, r_nseg, r_lst, r_start, r_total, r_smax = _lists(keep.reshape(b * h * tq, tk), seg)
+        keep_t = keep.reshape(b, h_kv, g, tq, tk).permute(0, 1, 4, 2, 3).reshape(b * h_kv * tk, g * tq)
+        c_idx, c_cnt, c_nseg, c_lst, c_start, c_total, c_smax = _lists(keep_t, seg)
 
     dq = torch.empty(b, h, n_q, d, device=dev, dtype=q.dtype)
     dk = torch.empty(b, h_kv, n_k, d, device=dev, dtype=k.dtype)
@@ -406,7 +456,7 @@ def tile_backward(
 
     nprog = min(r_smax * (tile // qb1), nprog_max)
     kern._bwd_dq_kernel[(nprog,)](
-        q, k, v, o, do, lse2, delta, qid, kid, wt,
+        q, k, v, o, do, lse2, delta, qid, kid, pi32,
         r_lst, r_start, r_total, r_idx, r_cnt, r_nseg, counters, dq, dq32,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -419,7 +469,7 @@ def tile_backward(
         return dq, dk, dv
     nprog = min(c_smax * (tile // kb2), nprog_max)
     kern._bwd_dkdv_kernel[(nprog,)](
-        q, k, v, do, lse2, delta, qid, kid, wt,
+        q, k, v, do, lse2, delta, qid, kid, pi32,
         c_lst, c_start, c_total, c_idx, c_cnt, c_nseg, counters[1:], dk, dv, dk32, dv32,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
