@@ -354,3 +354,29 @@ def test_gpu_huge_c_equals_sdpa(causal):
     )  # fmt: skip
     for a, w in zip(got, want, strict=True):
         assert ((a.double() - w).norm() / w.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_triton_plan_matches_torch_plan():
+    """The Triton list-building kernels give the torch plan's lists and segments (and do not fall back)."""
+    import warnings
+
+    keep = torch.rand(2, 8, 37, 37, device="cuda") < 0.3
+    for cols in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = st._lists_triton(keep, cols, 2, 5)
+        k2 = (
+            keep.reshape(2, 2, 4, 37, 37).permute(0, 1, 4, 2, 3).reshape(2 * 2 * 37, 4 * 37)
+            if cols
+            else keep.view(-1, 37)
+        )
+        want = st._lists(k2, 5)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        total = int(got[5])
+        assert total == int(want[5])
+        mask = torch.arange(k2.shape[1], device="cuda")[None, :] < got[1][:, None]
+        assert torch.equal(got[0][mask], want[0][mask])
+        pairs = lambda t, n=total: sorted(zip(t[3][:n].tolist(), t[4][:n].tolist(), strict=True))  # noqa: E731
+        assert pairs(got) == pairs(want)
