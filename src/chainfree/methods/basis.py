@@ -27,7 +27,8 @@ is fused only if its own forward gives the fused layer's output on a small rando
 with dropout or extra terms is left to per-Linear swaps). Without fusion each projection becomes a
 BasisLinear, and the activation's saved hidden tensors stay.
 
-Applying twice is refused ("BASIS is already applied to ..."); `remove(model)` (also `chainfree.remove`)
+Applying twice to the same layers is refused ("BASIS is already applied to ..."; other layers may be added by a
+second call); `remove(model)` (also `chainfree.remove`)
 swaps every BASIS layer back for the module it replaced, so parameters, state_dict keys and outputs are the
 original model's again. A model that is itself one MLP (up/act/down at the root) cannot replace itself, so
 its projections are swapped one by one (unfused).
@@ -148,19 +149,48 @@ def _describe(linears: list[str]) -> str:
         else "none"
 
 
+def _sketched(model: nn.Module) -> dict[str, str]:
+    """The nn.Linear layers BASIS already sketches -> the BASIS layer that does it (a BasisLinear itself, or a
+    fused BasisMLP / BasisSwiGLU for every Linear inside one)."""
+    fused = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, BasisMLP | BasisSwiGLU)}
+    out = {}
+    for name, m in model.named_modules():
+        owner = next((f"fused {kind}" for f, kind in fused.items() if name.startswith(f + ".")), None)
+        if owner is not None and isinstance(m, nn.Linear):
+            out[name] = owner
+        elif isinstance(m, BasisLinear):
+            out[name] = "BasisLinear"
+    return out
+
+
 def select(model: nn.Module, layers: list[str] | None, filter_fn: FilterFn | None) -> list[str]:
-    """Qualified names of the nn.Linear layers to sketch (ConfigError for selections that are surely wrong)."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
-               and not isinstance(m, BasisLinear)}
-    names = list(linears)
+    """Qualified names of the nn.Linear layers to sketch (ConfigError for selections that are surely wrong).
+
+    Linears BASIS already sketches are not candidates; a selection that names only those says that BASIS is
+    already applied there."""
     if filter_fn is not None and layers is not None:
         raise ConfigError("basis.apply: give layers (patterns) or filter_fn, not both")
-    if filter_fn is not None:
-        chosen = [n for n in names if filter_fn(linears[n], n)]
-    elif layers is not None:
-        chosen = [n for n in names if any(_pattern_match(n, p) for p in layers)]
-    else:
-        chosen = [n for n in names if role(n) in ("head", "mlp")]
+    sketched = _sketched(model)
+    every = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in every.items() if name not in sketched}
+    names = list(linears)
+
+    def pick(pool: list[str]) -> list[str]:
+        if filter_fn is not None:
+            return [n for n in pool if filter_fn(every[n], n)]
+        if layers is not None:
+            return [n for n in pool if any(_pattern_match(n, p) for p in layers)]
+        return [n for n in pool if role(n) in ("head", "mlp")]
+
+    chosen = pick(names)
+    unmatched = [p for p in layers or () if not any(_pattern_match(n, p) for n in names)]
+    if sketched and (not chosen or unmatched):
+        again = [n for n in pick(list(sketched)) if not unmatched or any(_pattern_match(n, p) for p in unmatched)]
+        if again:
+            kinds = " / ".join(sorted({sketched[n] for n in again}))
+            raise ConfigError(f"BASIS is already applied to {_compact(again)} ({kinds}); apply it once, or undo it "
+                              "first with chainfree.remove(model) to change its settings (fuse_mlp=False then sketches "
+                              "an MLP's projections separately)")
     if not chosen:
         raise ConfigError(f"BASIS: no nn.Linear layer was selected; the model's Linear layers are: {_describe(names)}. "
                           "Pass layers=['*.mlp.*', 'head'] style patterns or a filter_fn(module, fqn).")
@@ -171,7 +201,6 @@ def select(model: nn.Module, layers: list[str] | None, filter_fn: FilterFn | Non
             raise ConfigError(
                 f"BASIS would sketch only the LM head ({', '.join(chosen)}) but the model has other Linear layers: "
                 f"{_describe(missed)}. Name them with layers=[...] patterns or filter_fn=lambda module, fqn: ...")
-    unmatched = [p for p in layers or () if not any(_pattern_match(n, p) for n in names)]
     if unmatched:
         raise ConfigError(f"BASIS: method.layers pattern(s) {unmatched} match no nn.Linear; the model's Linear "
                           f"layers are: {_describe(names)}")
@@ -222,9 +251,6 @@ def apply(
     """
     cfg = _make_config(config, kwargs)
     sketch = cfg.sketch_kwargs()
-    if basis_layers(model):
-        raise ConfigError(f"BASIS is already applied to this {type(model).__name__} ({summary(model)}); apply it "
-                          "once, or undo it first with chainfree.remove(model) to change its settings")
     chosen = set(select(model, cfg.layers, filter_fn))
     if cfg.fuse_mlp:
         for name, module in list(model.named_modules()):
@@ -243,11 +269,7 @@ def apply(
                 continue
             _replace(model, name, fused)
             chosen -= set(fqns)
-    for name in sorted(chosen):
-        parent = name.rpartition(".")[0]
-        if parent and isinstance(model.get_submodule(parent), BasisMLP | BasisSwiGLU):
-            raise ConfigError(f"{name} is part of a fused {type(model.get_submodule(parent)).__name__}; re-apply "
-                              "BASIS to a fresh model with fuse_mlp=False to sketch its projections separately")
+    for name in sorted(chosen):  # (select leaves out Linears inside fused BASIS MLPs)
         _replace(model, name, BasisLinear.from_linear(model.get_submodule(name), **sketch))
     log.info(summary(model))
     return model
