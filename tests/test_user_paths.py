@@ -90,7 +90,7 @@ def test_extras_install_only_what_each_use_needs():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {k: {re.split(r"[<>=\[]", r)[0] for r in v} for k, v in extras.items()}
     assert names["test"] == {"pytest"}
-    assert names["hf"] == {"transformers", "accelerate", "gguf"}
+    assert names["hf"] == {"transformers", "accelerate", "gguf", "peft"}  # peft: LoRA with SUS / BASIS
     assert names["data"] == {"datasets"}
     assert names["dev"] == {"chainfree", "ruff"} and "chainfree[test]" in extras["dev"]
     assert names["gpu"] == {"triton"}
