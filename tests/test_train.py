@@ -150,3 +150,18 @@ def test_block_methods_refuse_a_model_without_blocks_in_one_line(name, tmp_path)
     with pytest.raises(ConfigError, match=r"needs embed -> blocks -> norm -> head; CharGRU has no \.blocks") as e:
         train(load_config(overrides=overrides, method=name), tmp_path, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_hbll_on_a_hybrid_names_the_block_size_that_works(tmp_path):
+    """HBLL stacks its leaves, so on a hybrid (attention every 2nd block) one-block leaves differ: the error names
+    method.block_size and the value that works (it said 'stacked modules must have one structure; Sequential
+    differs'), and that value trains."""
+    from chainfree.errors import ConfigError
+
+    sets = ["train.steps=1", "train.batch_size=2", "train.eval_batches=1", 'train.device="cpu"',
+            "data.max_chars=20000"]
+    with pytest.raises(ConfigError, match=r"--set method\.block_size=2\)$"):
+        train(load_config("hybrid-tiny", sets, method="hbll"), tmp_path / "a", progress=False)
+    summary = train(load_config("hybrid-tiny", [*sets, "method.block_size=2"], method="hbll"), tmp_path / "b",
+                    progress=False)
+    assert math.isfinite(summary["final_val_loss"])

@@ -104,13 +104,23 @@ def check_layout(method: Method, model: nn.Module) -> None:
     AttributeError from deep inside its prepare. A model a method already prepared passes."""
     if method.name not in BLOCK_METHODS or getattr(model, "generation_model", None) is not None:
         return
+    from chainfree.errors import ConfigError
+
     missing = [attr for attr in BLOCK_LAYOUT if not hasattr(model, attr)]
     if missing:
         kind = getattr(getattr(model, "cfg", None), "kind", None) or type(model).__name__
-        from chainfree.errors import ConfigError
-
         raise ConfigError(f"method {method.name!r} cuts a model's residual blocks and needs embed -> blocks -> norm "
                           f"-> head; {kind} has no .{missing[0]}: use model.kind gpt, mamba2, mamba3 or hybrid")
+    size = getattr(getattr(method, "config", None), "block_size", 0)
+    if method.name == "hbll" and isinstance(size, int) and size >= 1:  # HBLL stacks its leaves: they must be alike
+        kinds = [type(block).__name__ for block in model.blocks]
+        leaves = [tuple(kinds[i:i + size]) for i in range(0, len(kinds), size)]
+        if len(set(leaves)) > 1:
+            period = next(p for p in range(1, len(kinds) + 1) if len(kinds) % p == 0
+                          and len({tuple(kinds[i:i + p]) for i in range(0, len(kinds), p)}) == 1)
+            raise ConfigError(f"method 'hbll' runs its leaves of method.block_size={size} blocks as one stacked "
+                              f"call, so they must be alike, but this model's blocks are {', '.join(kinds)}; set "
+                              f"method.block_size to a multiple of {period} (e.g. --set method.block_size={period})")
 
 
 class Trainer:
