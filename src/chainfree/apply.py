@@ -159,7 +159,8 @@ def _sus_transformers(model: nn.Module, cfg: Any) -> nn.Module:
                 f"SUS needs attention dropout 0 (SUS is itself the noise); the model config has {key}={value}: "
                 f"set model.config.{key} = 0.0 before chainfree.apply"
             )
-    fn = partial(sus_attention, c=cfg.c, variant=cfg.variant, backend=cfg.backend)
+    fn = partial(sus_attention, c=cfg.keep_rate, variant=cfg.variant, backend=cfg.backend, tile=cfg.tile,
+                 proposal=cfg.proposal)  # fmt: skip
     name = register_attention_function(fn, f"chainfree_sus_{id(model)}", label="SUS attention")
     model.set_attn_implementation(name)
     return model

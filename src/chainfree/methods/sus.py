@@ -18,26 +18,43 @@ from torch import nn
 
 from chainfree.errors import ConfigError
 from chainfree.methods.base import Method, StepStats
-from chainfree.ops.sus import BACKENDS, sus_attention
-from chainfree.ops.sus_reference import VARIANTS, SusStats
+from chainfree.ops.sus import ALL_VARIANTS, BACKENDS, PAIR_DEFAULT_C, TILE_DEFAULT_C, TILE_VARIANT, sus_attention
+from chainfree.ops.sus_reference import SusStats
 
 
 @dataclass
 class SusConfig:
     """`method.<key>` settings of SUS backprop."""
 
-    c: int = 32  # expected attention weights per query row and head that carry gradient
-    variant: str = "bernoulli"  # 'bernoulli' (independent keeps) or 'systematic' (at most c per row, certain)
+    c: float | None = None  # keep rate: per-pair, weights per query row and head (default 32); tile, rate on mass (8)
+    variant: str = "bernoulli"  # 'bernoulli' (per pair), 'systematic' (at most c per row), 'thinned', 'tile'
     backend: str = "auto"  # 'auto' (Triton on CUDA when it supports the case), 'reference', 'triton'
-    stats: bool = True  # report kept-entry counts (reference backend only; costs a few reductions)
+    stats: bool = True  # report kept-entry counts (per-pair reference backend only; costs a few reductions)
+    tile: int = 128  # variant 'tile': tile edge (the CUDA kernels take 16, 32, 64 or 128)
+    proposal: str = "exact"  # variant 'tile': tile statistic, 'exact' or 'rowsS' (every S-th row, floored)
+
+    @property
+    def keep_rate(self) -> float:
+        """c, or the variant's default when unset."""
+        if self.c is not None:
+            return float(self.c)
+        return TILE_DEFAULT_C if self.variant == TILE_VARIANT else PAIR_DEFAULT_C
 
     def validate(self) -> None:
-        if not self.c > 0:
-            raise ConfigError(f"method.c must be a positive number of kept weights per row, got {self.c}")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"method.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.c is not None and not self.c > 0:
+            raise ConfigError(f"method.c must be a positive keep rate, got {self.c}")
+        if self.variant not in ALL_VARIANTS:
+            raise ConfigError(f"method.variant must be one of {ALL_VARIANTS}, got {self.variant!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"method.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not self.tile >= 1:
+            raise ConfigError(f"method.tile must be a positive tile edge, got {self.tile}")
+        from chainfree.ops.sus_tile import proposal_stride
+
+        try:
+            proposal_stride(self.proposal)
+        except ValueError as e:
+            raise ConfigError(f"method.proposal: {e}") from None
 
 
 class Sus(Method):
@@ -51,9 +68,12 @@ class Sus(Method):
     def attention_fn(self):
         """The attention function this method installs (SDPA calling convention)."""
         cfg = self.config
+        if cfg.variant == TILE_VARIANT:
+            return partial(sus_attention, c=cfg.keep_rate, variant=cfg.variant, backend=cfg.backend, tile=cfg.tile,
+                           proposal=cfg.proposal)  # fmt: skip
         return partial(
             sus_attention,
-            c=cfg.c,
+            c=cfg.keep_rate,
             variant=cfg.variant,
             backend=cfg.backend,
             stats=self.stats if cfg.stats else None,

@@ -46,6 +46,10 @@ def warn_once(key: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 BACKENDS = ("auto", "reference", "triton")
+TILE_VARIANT = "tile"
+ALL_VARIANTS = (*VARIANTS, TILE_VARIANT)
+PAIR_DEFAULT_C = 32.0  # per-pair rules: expected kept weights per query row and head
+TILE_DEFAULT_C = 8.0  # tile rule: a tile is kept with probability min(1, c * its mass)
 KERNEL_VARIANTS = ("thinned", "bernoulli")  # contracts a CUDA kernel implements (v2, v1)
 
 
@@ -77,7 +81,7 @@ def _check_inputs(q, k, v, c, enable_gqa, dropout_p, variant, backend) -> None:
     if dropout_p != 0.0:
         raise ValueError(f"sus_attention needs dropout_p=0 (got {dropout_p}); SUS adds its own sampling noise")
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"variant must be one of {ALL_VARIANTS}, got {variant!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not (isinstance(c, int | float) and c > 0 and math.isfinite(c)):
@@ -130,10 +134,6 @@ def _exact_attention(q, k, v, attn_mask, document_ids, is_causal, scale, enable_
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
-# Runs outside torch.compile's graphs (a graph break around each call): the per-call seed is a Python int
-# drawn on the host, and a traced call would specialise on it -- a recompile every step until dynamo's
-# recompile limit, then eager anyway.
-@torch.compiler.disable
 def sus_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -144,13 +144,15 @@ def sus_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
-    c: float = 32,
+    c: float | None = None,
     generator: torch.Generator | None = None,
     variant: str = "bernoulli",
     backend: str = "auto",
     block_rows: int | None = None,
     stats: SusStats | None = None,
     document_ids: DocumentIds | None = None,
+    tile: int = 128,
+    proposal: str | None = None,
 ) -> torch.Tensor:
     """Attention with an exact forward and a SUS (sparse, unbiased, stochastic) backward.
 
@@ -172,7 +174,73 @@ def sus_attention(
     reference backend only). All three are unbiased; `sus_reference` defines them.
     `stats`, if given, accumulates kept-entry counts in the backward (reference backend only; the kernel
     does not report them). No seed is drawn when no gradient is needed, so eval leaves the RNG alone.
+
+    `variant='tile'` samples whole (query tile x key tile) blocks of edge `tile` instead of single weights:
+    a tile is kept with probability min(1, c * m), m = its largest row mass (`chainfree.ops.sus_tile`), and
+    its dense backward runs with weight 1/probability. The forward is SDPA-class exact attention and the op
+    traces under torch.compile without graph breaks; `proposal` picks the tile statistic ('exact' or 'rowsS',
+    see sus_tile). It takes `document_ids`; a dense `attn_mask` runs exact SDPA instead (one warning).
+    `c` defaults to 32 for the per-pair variants and 8 for 'tile' (different units: weights per row vs a
+    rate on tile mass). Per-pair variants run outside torch.compile graphs (a host-drawn seed per call).
     """
+    if variant == TILE_VARIANT:
+        return _tile_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                               TILE_DEFAULT_C if c is None else c, generator, backend, document_ids, tile, proposal)
+    return _per_pair_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                               c=PAIR_DEFAULT_C if c is None else c, generator=generator, variant=variant,
+                               backend=backend, block_rows=block_rows, stats=stats, document_ids=document_ids)
+
+
+def _tile_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, c, generator, backend,
+                    document_ids, tile, proposal) -> torch.Tensor:
+    """The 'tile' variant: checks, then `sus_tile_attention` (a dense attn_mask falls back to exact SDPA)."""
+    from chainfree.ops import sus_tile
+
+    _check_inputs(query, key, value, c, enable_gqa, dropout_p, VARIANTS[0], backend)
+    if not (isinstance(tile, int) and tile >= 1):
+        raise ValueError(f"tile must be a positive int (the tile edge), got {tile!r}")
+    if backend == "triton" and not sus_tile.supports(query, key, value, tile, is_causal):
+        raise ValueError(f"backend='triton' with variant='tile' needs CUDA, bf16/fp16, head dim in "
+                         f"{sus_tile.SUPPORTED_HEAD_DIMS} and tile in {sus_tile.SUPPORTED_TILES}; use backend='auto'")
+    B, H, n_q, _ = query.shape
+    check_attn_mask(attn_mask, B, H, n_q, key.shape[2], query.device)
+    ids = normalize_document_ids(document_ids, B, n_q, key.shape[2])
+    if ids is not None and ids[0].device != query.device:
+        ids = (ids[0].to(query.device), ids[1].to(query.device))
+    if attn_mask is not None:
+        warn_once("mask-tile", "sus_attention: variant='tile' takes document_ids but no dense attn_mask, so calls "
+                  "with one run exact SDPA instead of SUS")
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        return _exact_attention(query, key, value, attn_mask, ids, is_causal, scale, enable_gqa)
+    return sus_tile.sus_tile_attention(
+        query, key, value, c=float(c), is_causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa, tile=tile,
+        document_ids=ids, proposal=proposal or sus_tile.DEFAULT_PROPOSAL, generator=generator,
+    )  # fmt: skip
+
+
+# Runs outside torch.compile's graphs (a graph break around each call): the per-call seed is a Python int
+# drawn on the host, and a traced call would specialise on it -- a recompile every step until dynamo's
+# recompile limit, then eager anyway.
+@torch.compiler.disable
+def _per_pair_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    c: float = PAIR_DEFAULT_C,
+    generator: torch.Generator | None = None,
+    variant: str = "bernoulli",
+    backend: str = "auto",
+    block_rows: int | None = None,
+    stats: SusStats | None = None,
+    document_ids: DocumentIds | None = None,
+) -> torch.Tensor:
+    """The per-pair variants (the paper's rule), as documented on `sus_attention`."""
     _check_inputs(query, key, value, c, enable_gqa, dropout_p, variant, backend)
     B, H, n_q, _ = query.shape
     check_attn_mask(attn_mask, B, H, n_q, key.shape[2], query.device)
@@ -205,4 +273,5 @@ def sus_attention(
     )  # fmt: skip
 
 
-__all__ = ["BACKENDS", "DocumentIds", "SusStats", "sus_attention", "warn_once"]
+__all__ = ["ALL_VARIANTS", "BACKENDS", "PAIR_DEFAULT_C", "TILE_DEFAULT_C", "TILE_VARIANT", "DocumentIds", "SusStats",
+           "sus_attention", "warn_once"]
