@@ -406,7 +406,7 @@ def run_step_bench(
     name: str = "step_sus",
     warmup: int = 2,
     rounds: int = 6,
-    tile_c: float = 8.0,
+    tile_cs: tuple[float, ...] = (8.0,),
     tile: int = 128,
     proposal: str | None = None,
     modes: tuple[str, ...] = ("eager", "compile"),
@@ -431,12 +431,16 @@ def run_step_bench(
     proposal = proposal or sus_tile.DEFAULT_PROPOSAL
     _allow_recompiles()
     rows: list[dict[str, Any]] = []
-    tile_fn = partial(sus_tile.sus_tile_attention, c=tile_c, tile=tile, proposal=proposal)
+    def tile_attention(c_tile: float):
+        fn = partial(sus_tile.sus_tile_attention, c=c_tile, tile=tile, proposal=proposal)
 
-    def tile_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return tile_fn(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        def attn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            return fn(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
-    base_fns = {"exact": F.scaled_dot_product_attention, "sus_tile": tile_attention, "limit": zero_backward_attention}
+        return attn
+
+    base_fns = {"exact": F.scaled_dot_product_attention,
+                **{f"sus_tile_c{tc:g}": tile_attention(tc) for tc in tile_cs}, "limit": zero_backward_attention}
     for d in head_dims:
         for T in seq_lens:
             torch.manual_seed(0)
@@ -480,13 +484,15 @@ def run_step_bench(
                         first[(mode, m)] = t
                     if r >= warmup:
                         times[(mode, m)].append(t)
-            density: dict[str, float] = {}
+            density: dict[tuple[str, str], float] = {}
             for mode in modes:
-                use(mode, tile_attention)
-                with _tile_density_probe() as rec:
-                    for _ in range(2):
-                        step()
-                density[mode] = sum(k for k, _ in rec) / max(1, sum(a for _, a in rec))
+                for m, fn in base_fns.items():
+                    if m.startswith("sus_tile"):
+                        use(mode, fn)
+                        with _tile_density_probe() as rec:
+                            for _ in range(2):
+                                step()
+                        density[(mode, m)] = sum(k for k, _ in rec) / max(1, sum(a for _, a in rec))
             for b, ef in zip(blocks, eager_fwd, strict=True):
                 b.forward = ef
             med = {key: statistics.median(ts) for key, ts in times.items()}
@@ -498,11 +504,11 @@ def run_step_bench(
                        "first_step_ms": first[(mode, m)]}  # fmt: skip
                 if m.startswith("sus"):
                     row["prize_share"] = (ex - med[(mode, m)]) / (ex - lim)
-                if m == "sus_tile":
-                    row["kept_tile_share"] = density[mode]
+                if (mode, m) in density:
+                    row["kept_tile_share"] = density[(mode, m)]
                 rows.append(row)
                 print(f"step D={d} T={T} {mode} {m}: {med[(mode, m)]:.2f} ms (x{row['speedup_vs_exact']:.2f})"
-                      + (f" kept tiles {100 * density[mode]:.1f}%" if m == "sus_tile" else ""), flush=True)
+                      + (f" kept tiles {100 * density[(mode, m)]:.1f}%" if (mode, m) in density else ""), flush=True)
             del model, opt, blocks, eager_fwd, compiled_fwd
             torch.cuda.empty_cache()
     config = {
@@ -511,7 +517,7 @@ def run_step_bench(
         "train": "bf16 autocast, fused AdamW, grad clip 1.0",
         "modes": "eager; compile = torch.compile of every block's forward (identical blocks share one graph)",
         "exact": "F.scaled_dot_product_attention default dispatch",
-        "sus_tile": f"chainfree.ops.sus_tile.sus_tile_attention c={tile_c:g}, tile={tile}, proposal={proposal}",
+        "sus_tile": f"chainfree.ops.sus_tile.sus_tile_attention c in {list(tile_cs)}, tile={tile}, proposal={proposal}",
         "sus_v1": f"chainfree.sus_attention c={c:g} variant='bernoulli' (per-pair v1 kernel, eager only)",
         "limit": "exact forward, attention backward returns zeros",
         "timing": f"CUDA events per step, {warmup} warm-up rounds, median of {rounds} interleaved rounds",
@@ -547,11 +553,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mask", choices=["both", "causal", "non-causal"], default="both")
     p.add_argument("--rounds", type=int, default=0)
     p.add_argument("--v1-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
-    p.add_argument("--tile-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
-                   help="keep rates of tile-sampled SUS rows (sus_tile_c*)")
     p.add_argument("--name", default=None)
     p.add_argument("--step", action="store_true", help="GPT training step bench instead (--ns = sequence lengths)")
-    p.add_argument("--tile-c", type=float, default=8.0, help="--step: keep rate c of the tile-sampled SUS rows")
+    p.add_argument("--tile-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                   help="keep rates of tile-sampled SUS rows (attention bench: sus_tile_c*; --step: default 8)")
     p.add_argument("--tile", type=int, default=128, help="--step: tile edge of the tile-sampled SUS rows")
     p.add_argument("--proposal", default=None, help="--step: tile statistic ('exact' or 'rowsS'; default the op's)")
     p.add_argument("--modes", default="eager,compile", help="--step: comma-separated subset of eager,compile")
@@ -559,8 +564,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.step:
         run_step_bench(a.ns, a.head_dims, a.cs[0], d_model=a.model_dim, out_dir=a.out, name=a.name or "step_sus",
-                       tile_c=a.tile_c, tile=a.tile, proposal=a.proposal, modes=tuple(a.modes.split(",")),
-                       per_pair=not a.no_per_pair, **({"rounds": a.rounds} if a.rounds else {}))
+                       tile_cs=tuple(a.tile_cs or [8.0]), tile=a.tile, proposal=a.proposal,
+                       modes=tuple(a.modes.split(",")), per_pair=not a.no_per_pair,
+                       **({"rounds": a.rounds} if a.rounds else {}))
         return
     causal = None if a.mask == "both" else a.mask == "causal"
     run_attention_bench(a.ns, a.head_dims, a.cs, causal, a.model_dim, a.dtype, a.out, a.name or "attention_sus",

@@ -31,7 +31,7 @@ class SusConfig:
     backend: str = "auto"  # 'auto' (Triton on CUDA when it supports the case), 'reference', 'triton'
     stats: bool = True  # report kept-entry counts (per-pair reference backend only; costs a few reductions)
     tile: int = 128  # variant 'tile': tile edge (the CUDA kernels take 16, 32, 64 or 128)
-    proposal: str = "exact"  # variant 'tile': tile statistic, 'exact' or 'rowsS' (every S-th row, floored)
+    proposal: str = "rows8"  # variant 'tile': tile statistic, 'exact' or 'rowsS' (every S-th row, floored)
 
     @property
     def keep_rate(self) -> float:
