@@ -115,7 +115,7 @@ def run(out: Path, scale: str, device: str, overrides: list[str]) -> None:
         base = [*spec["base"], f"model.kind={arch}", f"train.device={device}"]
         dense_val = None
         n_layers = load_config(config, [*base, *overrides]).model.n_layers
-        region_size = spec["region_size"] if n_layers % spec["region_size"] == 0 else 1  # gpt-50m: 7 layers
+        region_size = spec["region_size"] if n_layers % spec["region_size"] == 0 else 1  # odd depth: 1-block regions
         for name, method in cases(scale, region_size).items():
             cfg = load_config(config, [*base, *method, *overrides])
             run_dir = out / arch / name.replace(" ", "_").replace("=", "")
