@@ -51,7 +51,7 @@ MODES = ("region", "gpipe", "1f1b", "ddp", "single")
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model=dict(kind="gpt", vocab_size=64, seq_len=32, d_model=32, n_layers=4, n_heads=4),
                  batch_size=8),
-    # the bundled gpt-50m preset with 8 layers (its 7 do not split into 2 regions), BPE vocabulary 8192
+    # the bundled gpt-50m preset (8 layers, regions of 2), BPE vocabulary 8192
     "gpt-50m": dict(model=dict(kind="gpt", vocab_size=8192, seq_len=1024, d_model=768, n_layers=8, n_heads=12),
                     batch_size=16),
     "mamba2-50m": dict(model=dict(kind="mamba2", vocab_size=8192, seq_len=1024, d_model=768, n_layers=14,
