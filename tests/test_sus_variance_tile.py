@@ -124,3 +124,15 @@ def test_dense_tile_rule_is_the_ops_rule(stride, floor):
     ref = w * weight.repeat_interleave(4, 2).repeat_interleave(4, 3)[:, :, :11, :11]
     assert torch.allclose(out, ref)
     assert expected > 0
+
+
+def test_cli_scale_tile_needs_sus_with_a_pretrained_model(tmp_path):
+    """`--scale tile` is the pretrained SUS experiment's plan; elsewhere it is refused in one line."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "chainfree.cli", "reproduce", "sus", "--scale", "tile", "--out",
+                        str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "'tile' only with sus --model" in lines[0]

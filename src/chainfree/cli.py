@@ -120,7 +120,8 @@ def compare(out: OutOpt, methods: Annotated[str, typer.Option(
 
 @command()
 def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll")], out: OutOpt,
-              scale: Annotated[str, typer.Option("--scale", help="small (CPU minutes) | full (GPU)")] = "small",
+              scale: Annotated[str, typer.Option("--scale", help="small (CPU minutes) | full (GPU) | tile (sus "
+                                                 "--model only: tile rules beside the per-pair rule)")] = "small",
               device: Annotated[str | None, typer.Option("--device", help="cpu | cuda | cuda:N | auto",
                                                          show_default="auto")] = None,
               set_: Annotated[list[str] | None, typer.Option(
@@ -130,8 +131,8 @@ def reproduce(name: Annotated[str, typer.Argument(help="basis | sus | lbi | hbll
     """Run a paper's experiment at a scale that fits the machine; writes its table beside the paper's."""
     from chainfree.errors import ConfigError
 
-    if scale not in ("small", "full"):
-        raise ConfigError(f"--scale must be 'small' or 'full', got {scale!r}")
+    if scale not in ("small", "full") and not (scale == "tile" and name == "sus" and model is not None):
+        raise ConfigError(f"--scale must be 'small' or 'full' ('tile' only with sus --model), got {scale!r}")
     if importlib.util.find_spec(f"chainfree.reproduce.{name}") is None:
         raise ConfigError(f"no reproduction named {name!r}; available: {', '.join(_reproductions())}")
     module = importlib.import_module(f"chainfree.reproduce.{name}")

@@ -97,11 +97,14 @@ def calibrate(cases: dict[str, list[str]], base: list[str], device: torch.device
 
 
 def train_equal_time(cases: dict[str, list[str]], base: list[str], device: torch.device, budget_s: float,
-                     calib: dict[str, dict[str, float]], evals: int, data: Any, log=print) -> dict[str, dict[str, Any]]:
-    """Phase 2 of the module docstring: every case trains for `budget_s` seconds of measured step time."""
+                     calib: dict[str, dict[str, float]], evals: int, data: Any, log=print,
+                     steps_for: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """Phase 2 of the module docstring: every case trains for `budget_s` seconds of measured step time.
+    `steps_for` fixes a case's step count (and schedule) instead of deriving it from the calibration, e.g.
+    the count a case actually fitted into the budget in an earlier run whose step time drifted."""
     runs: dict[str, dict[str, Any]] = {}
     for name, extra in cases.items():
-        steps = max(2, int(budget_s / calib[name]["step_s"]))
+        steps = (steps_for or {}).get(name) or max(2, int(budget_s / calib[name]["step_s"]))
         warm = max(1, round(WARMUP_SHARE * steps))
         cfg = load_config(None, [*base, *extra, f"train.steps={steps}", f"train.warmup_steps={warm}",
                                  f"train.device={device.type}"])  # fmt: skip
@@ -160,10 +163,13 @@ def _plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run(out: Path, name: str, device: str, budget_s: float, calib_steps: int, evals: int,
-        cases: dict[str, list[str]], base: list[str], log=print) -> dict[str, Any]:
+        cases: dict[str, list[str]], base: list[str], log=print, steps_for: dict[str, int] | None = None
+        ) -> dict[str, Any]:
     from chainfree.bench.report import environment
 
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # the Trainer pins an indexed device
+        dev = torch.device("cuda", torch.cuda.current_device())
     first = load_config(None, [*base, *next(iter(cases.values())), f"train.device={dev.type}"])
     data = load_tokens(first.data)
     log(f"[long-context] calibrating {len(cases)} cases over {calib_steps} steps each")
@@ -171,7 +177,7 @@ def run(out: Path, name: str, device: str, budget_s: float, calib_steps: int, ev
     for n, c in calib.items():
         log(f"  {n}: {1e3 * c['step_s']:.1f} ms/step (first step {c['first_step_s']:.1f} s)")
     log(f"[long-context] training every case for {budget_s:g} s of step time")
-    results = train_equal_time(cases, base, dev, budget_s, calib, evals, data, log=log)
+    results = train_equal_time(cases, base, dev, budget_s, calib, evals, data, log=log, steps_for=steps_for)
     train_tokens = len(data.train)
     base_name = next(iter(cases))
     rows = []
@@ -181,7 +187,8 @@ def run(out: Path, name: str, device: str, budget_s: float, calib_steps: int, ev
                      "step_ms": r["step_ms"], "calib_step_ms": 1e3 * calib[n]["step_s"],
                      "speed_vs_base": results[base_name]["step_ms"] / r["step_ms"], "first_step_s": r["first_step_s"],
                      "val_loss": r["val_loss"], "delta_val": r["val_loss"] - results[base_name]["val_loss"]})
-    cfg = {"base": base, "cases": cases, "budget_s": budget_s, "calib_steps": calib_steps, "evals": evals,
+    cfg = {"base": base, "cases": cases, "budget_s": budget_s, "fixed_steps": steps_for or {},
+           "calib_steps": calib_steps, "evals": evals,
            "train_tokens": train_tokens, "vocab": data.vocab_size,
            "baseline": "exact = SDPA default dispatch, bf16 autocast, fused AdamW; +compile = every block compiled",
            "command": " ".join(shlex.quote(a) for a in sys.argv),
@@ -214,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every case")
     p.add_argument("--case-set", action="append", default=[],
                    help="CASE:KEY=VALUE, an override for one case (e.g. sus_tile:method.c=16)")
+    p.add_argument("--case-steps", action="append", default=[],
+                   help="CASE=N: train CASE for N steps (its schedule) instead of the calibrated count")
     a = p.parse_args(argv)
     names = [c for c in a.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]
@@ -225,7 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         if case not in cases or "=" not in kv:
             raise SystemExit(f"error: --case-set {item!r}: expected CASE:KEY=VALUE with CASE in {', '.join(cases)}")
         cases[case].append(kv)
-    run(a.out, a.name, a.device, a.budget, a.calib_steps, a.evals, cases, [*BASE, *a.sets])
+    steps_for = {}
+    for item in a.case_steps:
+        case, _, n = item.partition("=")
+        if case not in cases or not n.isdigit():
+            raise SystemExit(f"error: --case-steps {item!r}: expected CASE=N with CASE in {', '.join(cases)}")
+        steps_for[case] = int(n)
+    run(a.out, a.name, a.device, a.budget, a.calib_steps, a.evals, cases, [*BASE, *a.sets], steps_for=steps_for)
 
 
 if __name__ == "__main__":

@@ -372,10 +372,11 @@ PLANS = {
                           (2048, (8.0, 16.0, 64.0), 3)), draws=1, autocast=True),
     "full": Plan(stages=((2048, GRID_CS, 32), (4096, GRID_CS, 24), (1024, GRID_CS, 32), (512, GRID_CS, 32)),
                  draws=2, autocast=True),
-    # SUS on tiles beside the paper's per-pair rule on the same sequences: the exact tile statistic at two
-    # keep rates and tile edges, and the strided-row proposal with a floor
+    # SUS on tiles beside the paper's per-pair rule on the same sequences: the exact tile statistic at three
+    # keep rates and two tile edges, and the strided-row proposals (every 16th / 8th row) with a floor
     "tile": Plan(stages=((2048, (32.0, TileRule(4.0), TileRule(8.0), TileRule(16.0), TileRule(8.0, tile=64),
-                                 TileRule(8.0, stride=16, floor=1 / 64), TileRule(16.0, stride=16, floor=1 / 64)),
+                                 TileRule(8.0, stride=16, floor=1 / 64), TileRule(16.0, stride=16, floor=1 / 64),
+                                 TileRule(4.0, stride=8, floor=1 / 64), TileRule(16.0, stride=8, floor=1 / 64)),
                           3),), draws=1, autocast=True),
 }
 
