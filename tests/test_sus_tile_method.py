@@ -66,9 +66,28 @@ def test_tile_variant_in_the_training_loop_equals_exact_at_huge_c(one_thread):
         assert torch.allclose(a, b, atol=1e-10)
     with pytest.raises(ConfigError, match="method.proposal"):
         method_from_config(load_config(None, [*base, "method.name=sus", "method.variant=tile", "method.proposal=x8"]))
-    tile = method_from_config(load_config(None, [*base, "method.name=sus", "method.variant=tile"]))
-    pair = method_from_config(load_config(None, [*base, "method.name=sus"]))
-    assert tile.config.keep_rate == 8.0 and pair.config.keep_rate == 32.0
+    def rate(*extra: str) -> float | None:
+        return method_from_config(load_config(None, [*base, "method.name=sus", *extra])).config.keep_rate
+
+    assert rate("method.variant=tile") == 4.0 and rate("method.variant=bernoulli") == 32.0
+    assert rate() is None and rate("method.c=16") == 16.0  # 'auto': the variant that runs picks its default
+
+
+def test_auto_variant_is_tile_where_the_kernels_take_the_call(monkeypatch, one_thread):
+    """'auto' (the default) runs the tile op where `sus_tile.supports` the call (CUDA bf16/fp16) and the per-pair
+    rule elsewhere; a dense attn_mask keeps it per-pair; an explicit variant is left alone."""
+    from chainfree.ops import sus, sus_tile
+
+    q, k, v = _qkv()
+    assert sus.resolve_variant("auto", q, k, v, 128, True) == "bernoulli"  # CPU float64
+    monkeypatch.setattr(sus_tile, "supports", lambda *a, **kw: True)
+    assert sus.resolve_variant("auto", q, k, v, 128, True) == "tile"
+    assert sus.resolve_variant("auto", q, k, v, 128, True, masked=True) == "bernoulli"
+    assert sus.resolve_variant("systematic", q, k, v, 128, True) == "systematic"
+    calls = []
+    monkeypatch.setattr(sus, "_tile_attention", lambda *a: calls.append(a[8]) or a[0])
+    sus_attention(q, k, v, is_causal=True)
+    assert calls == [sus.TILE_DEFAULT_C]  # c unset: the tile default, not the per-pair 32
 
 
 def test_apply_tile_variant_on_a_transformers_model(one_thread):

@@ -187,12 +187,13 @@ def sus_attention_forward(
     scaling: float | None = None,
     is_causal: bool | None = None,
     *,
-    c: float = 32,
+    c: float | None = None,
+    variant: str = "auto",
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """`attention_forward` with `chainfree.sus_attention` at keep rate `c`."""
+    """`attention_forward` with `chainfree.sus_attention` at keep rate `c` (None: the variant's default)."""
     return attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
-                             attn_fn=partial(sus_attention, c=c), **kwargs)  # fmt: skip
+                             attn_fn=partial(sus_attention, c=c, variant=variant), **kwargs)  # fmt: skip
 
 
 def _interfaces():
@@ -219,16 +220,17 @@ def register_attention_function(
     return name
 
 
-def register_sus_attention(c: float = 32, name: str = DEFAULT_NAME) -> str:
-    """Register SUS attention (keep rate `c`) with transformers under `name`; returns the name.
+def register_sus_attention(c: float | None = None, name: str = DEFAULT_NAME, variant: str = "auto") -> str:
+    """Register SUS attention (keep rate `c`, `variant` as in `chainfree.sus_attention`) with transformers
+    under `name`; returns the name.
 
     Register several c values under different names to compare them. Raises ImportError naming the
     extra when transformers is missing.
     """
     attention, masks, sdpa_mask = _interfaces()
-    if not c > 0:
+    if c is not None and not c > 0:
         raise ValueError(f"c must be positive, got {c}")
-    attention.register(name, partial(sus_attention_forward, c=c))
+    attention.register(name, partial(sus_attention_forward, c=c, variant=variant))
     masks.register(name, sdpa_mask)
     return name
 

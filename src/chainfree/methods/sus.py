@@ -18,7 +18,15 @@ from torch import nn
 
 from chainfree.errors import ConfigError
 from chainfree.methods.base import Method, StepStats
-from chainfree.ops.sus import ALL_VARIANTS, BACKENDS, PAIR_DEFAULT_C, TILE_DEFAULT_C, TILE_VARIANT, sus_attention
+from chainfree.ops.sus import (
+    ALL_VARIANTS,
+    AUTO_VARIANT,
+    BACKENDS,
+    PAIR_DEFAULT_C,
+    TILE_DEFAULT_C,
+    TILE_VARIANT,
+    sus_attention,
+)
 from chainfree.ops.sus_reference import SusStats
 
 
@@ -26,18 +34,20 @@ from chainfree.ops.sus_reference import SusStats
 class SusConfig:
     """`method.<key>` settings of SUS backprop."""
 
-    c: float | None = None  # keep rate: per-pair, weights per query row and head (default 32); tile, rate on mass (8)
-    variant: str = "bernoulli"  # 'bernoulli' (per pair), 'systematic' (at most c per row), 'thinned', 'tile'
+    c: float | None = None  # keep rate: per-pair, weights per query row and head (default 32); tile, rate on mass (4)
+    variant: str = "auto"  # 'auto' (tile on CUDA, else bernoulli), 'bernoulli' (per pair), 'systematic', 'tile'
     backend: str = "auto"  # 'auto' (Triton on CUDA when it supports the case), 'reference', 'triton'
     stats: bool = True  # report kept-entry counts (per-pair reference backend only; costs a few reductions)
     tile: int = 128  # variant 'tile': tile edge (the CUDA kernels take 16, 32, 64 or 128)
     proposal: str = "rows8"  # variant 'tile': tile statistic, 'exact' or 'rowsS' (every S-th row, floored)
 
     @property
-    def keep_rate(self) -> float:
-        """c, or the variant's default when unset."""
+    def keep_rate(self) -> float | None:
+        """c, or the variant's default when unset (None for 'auto': the variant that runs picks it)."""
         if self.c is not None:
             return float(self.c)
+        if self.variant == AUTO_VARIANT:
+            return None
         return TILE_DEFAULT_C if self.variant == TILE_VARIANT else PAIR_DEFAULT_C
 
     def validate(self) -> None:
@@ -68,16 +78,8 @@ class Sus(Method):
     def attention_fn(self):
         """The attention function this method installs (SDPA calling convention)."""
         cfg = self.config
-        if cfg.variant == TILE_VARIANT:
-            return partial(sus_attention, c=cfg.keep_rate, variant=cfg.variant, backend=cfg.backend, tile=cfg.tile,
-                           proposal=cfg.proposal)  # fmt: skip
-        return partial(
-            sus_attention,
-            c=cfg.keep_rate,
-            variant=cfg.variant,
-            backend=cfg.backend,
-            stats=self.stats if cfg.stats else None,
-        )
+        return partial(sus_attention, c=cfg.keep_rate, variant=cfg.variant, backend=cfg.backend, tile=cfg.tile,
+                       proposal=cfg.proposal, stats=self.stats if cfg.stats else None)  # fmt: skip
 
     def prepare(self, model: nn.Module) -> nn.Module:
         set_attention = getattr(model, "set_attention", None)

@@ -47,9 +47,21 @@ def warn_once(key: str, message: str) -> None:
 
 BACKENDS = ("auto", "reference", "triton")
 TILE_VARIANT = "tile"
-ALL_VARIANTS = (*VARIANTS, TILE_VARIANT)
+AUTO_VARIANT = "auto"  # 'tile' where its CUDA kernels take the call, else the per-pair 'bernoulli'
+ALL_VARIANTS = (AUTO_VARIANT, *VARIANTS, TILE_VARIANT)
 PAIR_DEFAULT_C = 32.0  # per-pair rules: expected kept weights per query row and head
-TILE_DEFAULT_C = 8.0  # tile rule: a tile is kept with probability min(1, c * its mass)
+TILE_DEFAULT_C = 4.0  # tile rule: a tile is kept with probability min(1, c * its mass)
+
+
+def resolve_variant(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, is_causal: bool,
+                    masked: bool = False) -> str:
+    """The variant a call runs: 'auto' is 'tile' on CUDA where the tile kernels support the case (and no dense
+    attn_mask is given), else 'bernoulli'; any other variant is itself."""
+    if variant != AUTO_VARIANT:
+        return variant
+    from chainfree.ops import sus_tile
+
+    return TILE_VARIANT if (not masked and sus_tile.supports(q, k, v, tile, is_causal)) else "bernoulli"
 KERNEL_VARIANTS = ("thinned", "bernoulli")  # contracts a CUDA kernel implements (v2, v1)
 
 
@@ -146,7 +158,7 @@ def sus_attention(
     *,
     c: float | None = None,
     generator: torch.Generator | None = None,
-    variant: str = "bernoulli",
+    variant: str = AUTO_VARIANT,
     backend: str = "auto",
     block_rows: int | None = None,
     stats: SusStats | None = None,
@@ -175,14 +187,20 @@ def sus_attention(
     `stats`, if given, accumulates kept-entry counts in the backward (reference backend only; the kernel
     does not report them). No seed is drawn when no gradient is needed, so eval leaves the RNG alone.
 
+    `variant='auto'` (default) runs 'tile' on CUDA where its kernels take the call (bf16/fp16, head dim 64 or
+    128, no dense attn_mask) and 'bernoulli' everywhere else (the CPU reference included).
     `variant='tile'` samples whole (query tile x key tile) blocks of edge `tile` instead of single weights:
     a tile is kept with probability min(1, c * m), m = its largest row mass (`chainfree.ops.sus_tile`), and
     its dense backward runs with weight 1/probability. The forward is SDPA-class exact attention and the op
     traces under torch.compile without graph breaks; `proposal` picks the tile statistic ('exact' or 'rowsS',
     see sus_tile). It takes `document_ids`; a dense `attn_mask` runs exact SDPA instead (one warning).
-    `c` defaults to 32 for the per-pair variants and 8 for 'tile' (different units: weights per row vs a
-    rate on tile mass). Per-pair variants run outside torch.compile graphs (a host-drawn seed per call).
+    `c` defaults to 32 for the per-pair variants and 4 for 'tile' (different units: weights per row vs a
+    rate on tile mass; with 'auto', a given c is read in the units of the variant that runs -- name the
+    variant when you set c). Per-pair variants run outside torch.compile graphs (a host-drawn seed per call).
     """
+    if variant == AUTO_VARIANT and backend == "reference":
+        variant = "bernoulli"
+    variant = resolve_variant(variant, query, key, value, tile, is_causal, masked=attn_mask is not None)
     if variant == TILE_VARIANT:
         return _tile_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                TILE_DEFAULT_C if c is None else c, generator, backend, document_ids, tile, proposal)
