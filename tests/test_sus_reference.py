@@ -364,7 +364,7 @@ for seed, (B, H, Hkv, n, D, causal, rows) in enumerate(cases):
     if causal:
         sl = sl.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     want = torch.autograd.grad(torch.softmax(sl, -1) @ vl, leaves, do)
-    for variant in ("bernoulli", "thinned"):
+    for variant in ("bernoulli", "systematic"):
         for c in (10**6, 1e300):
             xs = [t.clone().requires_grad_() for t in (q, k, v)]
             o = sus_attention(*xs, c=c, is_causal=causal, enable_gqa=H != Hkv, variant=variant, block_rows=rows)

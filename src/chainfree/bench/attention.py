@@ -130,13 +130,13 @@ def time_interleaved(fns: dict[str, dict[str, Callable]], warmup: int, rounds: i
     return times
 
 
-def _sus_fn(c: float, causal: bool, variant: str = "thinned") -> Callable:
-    """chainfree.sus_attention on the Triton kernel (one seed drawn per call, as in training); variant
-    'thinned' runs the v2 kernel, 'bernoulli' the v1 kernel."""
+def _sus_fn(c: float, causal: bool) -> Callable:
+    """chainfree.sus_attention(variant='bernoulli') on the per-pair Triton kernel v1 (one seed drawn per call,
+    as in training)."""
     from chainfree.ops.sus import sus_attention
 
     def attn(q, k, v):
-        return sus_attention(q, k, v, is_causal=causal, c=c, backend="triton", variant=variant)
+        return sus_attention(q, k, v, is_causal=causal, c=c, backend="triton", variant="bernoulli")
 
     return attn
 
@@ -184,10 +184,8 @@ def _bench_shape(
             fns[name] = _phase_fns(_sdpa_fn(name, causal), q, k, v, do)
         except RuntimeError as e:  # a forced backend that does not take this case
             unavailable[name] = str(e).splitlines()[0][:200]
-    for c in cs:
-        fns[f"sus_v2_c{c:g}"] = _phase_fns(_sus_fn(c, causal), q, k, v, do)
-    for c in v1_cs:
-        fns[f"sus_v1_c{c:g}"] = _phase_fns(_sus_fn(c, causal, "bernoulli"), q, k, v, do)
+    for c in dict.fromkeys([*cs, *v1_cs]):  # both name per-pair v1 rows (the v2 kernel is gone)
+        fns[f"sus_v1_c{c:g}"] = _phase_fns(_sus_fn(c, causal), q, k, v, do)
     kept: dict[str, float] = {}
     for c in tile_cs:
         fn = _tile_fn(c, causal)
@@ -276,9 +274,9 @@ def run_attention_bench(
     config = {
         "ns": ns, "head_dims": head_dims, "cs": cs, "masks": ["causal" if m else "non-causal" for m in masks],
         "model_dim": model_dim, "batch": 1, "dtype": dtype,
-        "sus_rows": "sus_v2_c* = sus_attention(variant='thinned'): v2 kernel; sus_v1_c* = variant='bernoulli': v1 "
-        f"kernel (default of chainfree.sus_attention on CUDA: {sus_triton.KERNEL}); sus_tile_c* = "
-        "chainfree.ops.sus_tile.sus_tile_attention (tile 128, default proposal)",
+        "sus_rows": "sus_v1_c* (c from cs and v1_cs) = sus_attention(variant='bernoulli'): per-pair "
+        f"{sus_triton.KERNEL} kernel; sus_tile_c* = chainfree.ops.sus_tile.sus_tile_attention (tile 128, default "
+        "proposal)",
         "baseline": "torch F.scaled_dot_product_attention, default backend dispatch (no sdpa_kernel context); "
                     "rows sdpa_flash / sdpa_cudnn force SDPBackend.FLASH_ATTENTION / CUDNN_ATTENTION",
         "timing": "CUDA events per call; methods and phases interleaved round by round after warm-up; "
@@ -547,12 +545,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--ns", type=_ints, default=[2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--head-dims", type=_ints, default=[64, 128])
-    p.add_argument("--cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[16.0, 32.0, 64.0])
+    p.add_argument("--cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[16.0, 32.0, 64.0],
+                   help="per-pair keep rates (attention bench: sus_v1_c* rows; --step: the first is the v1 row's c)")
     p.add_argument("--model-dim", type=int, default=2048)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--mask", choices=["both", "causal", "non-causal"], default="both")
     p.add_argument("--rounds", type=int, default=0)
-    p.add_argument("--v1-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
+    p.add_argument("--v1-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                   help="more sus_v1_c* rows (the same rows as --cs; kept for older commands)")
     p.add_argument("--name", default=None)
     p.add_argument("--step", action="store_true", help="GPT training step bench instead (--ns = sequence lengths)")
     p.add_argument("--tile-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[],

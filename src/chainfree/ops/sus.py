@@ -62,7 +62,7 @@ def resolve_variant(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     from chainfree.ops import sus_tile
 
     return TILE_VARIANT if (not masked and sus_tile.supports(q, k, v, tile, is_causal)) else "bernoulli"
-KERNEL_VARIANTS = ("thinned", "bernoulli")  # contracts a CUDA kernel implements (v2, v1)
+KERNEL_VARIANTS = ("bernoulli",)  # contracts a per-pair CUDA kernel implements (v1)
 
 
 def _triton_module() -> Any | None:
@@ -181,9 +181,8 @@ def sus_attention(
     (q_ij = min(1, c·W_ij)). One seed is drawn from `generator` (default: torch's CPU generator) per call
     that needs a gradient; the backward replays it.
     `variant`: 'bernoulli' (default: independent keeps; on CUDA the v1 kernel, which samples in the
-    backward), 'thinned' (on CUDA the v2 kernel, which samples inside the forward: a faster backward but a
-    much slower forward, docs/sus_kernel.md) or 'systematic' (at most c entries per row with certainty;
-    reference backend only). All three are unbiased; `sus_reference` defines them.
+    backward) or 'systematic' (at most c entries per row with certainty; reference backend only). Both are
+    unbiased; `sus_reference` defines them.
     `stats`, if given, accumulates kept-entry counts in the backward (reference backend only; the kernel
     does not report them). No seed is drawn when no gradient is needed, so eval leaves the RNG alone.
 
@@ -280,10 +279,9 @@ def _per_pair_attention(
                       "attn_mask or document_ids, so masked calls (padded or packed batches) run exact SDPA "
                       "instead of SUS")
             return _exact_attention(query, key, value, attn_mask, ids, is_causal, scale, enable_gqa)
-        extra = {"kernel": "v2"} if variant == "thinned" else {}
         return kernel.sus_attention_triton(
             query, key, value, c=float(c), is_causal=bool(is_causal), scale=float(scale),
-            enable_gqa=enable_gqa, seed=seed, **extra,
+            enable_gqa=enable_gqa, seed=seed,
         )  # fmt: skip
     return sus_attention_reference(
         query, key, value, float(c), bool(is_causal), float(scale), seed, block_rows, variant, stats,

@@ -14,18 +14,6 @@ Variant 'systematic': the same q_ij used as inclusion probabilities of systemati
 (one uniform U_i = sus_uniform(seed, bh, i, 2^32 - 1) per row; key j is kept iff some U_i + k, k ∈ ℕ, falls
 in [C_{j-1}, C_j), C = cumsum_j q); still unbiased, and a row keeps at most ceil(Σ_j q_ij) <= c entries
 with certainty, not just on average.
-Variant 'thinned' (the GPU kernel's, decided inside the forward pass where the scores already exist):
-    keys in tiles of TILE = 64 from key 0; F_i(t) = Σ_{j' in tiles <= t} W_ij' (the running normaliser of an
-    online softmax after tile t, divided by the final one; F <= 1, so the running weight W_ij / F_i(t(j)) is an
-    upper bound of W_ij known before the row's end)
-    a_ij = min(1, c·W_ij / F_i(t(j))) >= q_ij                        (candidate rate)
-    candidates: systematic sampling of a along the row with U_i (as 'systematic', C = cumsum_j a)
-    keep candidate j iff u_ij < q_ij / a_ij or q_ij >= a_ij         (u_ij = sus_uniform(seed, bh, i, j))
-    => P(keep) = a_ij · q_ij / a_ij = q_ij, W̃ = W/q as for 'bernoulli'; per-pair hashes only for candidates.
-    Fallback: a row with Σ_j a_ij > cand_cap - 1 (its candidates might not fit the kernel's buffer; depends on
-    W only, not on the draws) or with more than `cap` kept entries uses the 'bernoulli' rule instead. The
-    first switch is deterministic given W (no bias); the second has probability < 1e-15 per row at the
-    default cap (Bernstein), which bounds its bias. `capacities(c, n_k)` gives the kernel's defaults.
 
 Masks (the same as SDPA's, plus a compact form for padded and packed batches):
     `attn_mask` (bool: True = may attend, or additive float with -inf), broadcastable to [B, H, n_q, n_k],
@@ -43,7 +31,6 @@ GQA: query head h reads kv head h // (H / H_kv) (SDPA's `enable_gqa` convention)
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 
@@ -51,8 +38,7 @@ import torch
 
 from chainfree.ops.sus_random import MASK32, keep_mask, sus_uniform
 
-VARIANTS = ("bernoulli", "systematic", "thinned")
-TILE = 64  # key tile of the 'thinned' variant's running normaliser (the kernel's forward tile width)
+VARIANTS = ("bernoulli", "systematic")
 BLOCK_ENTRIES = 2**21  # target number of score entries per query block (about 8 MB in float32)
 SYSTEMATIC_COLUMN = MASK32  # the hash column of the one per-row uniform of the systematic variant
 
@@ -116,32 +102,6 @@ class SusStats:
             "sus_max_row_kept": float(self.max_row_kept),
             "sus_kept_fraction": self.kept_fraction,
         }
-
-
-def row_capacity(c: float, n_k: int) -> int:
-    """Kept-entry slots per row for 'thinned': c + 8 sqrt(c) + 16 (<= n_k), a multiple of 16.
-
-    A row keeps Σ_j q_ij <= c entries in expectation with variance <= c + (the small variance of the
-    systematic candidate count), so by Bernstein's inequality P(count > c + 8 sqrt(c) + 16) < 1e-15.
-    """
-    cap = int(math.ceil(c + 8.0 * math.sqrt(c) + 16.0))
-    return max(1, min(16 * ((cap + 15) // 16), n_k))
-
-
-def candidate_capacity(c: float, n_k: int) -> int:
-    """Candidate slots per row for 'thinned': c (2 + ln(#tiles)) + 16, or n_k + 1 (then it never overflows).
-
-    For rows whose weights are spread evenly Σ_j a_ij ≈ c (ln(#tiles) + 0.58): each tile's share of the
-    running normaliser shrinks like 1/t. Rows above the cap (mass arriving late) take the exact fallback.
-    """
-    tiles = max(1, -(-n_k // TILE))
-    cap = int(math.ceil(c * (2.0 + math.log(tiles)) + 16.0))
-    return min(16 * ((cap + 15) // 16), 16 * ((n_k + 16) // 16))
-
-
-def capacities(c: float, n_k: int) -> tuple[int, int]:
-    """(cand_cap, cap) of the 'thinned' variant: the kernel's default buffer sizes."""
-    return candidate_capacity(c, n_k), row_capacity(c, n_k)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -293,27 +253,6 @@ def _systematic(rate: torch.Tensor, u_row: torch.Tensor) -> torch.Tensor:
     return (((hits - prev) > 0) | (rate >= 1.0)) & (rate > 0)
 
 
-def thinned_keep(
-    w: torch.Tensor, c: float, u_row: torch.Tensor, u: torch.Tensor, caps: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keep, cand, a) of the 'thinned' rule for weights w [..., M, n_k] (keys from 0), per-row uniforms
-    u_row [..., M, 1], per-pair uniforms u [..., M, n_k] and (cand_cap, cap); fallback rows are 'bernoulli'."""
-    cand_cap, cap = caps
-    tiles = -(-w.shape[-1] // TILE)
-    pad = tiles * TILE - w.shape[-1]
-    wd = w.to(torch.float64)
-    tile_mass = torch.nn.functional.pad(wd, (0, pad)).unflatten(-1, (tiles, TILE)).sum(-1)
-    running = torch.cumsum(tile_mass, -1).repeat_interleave(TILE, -1)[..., : w.shape[-1]]  # F_i(t(j))
-    a = torch.clamp(c * wd / torch.where(running > 0, running, torch.ones_like(running)), max=1.0)
-    q = torch.clamp(c * wd, max=1.0)
-    cand = _systematic(a, u_row)
-    ratio = q / torch.where(a > 0, a, torch.ones_like(a))
-    keep = cand & ((u.to(torch.float64) < ratio) | (ratio >= 1.0))
-    fallback = (a.sum(-1, keepdim=True) > cand_cap - 1) | (keep.sum(-1, keepdim=True) > cap)
-    bern, _ = keep_mask(u, w, c)
-    return torch.where(fallback, bern, keep), cand, a
-
-
 def sampled_weights(
     w: torch.Tensor,
     c: float,
@@ -321,11 +260,9 @@ def sampled_weights(
     bh: torch.Tensor,
     rows: torch.Tensor,
     variant: str,
-    caps: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W̃, keep, q) for a block of attention weights w [..., M, n_k] whose rows hash as (`bh` [..., M or 1, 1],
-    `rows` [M]) (broadcastable); `caps` = (cand_cap, cap) of 'thinned' (None: `capacities(c, n_k)`).
-    The one place where the SUS sampling rule lives."""
+    `rows` [M]) (broadcastable). The one place where the SUS sampling rule lives."""
     cols = torch.arange(w.shape[-1], device=w.device)
     if variant == "bernoulli":
         u = sus_uniform(seed, bh, rows[:, None], cols[None, :])
@@ -334,11 +271,6 @@ def sampled_weights(
         q = torch.clamp(c * w, max=1.0)
         u = sus_uniform(seed, bh, rows[:, None], torch.tensor(SYSTEMATIC_COLUMN, device=w.device))
         keep = _systematic(q, u)
-    elif variant == "thinned":
-        q = torch.clamp(c * w, max=1.0)
-        u_row = sus_uniform(seed, bh, rows[:, None], torch.tensor(SYSTEMATIC_COLUMN, device=w.device))
-        u = sus_uniform(seed, bh, rows[:, None], cols[None, :])
-        keep, _, _ = thinned_keep(w, c, u_row, u, caps or capacities(c, w.shape[-1]))
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     w_tilde = torch.where(keep, w / torch.where(keep, q, torch.ones_like(q)), torch.zeros_like(w))
@@ -349,7 +281,7 @@ class SusAttentionFunction(torch.autograd.Function):
     """Autograd Function of the reference. Inputs are 4-D: q [B, H, n_q, D], k/v [B, H_kv, n_k, D]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps, attn_mask, document_ids):
+    def forward(ctx, q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, attn_mask, document_ids):
         B, H, n_q, _ = q.shape
         H_kv, n_k = k.shape[1], k.shape[2]
         G = H // H_kv
@@ -376,13 +308,13 @@ class SusAttentionFunction(torch.autograd.Function):
             lse[:, :, r0:r1] = _unblock(torch.where(seen, m + torch.log(denom), float("inf")), H, r1 - r0)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.masks = (attn_mask, document_ids)
-        ctx.params = (c, is_causal, scale, seed, R, variant, stats, caps or capacities(c, n_k))
+        ctx.params = (c, is_causal, scale, seed, R, variant, stats)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        c, is_causal, scale, seed, R, variant, stats, caps = ctx.params
+        c, is_causal, scale, seed, R, variant, stats = ctx.params
         attn_mask, document_ids = ctx.masks
         B, H, n_q, D = q.shape
         H_kv, n_k = k.shape[1], k.shape[2]
@@ -407,7 +339,7 @@ class SusAttentionFunction(torch.autograd.Function):
             kb, vb = kc[:, :, :nk], vc[:, :, :nk]
             allowed, bias = _block_masks(attn_mask, document_ids, r0, r1, nk, (B, H, n_q, n_k), H_kv, cdt)
             w = torch.exp(_scores(qb, kb, scale, rows, is_causal, allowed, bias) - _block(lse, r0, r1, H_kv))
-            w_tilde, keep, _ = sampled_weights(w, c, seed, bh, rows, variant, caps)
+            w_tilde, keep, _ = sampled_weights(w, c, seed, bh, rows, variant)
             if stats is not None:
                 per_row = keep.sum(dim=-1)
                 stats.rows += per_row.numel()
@@ -420,7 +352,7 @@ class SusAttentionFunction(torch.autograd.Function):
             dv[:, :, :nk] += torch.matmul(w_tilde.transpose(-1, -2), gob)
             dq[:, :, r0:r1] = _unblock(torch.matmul(ds, kb) * scale, H, nr)
             dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qb) * scale
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 11
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 9
 
 
 def sus_attention_reference(
@@ -434,7 +366,6 @@ def sus_attention_reference(
     block_rows: int | None = None,
     variant: str = "bernoulli",
     stats: SusStats | None = None,
-    caps: tuple[int, int] | None = None,
     *,
     attn_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -442,7 +373,6 @@ def sus_attention_reference(
     """Reference SUS attention on validated 4-D inputs (see `chainfree.ops.sus.sus_attention` for the public API).
 
     `seed` fixes every draw of the backward; `block_rows` the query rows per block (None = ~2^21 entries);
-    `caps` = (cand_cap, cap) of the 'thinned' fallback rule (None: `capacities(c, n_k)`, the kernel's).
     `attn_mask` (SDPA's: bool True = may attend, or additive float) and `document_ids` ([B, n] or a
     (q_ids, k_ids) pair; a negative id is padding) mask pairs on top of `is_causal` (module docstring).
     A float attn_mask gets no gradient (use SDPA to learn an additive bias).
@@ -455,19 +385,16 @@ def sus_attention_reference(
     if ids is not None and ids[0].device != q.device:
         ids = (ids[0].to(q.device), ids[1].to(q.device))
     mask = attn_mask.detach() if attn_mask is not None else None
-    return SusAttentionFunction.apply(q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, caps, mask, ids)
+    return SusAttentionFunction.apply(q, k, v, c, is_causal, scale, seed, block_rows, variant, stats, mask, ids)
 
 
 __all__ = [
-    "TILE",
     "VARIANTS",
     "SusAttentionFunction",
     "SusStats",
-    "capacities",
     "check_attn_mask",
     "dense_mask",
     "normalize_document_ids",
     "sampled_weights",
     "sus_attention_reference",
-    "thinned_keep",
 ]

@@ -1,10 +1,8 @@
-"""SUS attention on the GPU: exact flash forward, sampled O(n c D) backward (Triton), two kernels.
+"""SUS attention on the GPU: exact flash forward, sampled O(n c D) backward (Triton), the per-pair kernel v1.
 
-v1 (KERNEL, the default; 'bernoulli' contract) is described below. v2 (`kernel='v2'`, the 'thinned' contract
-of `sus_reference.py`) draws the keep set inside the flash forward (`v2_forward`: candidates by systematic
-sampling against the running softmax normaliser, thinned once the row's LSE is known) and its backward
-(`v2_backward`) is a row-major dQ pass that files every kept pair under its key plus a key-major dK/dV pass:
-no QK^T recompute and no fp32 atomics. docs/sus_kernel.md has the design table and the measurements.
+v1 implements the 'bernoulli' contract of `sus_reference.py` (the paper's rule); it samples in the backward.
+(A second per-pair kernel, v2, which sampled inside the forward, was removed as dominated at every measured
+shape; docs/sus_kernel.md has the measurements.)
 
 Semantics are those of `sus_reference.py` and the random-source contract of `sus_random.py`: the
 backward replaces W by W~ (W_ij / q_ij kept with probability q_ij = min(1, c W_ij), else 0) wherever W
@@ -47,17 +45,15 @@ import math
 import torch
 
 from chainfree.ops.sus_random import draw_seed
-from chainfree.ops.sus_reference import TILE, capacities
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SAMPLERS = {"prefix": 1, "words": 3}  # the kernel's SAMPLER mode (2: count-only timing probe)
 SAMPLER = "words"  # the default; measured against the others by benchmarks/sus_probe.py (docs/sus_kernel.md)
 MAX_KEYS_WORDS = 2**19  # "words" entries hold the 16-key word index in 15 bits
-KERNELS = ("v2", "v1")
-KERNEL = "v1"  # v1: 'bernoulli' draw in the backward (sampler above); v2: 'thinned' draw inside the forward
-# v1 stays the default: v2's backward is faster but its forward is 5-7x SDPA's (docs/sus_kernel.md)
-VARIANT_OF = {"v2": "thinned", "v1": "bernoulli"}
+KERNELS = ("v1",)
+KERNEL = "v1"  # 'bernoulli' draw in the backward (sampler above)
+VARIANT_OF = {"v1": "bernoulli"}
 
 
 def row_capacity(c: float, n_k: int) -> int:
@@ -328,150 +324,6 @@ def _sparse_config(d: int) -> tuple[int, int]:
     return 8, 1  # best of (8|16|32, 1|2|4) at n = 16k, D = 64 and 128 on an H100 (benchmarks/sus_probe.py)
 
 
-V2_FWD_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int]] = {}  # (D, sample) -> measured best
-
-
-def _v2_fwd_config(d: int, sample: bool = True) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) of the v2 forward; BN is the contract's TILE (sus_reference.TILE)."""
-    if (d, sample) in V2_FWD_CONFIGS:
-        return V2_FWD_CONFIGS[(d, sample)]
-    if not sample:
-        return (128, TILE, 8, 3) if d == 128 else (128, TILE, 4, 3)
-    return (128, TILE, 8, 3) if d == 128 else (64, TILE, 4, 3)  # best of 5 tilings at n = 16k on an H200
-
-
-def v2_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    c: float,
-    is_causal: bool,
-    scale: float,
-    seed: int,
-    caps: tuple[int, int] | None,
-    sample: bool = True,
-    config: tuple[int, int, int, int] | None = None,
-    probe_mode: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(O, LSE [B*H*n] fp32 natural log, kept [B*H*n, cap] int32, count [B*H*n] int32 (-1: fallback row),
-    per-key pair counts [B*Hkv*n_k] int32) of the 'thinned' draw, sampled inside the flash forward.
-    `sample=False` is the plain exact forward (the three sampling outputs are None); `config` overrides
-    (BM, BN, num_warps, num_stages) (BN must stay TILE). `probe_mode` 1-3 are timing probes with wrong
-    samples (1: no candidate store, 2: no prefix sum, 3: prefix sum on the tensor cores); 4 is an
-    experimental store path with the same samples (each row's candidates stored one per round via
-    reductions instead of one masked [BM, BN] scatter; checked under TRITON_INTERPRET=1, not timed)."""
-    kern = _kernels()
-    B, H, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    dev = q.device
-    o = torch.empty(B, H, n_q, d, device=dev, dtype=q.dtype)
-    lse = torch.empty(B * H * n_q, device=dev, dtype=torch.float32)
-    cand_cap, cap = caps or capacities(c, n_k)
-    rows = B * H * n_q
-    if sample:
-        if rows * cand_cap >= 2**31:
-            raise ValueError(
-                f"B*H*n_q*cand_cap = {rows * cand_cap} candidate slots exceed the kernel's int32 offsets: "
-                "split the batch or lower c"
-            )
-        cent = torch.full((rows, cand_cap), -1, device=dev, dtype=torch.int64)
-        kept = torch.empty(rows, cap, device=dev, dtype=torch.int32)
-        cnt = torch.empty(rows, device=dev, dtype=torch.int32)
-        keycnt = torch.zeros(B * h_kv * n_k, device=dev, dtype=torch.int32)
-    else:
-        cent = kept = cnt = keycnt = lse  # unused pointers
-    bm, bn, warps, stages = config or _v2_fwd_config(d, sample)
-    kern._v2_fwd_kernel[(triton_cdiv(n_q, bm), B * H)](
-        q, k, v, o, lse, cent, kept, cnt, keycnt,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, H // h_kv, h_kv, n_q, n_k, scale * kern.LOG2E, float(c), math.log2(c), int(seed), cand_cap, cap,
-        CAUSAL=is_causal, BM=bm, BN=bn, D=d, SAMPLE=sample, ECH=32, SMODE=probe_mode, num_warps=warps,
-        num_stages=stages,
-    )  # fmt: skip
-    if not sample:
-        return o, lse, None, None, None
-    return o, lse, kept, cnt, keycnt
-
-
-def v2_backward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    do: torch.Tensor,
-    lse: torch.Tensor,
-    kept: torch.Tensor,
-    cnt: torch.Tensor,
-    keycnt: torch.Tensor,
-    c: float,
-    is_causal: bool,
-    scale: float,
-    seed: int,
-    chunk: int = 8,
-    key_pass: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) from the forward's kept lists: a row-major pass (dQ, files each pair under its key) and a
-    key-major pass (dK, dV summed per key in registers); no fp32 atomics, no QK^T recompute.
-    `key_pass=False` skips the second pass (a timing probe: dK, dV are left uninitialised)."""
-    kern = _kernels()
-    B, H, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    dev = q.device
-    offs = (torch.cumsum(keycnt, 0, dtype=torch.int32) - keycnt).contiguous()
-    fill = torch.zeros_like(keycnt)
-    src = torch.empty(kept.numel(), device=dev, dtype=torch.int32)
-    delta = torch.empty(B * H * n_q, device=dev, dtype=torch.float32)
-    fbcap = (H // h_kv) * n_q
-    fbcnt = torch.zeros(B * h_kv, device=dev, dtype=torch.int32)
-    fbrows = torch.empty(B * h_kv * fbcap, device=dev, dtype=torch.int32)
-    dq = torch.empty_like(q)
-    dk = torch.empty(B, h_kv, n_k, d, device=dev, dtype=k.dtype)
-    dv = torch.empty(B, h_kv, n_k, d, device=dev, dtype=v.dtype)
-    qk_scale, log2c, cap = scale * kern.LOG2E, math.log2(c), kept.shape[1]
-    kern._v2_bwd_rows_kernel[(n_q, B * H)](
-        q, k, v, o, do, lse, kept, cnt, offs, fill, src, delta, fbcnt, fbrows, dq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        H, h_kv, H // h_kv, n_q, n_k, qk_scale, log2c, 1.0 / c, int(seed), cap, fbcap,
-        CAUSAL=is_causal, CHUNK=chunk, D=d, num_warps=1,
-    )  # fmt: skip
-    if not key_pass:
-        return dq, dk, dv
-    kern._v2_bwd_keys_kernel[(n_k, B * h_kv)](
-        q, k, v, do, lse, delta, keycnt, offs, src, fbcnt, fbrows, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        H, h_kv, H // h_kv, n_q, n_k, scale, qk_scale, log2c, 1.0 / c, int(seed), fbcap,
-        CAUSAL=is_causal, CHUNK=chunk, D=d, num_warps=1,
-    )  # fmt: skip
-    return dq, dk, dv
-
-
-class SusAttentionV2(torch.autograd.Function):
-    """Autograd Function of the v2 kernel: the forward samples and saves (q, k, v, O, LSE, kept lists)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, c: float, is_causal: bool, scale: float, seed: int, caps):
-        q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
-        sample = any(ctx.needs_input_grad[:3])
-        o, lse, kept, cnt, keycnt = v2_forward(q, k, v, c, is_causal, scale, seed, caps, sample)
-        if sample:
-            ctx.save_for_backward(q, k, v, o, lse, kept, cnt, keycnt)
-        ctx.sus = (float(c), bool(is_causal), float(scale), int(seed))
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, kept, cnt, keycnt = ctx.saved_tensors
-        c, is_causal, scale, seed = ctx.sus
-        do = _lastdim_contiguous(do)
-        dq, dk, dv = v2_backward(q, k, v, o, do, lse, kept, cnt, keycnt, c, is_causal, scale, seed)
-        return dq, dk, dv, None, None, None, None, None
-
-
 class SusAttentionTriton(torch.autograd.Function):
     """Autograd Function: saves (q, k, v, O, LSE) and the seed; backward = sample + sparse pass."""
 
@@ -505,32 +357,27 @@ def sus_attention_triton(
     cap: int | None = None,
     forward: str = "triton",
     kernel: str | None = None,
-    cand_cap: int | None = None,
 ) -> torch.Tensor:
     """SUS attention, SDPA calling convention: q [B,H,n,D], k/v [B,Hkv,n_k,D] (CUDA, bf16/fp16).
 
     Forward output equals SDPA; the backward is the SUS estimator with keep rate c per row.
     `seed` (int in [0, 2^31)) fixes the draws; None draws one from torch's default generator.
-    `kernel` (None = KERNEL): "v2" samples in the forward with the 'thinned' contract; "v1" samples in the
-    backward with the 'bernoulli' contract. `cap` (and for v2 `cand_cap`) override the per-row buffer sizes
-    (tests use tiny ones to exercise the fallback paths). `forward` ("triton" or "aten") applies to v1 only.
+    `kernel` (None = KERNEL): "v1", which samples in the backward with the 'bernoulli' contract (the only one).
+    `cap` overrides the per-row buffer size (tests use tiny ones to exercise the overflow path). `forward`
+    ("triton" or "aten") picks the flash forward.
     """
     kernel = kernel or KERNEL
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {sorted(FORWARDS)}, got {forward!r}")
-    _check_inputs(q, k, v, is_causal, enable_gqa, c, words=kernel == "v1")
+    _check_inputs(q, k, v, is_causal, enable_gqa, c, words=True)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if seed is None:
         seed = draw_seed()
     if not 0 <= int(seed) < 2**31:
         raise ValueError(f"seed must be in [0, 2^31), got {seed}")
-    if kernel == "v2":
-        default_cand, default_cap = capacities(c, k.shape[2])
-        caps = (int(cand_cap or default_cand), int(cap or default_cap))
-        return SusAttentionV2.apply(q, k, v, float(c), bool(is_causal), float(scale), int(seed), caps)
     if cap is None:
         cap = row_capacity(c, k.shape[2])
     return SusAttentionTriton.apply(q, k, v, float(c), bool(is_causal), float(scale), int(seed), int(cap), forward)
@@ -540,13 +387,10 @@ __all__ = [
     "KERNEL",
     "KERNELS",
     "SusAttentionTriton",
-    "SusAttentionV2",
     "flash_forward",
     "row_capacity",
     "sample_kept_pairs",
     "sparse_backward",
     "supports",
     "sus_attention_triton",
-    "v2_backward",
-    "v2_forward",
 ]
