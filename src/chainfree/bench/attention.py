@@ -247,7 +247,7 @@ def run_attention_bench(
     warmup: int = 3,
     rounds: int = 0,
     v1_cs: tuple[float, ...] = (),
-    tile_cs: tuple[float, ...] = (),
+    tile_cs: tuple[float, ...] = (4.0,),
 ) -> dict[str, Any]:
     """Time SUS vs SDPA's default dispatch (+ forced FLASH and CUDNN rows) for every (causal, D, n, c); write
     JSON + markdown (+ PNG) to out_dir. `causal=None` runs both masks. `rounds=0` picks 15 rounds for
@@ -404,7 +404,7 @@ def run_step_bench(
     name: str = "step_sus",
     warmup: int = 2,
     rounds: int = 6,
-    tile_cs: tuple[float, ...] = (8.0,),
+    tile_cs: tuple[float, ...] = (4.0,),
     tile: int = 128,
     proposal: str | None = None,
     modes: tuple[str, ...] = ("eager", "compile"),
@@ -555,8 +555,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="more sus_v1_c* rows (the same rows as --cs; kept for older commands)")
     p.add_argument("--name", default=None)
     p.add_argument("--step", action="store_true", help="GPT training step bench instead (--ns = sequence lengths)")
-    p.add_argument("--tile-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
-                   help="keep rates of tile-sampled SUS rows (attention bench: sus_tile_c*; --step: default 8)")
+    p.add_argument("--tile-cs", type=lambda s: [float(x) for x in s.split(",") if x], default=[4.0],
+                   help="keep rates of the tile-sampled SUS rows (sus_tile_c*; '' for none)")
     p.add_argument("--tile", type=int, default=128, help="--step: tile edge of the tile-sampled SUS rows")
     p.add_argument("--proposal", default=None, help="--step: tile statistic ('exact' or 'rowsS'; default the op's)")
     p.add_argument("--modes", default="eager,compile", help="--step: comma-separated subset of eager,compile")
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.step:
         run_step_bench(a.ns, a.head_dims, a.cs[0], d_model=a.model_dim, out_dir=a.out, name=a.name or "step_sus",
-                       tile_cs=tuple(a.tile_cs or [8.0]), tile=a.tile, proposal=a.proposal,
+                       tile_cs=tuple(a.tile_cs), tile=a.tile, proposal=a.proposal,
                        modes=tuple(a.modes.split(",")), per_pair=not a.no_per_pair,
                        **({"rounds": a.rounds} if a.rounds else {}))
         return
