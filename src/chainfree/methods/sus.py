@@ -18,15 +18,7 @@ from torch import nn
 
 from chainfree.errors import ConfigError
 from chainfree.methods.base import Method, StepStats
-from chainfree.ops.sus import (
-    ALL_VARIANTS,
-    AUTO_VARIANT,
-    BACKENDS,
-    PAIR_DEFAULT_C,
-    TILE_DEFAULT_C,
-    TILE_VARIANT,
-    sus_attention,
-)
+from chainfree.ops.sus import ALL_VARIANTS, AUTO_VARIANT, BACKENDS, default_c, sus_attention
 from chainfree.ops.sus_reference import SusStats
 
 
@@ -46,9 +38,7 @@ class SusConfig:
         """c, or the variant's default when unset (None for 'auto': the variant that runs picks it)."""
         if self.c is not None:
             return float(self.c)
-        if self.variant == AUTO_VARIANT:
-            return None
-        return TILE_DEFAULT_C if self.variant == TILE_VARIANT else PAIR_DEFAULT_C
+        return None if self.variant == AUTO_VARIANT else default_c(self.variant)
 
     def validate(self) -> None:
         if self.c is not None and not self.c > 0:

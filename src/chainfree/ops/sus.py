@@ -51,18 +51,26 @@ AUTO_VARIANT = "auto"  # 'tile' where its CUDA kernels take the call, else the p
 ALL_VARIANTS = (AUTO_VARIANT, *VARIANTS, TILE_VARIANT)
 PAIR_DEFAULT_C = 32.0  # per-pair rules: expected kept weights per query row and head
 TILE_DEFAULT_C = 4.0  # tile rule: a tile is kept with probability min(1, c * its mass)
+KERNEL_VARIANTS = ("bernoulli",)  # contracts a per-pair CUDA kernel implements (v1)
+
+
+def default_c(variant: str) -> float:
+    """The keep rate a variant uses when c is not given (its units differ: weights per row vs tile rate)."""
+    return TILE_DEFAULT_C if variant == TILE_VARIANT else PAIR_DEFAULT_C
 
 
 def resolve_variant(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, is_causal: bool,
-                    masked: bool = False) -> str:
-    """The variant a call runs: 'auto' is 'tile' on CUDA where the tile kernels support the case (and no dense
-    attn_mask is given), else 'bernoulli'; any other variant is itself."""
+                    masked: bool = False, backend: str = "auto") -> str:
+    """The variant a call runs: 'auto' is 'tile' on CUDA where the tile kernels support the case (no dense
+    attn_mask, backend not 'reference'), else 'bernoulli'; any other variant is itself."""
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"variant must be one of {ALL_VARIANTS}, got {variant!r}")
     if variant != AUTO_VARIANT:
         return variant
     from chainfree.ops import sus_tile
 
-    return TILE_VARIANT if (not masked and sus_tile.supports(q, k, v, tile, is_causal)) else "bernoulli"
-KERNEL_VARIANTS = ("bernoulli",)  # contracts a per-pair CUDA kernel implements (v1)
+    use_tile = not masked and backend != "reference" and sus_tile.supports(q, k, v, tile, is_causal)
+    return TILE_VARIANT if use_tile else "bernoulli"
 
 
 def _triton_module() -> Any | None:
@@ -89,11 +97,9 @@ def _triton_supports(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return q.is_cuda and q.dtype in dtypes and q.shape[-1] in head_dims
 
 
-def _check_inputs(q, k, v, c, enable_gqa, dropout_p, variant, backend) -> None:
+def _check_inputs(q, k, v, c, enable_gqa, dropout_p, backend) -> None:
     if dropout_p != 0.0:
         raise ValueError(f"sus_attention needs dropout_p=0 (got {dropout_p}); SUS adds its own sampling noise")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {ALL_VARIANTS}, got {variant!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not (isinstance(c, int | float) and c > 0 and math.isfinite(c)):
@@ -138,6 +144,17 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, 
     if module is not None and (backend == "triton" or _triton_supports(module, q, k, v, is_causal)):
         return module
     return None
+
+
+def _masks(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, document_ids: DocumentIds | None
+           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Check attn_mask's shape; document_ids as a (q_ids, k_ids) pair on q's device (None without them)."""
+    B, H, n_q, _ = q.shape
+    check_attn_mask(attn_mask, B, H, n_q, k.shape[2], q.device)
+    ids = normalize_document_ids(document_ids, B, n_q, k.shape[2])
+    if ids is not None and ids[0].device != q.device:
+        ids = (ids[0].to(q.device), ids[1].to(q.device))
+    return ids
 
 
 def _exact_attention(q, k, v, attn_mask, document_ids, is_causal, scale, enable_gqa) -> torch.Tensor:
@@ -197,14 +214,14 @@ def sus_attention(
     rate on tile mass; with 'auto', a given c is read in the units of the variant that runs -- name the
     variant when you set c). Per-pair variants run outside torch.compile graphs (a host-drawn seed per call).
     """
-    if variant == AUTO_VARIANT and backend == "reference":
-        variant = "bernoulli"
-    variant = resolve_variant(variant, query, key, value, tile, is_causal, masked=attn_mask is not None)
+    variant = resolve_variant(variant, query, key, value, tile, is_causal, masked=attn_mask is not None,
+                              backend=backend)
+    c = default_c(variant) if c is None else c
     if variant == TILE_VARIANT:
-        return _tile_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                               TILE_DEFAULT_C if c is None else c, generator, backend, document_ids, tile, proposal)
+        return _tile_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, c, generator,
+                               backend, document_ids, tile, proposal)
     return _per_pair_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                               c=PAIR_DEFAULT_C if c is None else c, generator=generator, variant=variant,
+                               c=c, generator=generator, variant=variant,
                                backend=backend, block_rows=block_rows, stats=stats, document_ids=document_ids)
 
 
@@ -213,17 +230,13 @@ def _tile_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     """The 'tile' variant: checks, then `sus_tile_attention` (a dense attn_mask falls back to exact SDPA)."""
     from chainfree.ops import sus_tile
 
-    _check_inputs(query, key, value, c, enable_gqa, dropout_p, VARIANTS[0], backend)
+    _check_inputs(query, key, value, c, enable_gqa, dropout_p, backend)
     if not (isinstance(tile, int) and tile >= 1):
         raise ValueError(f"tile must be a positive int (the tile edge), got {tile!r}")
     if backend == "triton" and not sus_tile.supports(query, key, value, tile, is_causal):
         raise ValueError(f"backend='triton' with variant='tile' needs CUDA, bf16/fp16, head dim in "
                          f"{sus_tile.SUPPORTED_HEAD_DIMS} and tile in {sus_tile.SUPPORTED_TILES}; use backend='auto'")
-    B, H, n_q, _ = query.shape
-    check_attn_mask(attn_mask, B, H, n_q, key.shape[2], query.device)
-    ids = normalize_document_ids(document_ids, B, n_q, key.shape[2])
-    if ids is not None and ids[0].device != query.device:
-        ids = (ids[0].to(query.device), ids[1].to(query.device))
+    ids = _masks(query, key, attn_mask, document_ids)
     if attn_mask is not None:
         warn_once("mask-tile", "sus_attention: variant='tile' takes document_ids but no dense attn_mask, so calls "
                   "with one run exact SDPA instead of SUS")
@@ -258,12 +271,8 @@ def _per_pair_attention(
     document_ids: DocumentIds | None = None,
 ) -> torch.Tensor:
     """The per-pair variants (the paper's rule), as documented on `sus_attention`."""
-    _check_inputs(query, key, value, c, enable_gqa, dropout_p, variant, backend)
-    B, H, n_q, _ = query.shape
-    check_attn_mask(attn_mask, B, H, n_q, key.shape[2], query.device)
-    ids = normalize_document_ids(document_ids, B, n_q, key.shape[2])
-    if ids is not None and ids[0].device != query.device:
-        ids = (ids[0].to(query.device), ids[1].to(query.device))
+    _check_inputs(query, key, value, c, enable_gqa, dropout_p, backend)
+    ids = _masks(query, key, attn_mask, document_ids)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
@@ -289,5 +298,5 @@ def _per_pair_attention(
     )  # fmt: skip
 
 
-__all__ = ["ALL_VARIANTS", "BACKENDS", "PAIR_DEFAULT_C", "TILE_DEFAULT_C", "TILE_VARIANT", "DocumentIds", "SusStats",
-           "sus_attention", "warn_once"]
+__all__ = ["ALL_VARIANTS", "AUTO_VARIANT", "BACKENDS", "PAIR_DEFAULT_C", "TILE_DEFAULT_C", "TILE_VARIANT",
+           "DocumentIds", "SusStats", "default_c", "resolve_variant", "sus_attention", "warn_once"]
