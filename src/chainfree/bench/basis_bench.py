@@ -48,11 +48,11 @@ from typing import Any
 
 import torch
 
+from chainfree.bench.cases import setup_training_case
 from chainfree.bench.report import markdown_table, write_result
 from chainfree.config import load_config
 from chainfree.data import BatchSampler, load_tokens
 from chainfree.logging import pyplot
-from chainfree.methods import method_from_config
 from chainfree.training.trainer import Trainer, evaluate, seeded_model
 
 ALL_LINEARS = "method.layers=*.mlp.*,*.attn.*_proj,head"
@@ -223,15 +223,6 @@ def cpu_step_memory(trainer: Trainer, state: Any, batch: Any) -> dict[str, Any]:
     return {"activation_bytes": peak - static - _grad_bytes(state.model), "memory_source": "torch MemTracker"}
 
 
-def _setup_case(cfg: Any, data: Any, device: torch.device) -> tuple[Any, Trainer, Any, BatchSampler]:
-    """(method, trainer, state, sampler) of one case: its model from the run seed, its own Trainer."""
-    cfg.model.fit_vocab(data.vocab_size)
-    method = method_from_config(cfg)
-    trainer = Trainer(cfg.train, method, device=device)
-    state = trainer.setup(seeded_model(cfg, device))
-    return method, trainer, state, BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
-
-
 def run_cases(base: list[str], cases: dict[str, list[str]], steps: int | dict[str, int], device: torch.device,
               warmup: int, measure_step: int, budget_s: float) -> dict[str, dict[str, Any]]:
     """Train every case through its own Trainer, interleaved step by step; return per-case measurements.
@@ -246,7 +237,7 @@ def run_cases(base: list[str], cases: dict[str, list[str]], steps: int | dict[st
     data = load_tokens(first.data)
     runs: dict[str, dict[str, Any]] = {}
     for name, cfg in cfgs.items():
-        method, trainer, state, sampler = _setup_case(cfg, data, device)
+        method, trainer, state, sampler = setup_training_case(cfg, data, device)
         runs[name] = {"cfg": cfg, "trainer": trainer, "state": state, "sampler": sampler, "method": method,
                       "times": [], "losses": [], "result": {"case": name, "overrides": cases[name],
                                                               "options": trainer.options}}
@@ -475,7 +466,7 @@ def compiled_check(base: list[str], device: torch.device, compression: float, st
                  "method.fuse_mlp=false", f"train.device={device.type}", f"train.steps={steps}"]
     data = load_tokens(load_config(None, overrides).data)
     for name, extra in (("eager", []), ("compiled", ["train.compile=true", f"train.compile_mode=\"{mode}\""])):
-        _, trainer, state, sampler = _setup_case(load_config(None, [*overrides, *extra]), data, device)
+        _, trainer, state, sampler = setup_training_case(load_config(None, [*overrides, *extra]), data, device)
         losses, times = [], []
         for step in range(steps):
             batch = sampler.batch("train", step)

@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from chainfree.config import RunConfig
+from chainfree.data import BatchSampler
 from chainfree.errors import ConfigError
-from chainfree.methods import Method, build_method
+from chainfree.methods import Method, build_method, method_from_config
 from chainfree.methods.base import Launch
 from chainfree.runtime import resolve_device, sync, time_fn
 from chainfree.training import Trainer, TrainState, autocast_context, seeded_model
 
 OPS = ("step", "block", "attn", "mlp")  # 'attention' (SUS kernel sweep) lives in chainfree.bench.attention
 __all__ = ["OPS", "StepCase", "build_model", "build_step_case", "load_batch", "op_closures", "op_module",
-           "resolve_device", "shapes", "sync", "time_fn"]
+           "resolve_device", "setup_training_case", "shapes", "sync", "time_fn"]
 
 
 @dataclass
@@ -49,6 +50,17 @@ class StepCase:
     def step(self) -> None:
         """Trainer.train_step on the case's batch (the learning rate follows the run's schedule)."""
         self.trainer.train_step(self.state, (self.inputs, self.targets))
+
+
+def setup_training_case(cfg: RunConfig, data: Any, device: torch.device) -> tuple[Method, Trainer, TrainState,
+                                                                                   BatchSampler]:
+    """(method, trainer, state, sampler) of one case that trains through its own Trainer: its model from the
+    run seed, its batches from the run seed (the same for every case of a comparison)."""
+    cfg.model.fit_vocab(data.vocab_size)
+    method = method_from_config(cfg)
+    trainer = Trainer(cfg.train, method, device=device)
+    state = trainer.setup(seeded_model(cfg, device))
+    return method, trainer, state, BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
+from chainfree.bench.cases import setup_training_case
 from chainfree.bench.report import markdown_table, write_result
 from chainfree.config import load_config
-from chainfree.data import BatchSampler, load_tokens
+from chainfree.data import load_tokens
 from chainfree.logging import pyplot, save_figure
-from chainfree.methods import method_from_config
-from chainfree.training.trainer import Trainer, evaluate, seeded_model
+from chainfree.training.trainer import evaluate
 
 BASE = ["model.kind=gpt", "model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.seq_len=16384",
         "data.corpus=shakespeare", "data.bpe_vocab_size=4096", "train.batch_size=1", "train.lr=1e-3",
@@ -53,11 +53,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _build(cfg: Any, data: Any, device: torch.device) -> dict[str, Any]:
-    cfg.model.fit_vocab(data.vocab_size)
-    method = method_from_config(cfg)
-    trainer = Trainer(cfg.train, method, device=device)
-    state = trainer.setup(seeded_model(cfg, device))
-    sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+    method, trainer, state, sampler = setup_training_case(cfg, data, device)
     return {"cfg": cfg, "method": method, "trainer": trainer, "state": state, "sampler": sampler}
 
 
