@@ -45,6 +45,7 @@ from torch import nn
 
 from chainfree.ops.sus_random import draw_seed
 from chainfree.ops.sus_reference import sampled_weights
+from chainfree.ops.sus_tile_reference import draw_keep, tile_probs
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,8 @@ def tile_sampled_weights(w: torch.Tensor, rule: TileRule, causal: bool, generato
     if causal:
         visible &= j <= i + (n_k - n_q)
     vis = visible.view(n_i, t, n_j, t).sum(dim=(1, 3)).to(w.dtype)  # visible pairs per tile
-    pi = torch.clamp(rule.c * mass, max=1.0)
-    if rule.floor > 0:
-        pi = torch.where(vis > 0, torch.clamp(pi, min=rule.floor), torch.zeros_like(pi))
-    u = torch.rand(pi.shape, generator=generator, dtype=torch.float64).to(device=w.device, dtype=pi.dtype)
-    keep = (u < pi) | (pi >= 1)
+    pi = tile_probs(mass, rule.c, vis > 0, rule.floor)
+    keep = draw_keep(pi, torch.rand(pi.shape, generator=generator, dtype=torch.float64).to(w.device, pi.dtype))
     weight = torch.where(keep, 1.0 / pi.clamp(min=torch.finfo(pi.dtype).tiny), torch.zeros_like(pi))
     out = (wp * weight[:, :, :, None, :, None]).view(B, H, n_i * t, n_j * t)[:, :, :n_q, :n_k]
     return out, float((pi * vis).sum()), float(vis.sum()) * B * H
