@@ -27,3 +27,18 @@ def test_equal_time_cases_share_the_start_and_respect_the_budget(tmp_path):
     saved = json.loads((tmp_path / "lc.json").read_text())
     assert [row["case"] for row in saved["rows"]] == ["exact", "sus"]
     assert (tmp_path / "lc.md").exists() and (tmp_path / "lc.png").exists()
+
+
+def test_the_command_as_typed_writes_its_table_and_refuses_an_unknown_case(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "chainfree.bench.long_context", "--device", "cpu", "--budget", "0.4",
+           "--calib-steps", "1", "--evals", "1", "--cases", "exact", "--out", str(tmp_path), "--name", "lc",
+           *[a for kv in TINY for a in ("--set", kv)]]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| exact |" in (tmp_path / "lc.md").read_text()
+    bad = subprocess.run([*cmd[:3], "--cases", "exact,sus_tiles"], capture_output=True, text=True)
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert bad.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: unknown case")
