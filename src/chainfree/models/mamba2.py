@@ -46,6 +46,23 @@ class GatedRMSNorm(nn.Module):
         return (y * self.weight).to(dtype)
 
 
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[:, t] = bias + sum_k weight[:, 0, k] * x[:, t - K + 1 + k] on x [b, l, channels] (zeros before t = 0):
+    the causal depthwise conv written as K shifted products in the token-major layout the projections use,
+    so no transpose is materialised and torch.compile fuses it into one kernel (a grouped Conv1d needs
+    [b, channels, l] and runs a slow depthwise kernel forward and backward). Accumulates in float32."""
+    K = weight.shape[-1]
+    length = x.shape[1]
+    xp = F.pad(x, (0, 0, K - 1, 0))
+    w = weight[:, 0, :].float()
+    y = xp[:, :length].float() * w[:, 0]
+    for k in range(1, K):
+        y = y + xp[:, k:k + length].float() * w[:, k]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def init_dt_bias(n_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
     """dt_bias = softplus^{-1}(dt) with dt log-uniform in [dt_min, dt_max]: every head starts with a
     different time scale (the Mamba initialisation)."""
@@ -115,9 +132,9 @@ class Mamba2Block(SSDBlock):
     def _mix(self, u: torch.Tensor, initial: State | None = None) -> tuple[torch.Tensor, State]:
         b, l, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))
-        conv_in = xBC.transpose(1, 2)  # [b, conv_dim, l]
         K = self.conv_kernel
-        xBC = F.silu(self.conv1d(conv_in)[..., :l].transpose(1, 2))
+        conv_in = xBC
+        xBC = F.silu(causal_depthwise_conv(xBC, self.conv1d.weight, self.conv1d.bias))
         x, B, C, dt, A = self._ssm_inputs(xBC, dt)
         xh = x.reshape(b, l, self.n_heads, self.headdim)
         y, final = ssd_scan(
@@ -130,6 +147,7 @@ class Mamba2Block(SSDBlock):
         )
         y = y + self.D[:, None].to(y.dtype) * xh
         out = self.out_proj(self.out_norm(y.reshape(b, l, self.d_inner).to(z.dtype), z))
+        conv_in = conv_in.transpose(1, 2)  # [b, conv_dim, l]: the recurrent form's window layout
         conv_state = F.pad(conv_in, (K - 1, 0))[..., -(K - 1):] if K > 1 else conv_in[..., :0]
         return out, {"conv": conv_state, "ssm": final}
 

@@ -96,41 +96,46 @@ def ssd_chunked(
     c = (l + pad) // Q
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
 
-    X = x.reshape(b, c, Q, R, g, e, p)
-    Bc = B.reshape(b, c, Q, R, g, n)
-    Cc = C.reshape(b, c, Q, R, g, n)
+    # Heads and chunks are batch axes of plain matmuls; a chunk's rows are its (step, rank) pairs, so the
+    # MIMO rank R needs no extra einsum axis (R = 1: rows are steps).
+    QR = Q * R
+    X = x.reshape(b, c, QR, g, e, p)
+    Bc = B.reshape(b, c, QR, g, n).permute(0, 3, 1, 2, 4)  # [b, g, c, QR, n]
+    Cc = C.reshape(b, c, QR, g, n).permute(0, 3, 1, 2, 4)
     A = a.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2)  # [b, g, e, c, Q]
     A_cs = torch.cumsum(A, dim=-1)
+    A_rows = A_cs.repeat_interleave(R, dim=-1) if R > 1 else A_cs  # [b, g, e, c, QR]
 
-    # 1. intra-chunk: y[t, r] = sum_{s <= t, q} L[t, s] (C[t, r] . B[s, q]) x[s, q]
-    L = torch.exp(segsum(A))  # [b, g, e, c, Q, Q]
-    CB = torch.einsum("bctrgn,bcsqgn->bcgtrsq", Cc, Bc)
-    M = CB.unsqueeze(3) * L.permute(0, 3, 1, 2, 4, 5)[:, :, :, :, :, None, :, None].to(CB.dtype)
-    Y = torch.einsum("bcgetrsq,bcsqgep->bctrgep", M, X)
+    # 1. intra-chunk: y[t, r] = sum_{s <= t, q} L[t, s] (C[t, r] . B[s, q]) x[s, q], L[t, s] = exp(A_cs[t] - A_cs[s])
+    step = torch.arange(Q, device=a.device).repeat_interleave(R)
+    causal = step[:, None] >= step[None, :]
+    L = (A_rows[..., :, None] - A_rows[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    CB = Cc @ Bc.transpose(-1, -2)  # [b, g, c, QR, QR]
+    Xh = X.permute(0, 3, 4, 1, 2, 5)  # [b, g, e, c, QR, p]
+    Y = (CB[:, :, None] * L.to(CB.dtype)) @ Xh  # [b, g, e, c, QR, p]
 
-    # 2. each chunk's own contribution to its end state
-    decay_to_end = torch.exp(A_cs[..., -1:] - A_cs)  # [b, g, e, c, Q], all <= 1
-    Xd = X * decay_to_end.permute(0, 3, 4, 1, 2)[:, :, :, None, :, :, None].to(X.dtype)
-    states = torch.einsum("bcsqgn,bcsqgep->bcgepn", Bc, Xd)  # [b, c, g, e, p, n]
+    # 2. each chunk's own contribution to its end state: states[p, n] = sum_s decay(s -> end) x[s, p] B[s, n]
+    decay_to_end = torch.exp(A_rows[..., -1:] - A_rows)  # [b, g, e, c, QR], all <= 1
+    Xd = Xh * decay_to_end[..., None].to(Xh.dtype)
+    states = Xd.transpose(-1, -2) @ Bc[:, :, None]  # [b, g, e, c, p, n]
 
     # 3. inter-chunk recurrence over chunk states (c + 1 entries: the initial state first)
     if initial_state is None:
-        init = states.new_zeros(b, 1, g, e, p, n)
+        init = states.new_zeros(b, g, e, 1, p, n)
     else:
         if initial_state.shape != (b, h, p, n):
             raise ValueError(f"initial_state must be [b, h, p, n] = {(b, h, p, n)}, got {tuple(initial_state.shape)}")
-        init = initial_state.to(states.dtype).reshape(b, 1, g, e, p, n)
-    states = torch.cat([init, states], dim=1)
+        init = initial_state.to(states.dtype).reshape(b, g, e, 1, p, n)
+    states = torch.cat([init, states], dim=3)
     chunk_decay = F.pad(A_cs[..., -1], (1, 0))  # [b, g, e, c + 1]
     Lc = torch.exp(segsum(chunk_decay)).to(states.dtype)  # [b, g, e, c + 1, c + 1]
-    states = torch.einsum("bgezk,bkgepn->bzgepn", Lc, states)
-    entering, final = states[:, :-1], states[:, -1]
+    states = (Lc @ states.flatten(-2)).unflatten(-1, (p, n))
+    entering, final = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. read the state entering each chunk, decayed to each position
-    Yoff = torch.einsum("bctrgn,bcgepn->bctrgep", Cc, entering)
-    Yoff = Yoff * torch.exp(A_cs).permute(0, 3, 4, 1, 2)[:, :, :, None, :, :, None].to(Yoff.dtype)
+    Yoff = (Cc[:, :, None] @ entering.transpose(-1, -2)) * torch.exp(A_rows)[..., None].to(Y.dtype)
 
-    y = (Y + Yoff).reshape(b, c * Q, R, h, p)[:, :l]
+    y = (Y + Yoff).permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, R, h, p)[:, :l]
     final = final.reshape(b, h, p, n)
     return (y.squeeze(2) if squeeze else y), final
 
