@@ -16,7 +16,9 @@
 #   PARTS="gpt:15728640 m2defaults mamba2:3145728" BUDGET=330 bash benchmarks/lbi_full_gpu.sh
 # A part `ARCH:TOKENS[:CASES[:SCAN_STEPS]]` runs the reproduction (CASES comma-separated, default
 # dense,lbi_r16,paper_leaky_r16; SCAN_STEPS default 6, 0 = no scan timing); `m2defaults` trains mamba2-50m with
-# LBI's defaults for 3 steps. DEV=cpu EXTRA="--set model.d_model=64 ..." M2EXTRA="model.d_model=64,..." for a
+# LBI's defaults for 3 steps. KEEP=1 keeps the cases of benchmarks/results/lbi_full_ARCH_DEV.json made with the
+# same settings (one architecture's cases spread over calls). EXTRA="--set train.compile=true --set
+# train.compile_scope=blocks" compiles each block (one graph shared by the identical blocks). DEV=cpu EXTRA="--set model.d_model=64 ..." M2EXTRA="model.d_model=64,..." for a
 # dry run.
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -60,9 +62,14 @@ EOF
     continue
   fi
   IFS=: read -r arch tokens cases scan <<<"$part"
+  KEEPSET=""
+  if [ "${KEEP:-0}" = 1 ]; then  # keep the finished cases of the committed result made with the same settings
+    [ -f "$RUNS"/lbi_full_"$arch"_"$DEV".json ] || cp benchmarks/results/lbi_full_"$arch"_"$DEV".json "$RUNS"/ 2>/dev/null
+    KEEPSET="--set repro.keep=1"
+  fi
   timeout "$lim" python3 -m chainfree.reproduce.lbi --out "$RUNS" --device "$DEV" --set model.kind="$arch" $DATA \
     --set repro.tokens="$tokens" --set repro.cases="${cases:-dense,lbi_r16,paper_leaky_r16}" \
-    --set repro.scan_steps="${scan:-6}" $EXTRA
+    --set repro.scan_steps="${scan:-6}" $KEEPSET $EXTRA
   cp "$RUNS"/lbi_full_"$arch"_"$DEV".* "$OUT"/ 2>/dev/null
 done
 echo "done in $(( $(date +%s) - START ))s"

@@ -397,6 +397,32 @@ def test_full_reproduction_writes_the_issue_table(tmp_path, monkeypatch):
         repro.run_full(tmp_path, "cpu", ["repro.cases=dense,nope"])
 
 
+def test_full_reproduction_keeps_cases_of_an_earlier_call(tmp_path, monkeypatch):
+    """`repro.keep=1`: a later call with the same settings runs only its own cases and keeps the finished
+    ones (dense is not re-run, the gap uses the kept dense); other settings are never mixed in."""
+    import json
+
+    from chainfree.reproduce import lbi as repro
+
+    monkeypatch.setenv("CHAINFREE_CACHE", str(tmp_path / "cache"))
+    tiny = ["model.kind=gpt", "model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.seq_len=32",
+            "train.batch_size=2", "data.tokenizer=bytes", "data.max_chars=60000", "train.eval_batches=1"]
+    first = repro.run_full(tmp_path, "cpu", [*tiny, "repro.tokens=128", "repro.cases=dense", "repro.scan_steps=0"])
+    assert first.get("lbi_r16_val") is None
+    second = repro.run_full(tmp_path, "cpu", [*tiny, "repro.tokens=128", "repro.cases=lbi_r16",
+                                              "repro.scan_steps=0", "repro.keep=1"])
+    assert second["kept_from_earlier_call"] == ["dense"]
+    assert second["dense_val"] == first["dense_val"]
+    assert second["gap_r16"] == second["lbi_r16_val"] - first["dense_val"]
+    payload = json.loads((tmp_path / "lbi_full_gpt_cpu.json").read_text())
+    assert set(payload["curves"]) == {"dense", "lbi_r16"} and set(payload["summaries"]) == {"dense", "lbi_r16"}
+    assert "kept from an earlier call" in (tmp_path / "lbi_full_gpt_cpu.md").read_text()
+    # another token budget: nothing is kept, dense runs again
+    third = repro.run_full(tmp_path, "cpu", [*tiny, "repro.tokens=256", "repro.cases=lbi_r16",
+                                             "repro.scan_steps=0", "repro.keep=1"])
+    assert "kept_from_earlier_call" not in third and third["steps"] == 4
+
+
 def tiny_lm_blocks(sets: list[str]) -> list[torch.Tensor]:
     from chainfree.config import load_config
     from chainfree.models import build_model

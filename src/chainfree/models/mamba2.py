@@ -50,16 +50,18 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """y[:, t] = bias + sum_k weight[:, 0, k] * x[:, t - K + 1 + k] on x [b, l, channels] (zeros before t = 0):
     the causal depthwise conv written as K shifted products in the token-major layout the projections use,
     so no transpose is materialised and torch.compile fuses it into one kernel (a grouped Conv1d needs
-    [b, channels, l] and runs a slow depthwise kernel forward and backward). Accumulates in float32."""
+    [b, channels, l] and runs a slow depthwise kernel forward and backward). Half-precision inputs
+    accumulate in float32."""
     K = weight.shape[-1]
     length = x.shape[1]
-    xp = F.pad(x, (0, 0, K - 1, 0))
-    w = weight[:, 0, :].float()
-    y = xp[:, :length].float() * w[:, 0]
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xp = F.pad(x, (0, 0, K - 1, 0)).to(acc)
+    w = weight[:, 0, :].to(acc)
+    y = xp[:, :length] * w[:, 0]
     for k in range(1, K):
-        y = y + xp[:, k:k + length].float() * w[:, k]
+        y = y + xp[:, k:k + length] * w[:, k]
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
     return y.to(x.dtype)
 
 

@@ -114,9 +114,11 @@ def mamba3_chunked(
     shifted = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))  # (1 - lam_{t+1}) dt_{t+1}; 0 after the end
     scale = (gamma + shifted)[:, :, None, :, None]
     y, final = ssd_scan(x * scale.to(x.dtype), adt, k, q, chunk_size, backend=backend)
-    qk = torch.einsum("blrhn,blshn->blrsh", q, k)
-    diag = torch.einsum("blrsh,blshp->blrhp", qk, x) * shifted[:, :, None, :, None].to(x.dtype)
-    return y - diag + D[:, None].to(x.dtype) * x, final
+    # per-token dot products as broadcast products + sums: as batched matmuls they become [1, n] x [n, 1]
+    # GEMVs, the slowest kernels of the whole step on a GPU
+    qk = (q[:, :, :, None] * k[:, :, None]).sum(-1)  # [b, l, R, R, h]
+    diag = (qk[..., None] * x[:, :, None].to(qk.dtype)).sum(3) * shifted[:, :, None, :, None]
+    return y - diag.to(y.dtype) + D[:, None].to(x.dtype) * x, final
 
 
 class Mamba3Block(SSDBlock):

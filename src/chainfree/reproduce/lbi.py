@@ -189,8 +189,8 @@ def _split_repro_keys(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     for o in overrides:
         if o.startswith("repro."):
             key, _, value = o[len("repro."):].partition("=")
-            if key not in ("tokens", "cases", "scan_steps"):
-                raise ValueError(f"unknown reproduction key repro.{key} (tokens, cases, scan_steps)")
+            if key not in ("tokens", "cases", "scan_steps", "keep"):
+                raise ValueError(f"unknown reproduction key repro.{key} (tokens, cases, scan_steps, keep)")
             repro[key] = value
         else:
             rest.append(o)
@@ -305,12 +305,13 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
     unknown = [c for c in case_names if c not in FULL_CASES]
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}; choose from {', '.join(FULL_CASES)}")
-    if "dense" not in case_names:
-        case_names.insert(0, "dense")
     scan_steps = int(repro.get("scan_steps", 6))
     base, steps = full_base(arch, device, tokens, overrides)
     dev_type = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")).type
     name = f"lbi_full_{arch}_{dev_type}"
+    earlier = _earlier_run(out / f"{name}.json", overrides, steps) if repro.get("keep") == "1" else None
+    if "dense" not in case_names and not (earlier and "dense_val" in earlier["rows"][0]):
+        case_names.insert(0, "dense")
     command = "chainfree " + " ".join(sys.argv[1:]) if sys.argv and "chainfree" in sys.argv[0] else " ".join(sys.argv)
     cfg0 = load_config(f"{arch}-50m", base)
     tokens_per_step = cfg0.train.batch_size * cfg0.model.seq_len
@@ -330,6 +331,23 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
     }
     summaries: dict[str, Any] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
+    if earlier:  # cases finished by an earlier call with the same settings, not run again here
+        kept = [c for c in earlier["summaries"] if c in FULL_CASES and c not in case_names]
+        prev = earlier["rows"][0]
+        for c in kept:
+            summaries[c] = earlier["summaries"][c]
+            runs[c] = [{"step": st, **({"train_loss": tr} if tr is not None else {}),
+                        **({"val_loss": va} if va is not None else {})} for st, tr, va in earlier["curves"][c]]
+            row.update({k: v for k, v in prev.items() if k.startswith((c, f"step_ms_{c}", f"gap_{c}"))})
+        if "dense" in kept:
+            for k in ("device", "torch", "train_split_tokens", "epochs", "dense_val"):
+                row[k] = prev.get(k)
+        if scan_steps == 0:  # the scan's timing and gradient check, when this call does not redo them
+            for k, v in prev.items():
+                if "scan_" in k or k.startswith("grad_check"):
+                    row[k] = v
+            summaries.update({c: v for c, v in earlier["summaries"].items() if c.startswith("lbi_r16_scan_")})
+        row["kept_from_earlier_call"] = kept
 
     def save() -> None:
         curves = {case: [[r["step"], r.get("train_loss"), r.get("val_loss")] for r in recs]
@@ -360,9 +378,8 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
             train_tokens = _train_split_tokens(cfg)
             row["train_split_tokens"] = train_tokens
             row["epochs"] = row["tokens"] / train_tokens if train_tokens else None
-        else:
-            row[f"gap_{case.removesuffix('_r16') if case == 'paper_leaky_r16' else case}"] = (
-                summary["final_val_loss"] - row["dense_val"])
+        _gaps(row, summaries)
+        row["case_devices"] = {c: v.get("device") for c, v in summaries.items()}
         print(f"[{arch}] {case}: val {summary['final_val_loss']:.4f}, {1000 * summary['step_time_s']:.1f} ms/step, "
               f"{summary['wall_s']:.0f} s", flush=True)
         save()
@@ -391,6 +408,31 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
         save()
     print(full_markdown(row), flush=True)
     return row
+
+
+def _gaps(row: dict[str, Any], summaries: dict[str, Any]) -> None:
+    """Each LBI case's val loss minus dense's (recomputed whenever a case finishes, so a dense row re-run
+    in a later call is the one every gap uses)."""
+    if row.get("dense_val") is None:
+        return
+    for case in summaries:
+        if case in FULL_CASES and case != "dense" and f"{case}_val" in row:
+            key = "gap_paper_leaky" if case == "paper_leaky_r16" else f"gap_{case}"
+            row[key] = row[f"{case}_val"] - row["dense_val"]
+
+
+def _earlier_run(path: Path, overrides: list[str], steps: int) -> dict[str, Any] | None:
+    """An earlier result at `path` made with the same overrides and step count (its finished cases can be
+    kept), or None. A result with other settings is never mixed in: it is named and left alone."""
+    import json
+
+    if not path.exists():
+        return None
+    payload = json.loads(path.read_text())
+    if payload.get("overrides") != overrides or payload["rows"][0].get("steps") != steps:
+        print(f"repro.keep: {path} was made with other settings; its cases are not kept", flush=True)
+        return None
+    return payload
 
 
 def _train_split_tokens(cfg: Any) -> int | None:
@@ -433,6 +475,10 @@ def full_markdown(row: dict[str, Any]) -> str:
         "Extra cases: " + (", ".join(f"{k[:-4]} {_fmt(v)}" for k, v in row.items()
                                        if k.endswith("_val") and k.startswith(("lbi_r4", "lbi_r64", "token")))
                             or "none") + ".",
+        *([f"Cases kept from an earlier call with the same settings (repro.keep=1): "
+           f"{', '.join(g('kept_from_earlier_call'))}; device of each case: "
+           + ", ".join(f"{c} {d}" for c, d in (g("case_devices") or {}).items()) + "."]
+          if g("kept_from_earlier_call") else []),
         f"Scan vs autograd gradients on one batch, fp32, this device: max relative error "
         f"{_fmt(g('grad_check_max_rel_err_fp32'), '.2e')} (float64 CPU tests: <= 1e-10).",
         "",
