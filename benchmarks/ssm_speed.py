@@ -8,6 +8,7 @@ kernels that take the most CUDA time). `--src DIR` times another copy of the pac
 in the same way, for a before/after in the same session.
 
     python benchmarks/ssm_speed.py --out $OUT --presets mamba2-50m,mamba3-50m,hybrid-50m,gpt-50m
+    python benchmarks/ssm_speed.py --report A.json B.json ... --md OUT.md     # one table from several runs
 """
 
 from __future__ import annotations
@@ -21,9 +22,32 @@ import time
 from pathlib import Path
 
 
+def report(paths: list[Path], md: Path) -> None:
+    """One markdown table (preset x code x mode) from result files of this script."""
+    lines = ["| preset | code | mode | step ms (median; min-max over rounds) | tokens/s | first 2 steps s "
+             "(incl. compile) | eager peak GiB |", "|---|---|---|---|---|---|---|"]
+    heads = []
+    for path in paths:
+        d = json.loads(path.read_text())
+        heads.append(f"- `{path.name}`: {d['device']}, torch {d['torch']}, code {d.get('code') or d['commit']}, "
+                     f"`{d['command']}`")
+        for r in d["rows"]:
+            for mode in ("eager", "compile", "compile_blocks"):
+                if f"{mode}_ms" in r:
+                    lo, hi = r[f"{mode}_spread_ms"]
+                    lines.append(f"| {r['preset']} | {r['tag']} | {mode} | {r[f'{mode}_ms']:.1f} ({lo:.1f}-{hi:.1f}) "
+                                 f"| {r[f'{mode}_tok_s']:,.0f} | {r[f'{mode}_first2_s']:.1f} "
+                                 f"| {r.get('peak_gib_first_mode', float('nan')):.1f} |")
+    md.write_text("\n".join(["# Dense training step of the ~50M SSM presets", "", *heads, "",
+                              "Batch 32 x 1024 random tokens, vocab 8192, bf16 autocast, fused AdamW, exact "
+                              "backprop; modes interleaved round by round within one process.", "", *lines, ""]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report", type=Path, nargs="+")
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--presets", default="mamba2-50m,mamba3-50m,hybrid-50m,gpt-50m")
     ap.add_argument("--modes", default="eager,compile,compile_blocks")
     ap.add_argument("--batch", type=int, default=32)
@@ -34,6 +58,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script at toy sizes")
     args = ap.parse_args()
+    if args.report:
+        report(args.report, args.md or args.report[0].with_suffix(".md"))
+        return
+    if args.out is None:
+        ap.error("--out is required")
 
     import torch
 
@@ -114,7 +143,8 @@ def main() -> None:
         rows.append(row)
         del runners
         name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
-        payload = {"device": name, "torch": torch.__version__, "python": sys.version.split()[0],
+        payload = {"device": name, "code": os.environ.get("SSM_SPEED_CODE"),
+                   "torch": torch.__version__, "python": sys.version.split()[0],
                    "commit": os.environ.get("CHAINFREE_GIT_COMMIT"), "command": " ".join(sys.argv), "rows": rows}
         (args.out / f"ssm_speed_{args.tag}.json").write_text(json.dumps(payload, indent=1))
 
