@@ -55,7 +55,7 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     K = weight.shape[-1]
     length = x.shape[1]
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    xp = F.pad(x, (0, 0, K - 1, 0)).to(acc)
+    xp = F.pad(x, (0, 0, K - 1, 0))  # kept in x's dtype (saved for backward); the products promote to acc
     w = weight[:, 0, :].to(acc)
     y = xp[:, :length] * w[:, 0]
     for k in range(1, K):
