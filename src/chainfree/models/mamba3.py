@@ -115,9 +115,10 @@ def mamba3_chunked(
     scale = (gamma + shifted)[:, :, None, :, None]
     y, final = ssd_scan(x * scale.to(x.dtype), adt, k, q, chunk_size, backend=backend)
     # per-token dot products as broadcast products + sums: as batched matmuls they become [1, n] x [n, 1]
-    # GEMVs, the slowest kernels of the whole step on a GPU
-    qk = (q[:, :, :, None] * k[:, :, None]).sum(-1)  # [b, l, R, R, h]
-    diag = (qk[..., None] * x[:, :, None].to(qk.dtype)).sum(3) * shifted[:, :, None, :, None]
+    # GEMVs, the slowest kernels of the whole step on a GPU. In x's dtype (bf16 under autocast, as the
+    # matmuls ran), so what backward keeps is a half-precision copy of q and k, not a float32 one.
+    qk = (q.to(x.dtype)[:, :, :, None] * k.to(x.dtype)[:, :, None]).sum(-1)  # [b, l, R, R, h]
+    diag = (qk[..., None] * x[:, :, None]).sum(3) * shifted[:, :, None, :, None]
     return y - diag.to(y.dtype) + D[:, None].to(x.dtype) * x, final
 
 
