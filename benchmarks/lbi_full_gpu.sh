@@ -14,7 +14,7 @@
 #   cp -r /tmp/cf/pystdlib-3.11-bpe8192-* .carry_lbi/pystdlib311_bpe8192   # pre-tokenised: nothing is trained there
 #
 #   PARTS="gpt:15728640 m2defaults mamba2:3145728" BUDGET=330 bash benchmarks/lbi_full_gpu.sh
-# A part `ARCH:TOKENS[:CASES[:SCAN_STEPS]]` runs the reproduction (CASES comma-separated, default
+# A part `ARCH:TOKENS[:CASES[:SCAN_STEPS]]` runs the reproduction (CASES comma-separated or none, default
 # dense,lbi_r16,paper_leaky_r16; SCAN_STEPS default 6, 0 = no scan timing); `m2defaults` trains mamba2-50m with
 # LBI's defaults for 3 steps. KEEP=1 keeps the cases of benchmarks/results/lbi_full_ARCH_DEV.json made with the
 # same settings (one architecture's cases spread over calls). EXTRA="--set train.compile=true --set

@@ -417,6 +417,11 @@ def test_full_reproduction_keeps_cases_of_an_earlier_call(tmp_path, monkeypatch)
     payload = json.loads((tmp_path / "lbi_full_gpt_cpu.json").read_text())
     assert set(payload["curves"]) == {"dense", "lbi_r16"} and set(payload["summaries"]) == {"dense", "lbi_r16"}
     assert "kept from an earlier call" in (tmp_path / "lbi_full_gpt_cpu.md").read_text()
+    # no training case: only the scan's timing and gradient check, against the kept dense row
+    scan = repro.run_full(tmp_path, "cpu", [*tiny, "repro.tokens=128", "repro.cases=none", "repro.scan_steps=2",
+                                            "repro.keep=1"])
+    assert set(scan["kept_from_earlier_call"]) == {"dense", "lbi_r16"} and scan["gap_r16"] == second["gap_r16"]
+    assert scan["step_ms_lbi_r16_scan_vjp"] > 0 and scan["grad_check_max_rel_err_fp32"] < 1e-5
     # another token budget: nothing is kept, dense runs again
     third = repro.run_full(tmp_path, "cpu", [*tiny, "repro.tokens=256", "repro.cases=lbi_r16",
                                              "repro.scan_steps=0", "repro.keep=1"])

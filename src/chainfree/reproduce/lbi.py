@@ -301,7 +301,8 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
     kinds = [o.split("=", 1)[1] for o in overrides if o.startswith("model.kind=")]
     arch = kinds[-1] if kinds else "gpt"
     tokens = int(float(repro.get("tokens", FULL_TOKENS)))
-    case_names = [c for c in repro.get("cases", ",".join(DEFAULT_FULL_CASES)).split(",") if c]
+    # 'none': no training case (with repro.keep=1: only the scan timing, against a kept dense row)
+    case_names = [c for c in repro.get("cases", ",".join(DEFAULT_FULL_CASES)).split(",") if c and c != "none"]
     unknown = [c for c in case_names if c not in FULL_CASES]
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}; choose from {', '.join(FULL_CASES)}")
