@@ -369,6 +369,7 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
         t0 = time.perf_counter()
         summary = train(cfg, out / arch / case, progress=False)
         summary["wall_s"] = time.perf_counter() - t0
+        summary["commit"] = os.environ.get("CHAINFREE_GIT_COMMIT")  # cases kept across calls may differ
         summaries[case] = summary
         runs[case] = read_metrics(out / arch / case / "metrics.jsonl")
         row[f"{case}_val"] = summary["final_val_loss"]
@@ -380,7 +381,7 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
             row["train_split_tokens"] = train_tokens
             row["epochs"] = row["tokens"] / train_tokens if train_tokens else None
         _gaps(row, summaries)
-        row["case_devices"] = {c: v.get("device") for c, v in summaries.items()}
+        row["case_devices"] = {c: f"{v.get('device')} @ {v.get('commit')}" for c, v in summaries.items()}
         print(f"[{arch}] {case}: val {summary['final_val_loss']:.4f}, {1000 * summary['step_time_s']:.1f} ms/step, "
               f"{summary['wall_s']:.0f} s", flush=True)
         save()
@@ -477,7 +478,7 @@ def full_markdown(row: dict[str, Any]) -> str:
                                        if k.endswith("_val") and k.startswith(("lbi_r4", "lbi_r64", "token")))
                             or "none") + ".",
         *([f"Cases kept from an earlier call with the same settings (repro.keep=1): "
-           f"{', '.join(g('kept_from_earlier_call'))}; device of each case: "
+           f"{', '.join(g('kept_from_earlier_call'))}; device @ commit of each case: "
            + ", ".join(f"{c} {d}" for c, d in (g("case_devices") or {}).items()) + "."]
           if g("kept_from_earlier_call") else []),
         f"Scan vs autograd gradients on one batch, fp32, this device: max relative error "
