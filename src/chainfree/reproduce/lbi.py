@@ -336,7 +336,7 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
         kept = [c for c in earlier["summaries"] if c in FULL_CASES and c not in case_names]
         prev = earlier["rows"][0]
         for c in kept:
-            summaries[c] = earlier["summaries"][c]
+            summaries[c] = {"commit": earlier.get("commit"), **earlier["summaries"][c]}
             runs[c] = [{"step": st, **({"train_loss": tr} if tr is not None else {}),
                         **({"val_loss": va} if va is not None else {})} for st, tr, va in earlier["curves"][c]]
             row.update({k: v for k, v in prev.items() if k.startswith((c, f"step_ms_{c}", f"gap_{c}"))})
