@@ -10,7 +10,7 @@ import torch
 from chainfree.config import ModelConfig, load_config
 from chainfree.errors import ConfigError
 from chainfree.models.lm import LanguageModel, block_kinds
-from chainfree.models.mamba2 import Mamba2Block
+from chainfree.models.mamba2 import Mamba2Block, causal_depthwise_conv
 from chainfree.models.mamba3 import Mamba3Block, heavy_tail, mamba3_chunked, mamba3_recurrence, rotate_pairs
 from chainfree.ops.ssd import ssd_sequential
 
@@ -113,6 +113,26 @@ def test_block_chunk_size_does_not_change_output(cls, R):
     y = block(x)
     block.chunk_size = 1
     torch.testing.assert_close(block(x), y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_shifted_conv_equals_grouped_conv1d(K):
+    """The token-major shifted-product conv is the causal depthwise Conv1d it replaces (float64, grads too),
+    and under bf16 it stays within bf16 rounding of the float64 result."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, K, groups=6, padding=K - 1).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    ref = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    out = causal_depthwise_conv(x, conv.weight, conv.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    half = causal_depthwise_conv(x.detach().bfloat16(), conv.weight.float(), conv.bias.float())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), ref.detach(), rtol=2e-2, atol=2e-2)
 
 
 def test_hybrid_layout_and_param_counts():
