@@ -112,3 +112,27 @@ def test_hf_loader_on_local_file(tmp_path):
 
     corpus = hf_dataset(DataConfig(corpus="hf", hf_name="json", hf_data_files=str(path)))
     assert len(corpus.train) + len(corpus.val) == 40
+
+
+def test_cache_writers_building_the_same_entry_at_once_do_not_collide(tmp_path, monkeypatch):
+    """Two processes (ranks of one run, runs sharing a cache) that build one cache entry at the same time
+    each rename their own temp file into place: here a second writer finishes the same file while the
+    first is between writing and renaming -- with a shared temp name the first rename found no file."""
+    import os
+
+    from chainfree.data import tokens
+
+    path = tmp_path / "train.bin"
+    ids = np.arange(10, dtype=np.uint16)
+    real_fsync, nested = os.fsync, []
+
+    def fsync_then_another_writer(fd):
+        real_fsync(fd)
+        if not nested:
+            nested.append(1)
+            tokens.write_tokens(path, ids)
+
+    monkeypatch.setattr(os, "fsync", fsync_then_another_writer)
+    tokens.write_tokens(path, ids)
+    assert nested and np.array_equal(np.fromfile(path, dtype=np.uint16), ids)
+    assert [p.name for p in tmp_path.iterdir()] == ["train.bin"]  # no temp file left behind

@@ -4,6 +4,8 @@ token so a window that crosses a document boundary says so."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Protocol
 
@@ -73,7 +75,7 @@ class BPETokenizer:
         )
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per writer
         tok.save(str(tmp))
         tmp.replace(path)
         return BPETokenizer(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,15 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "chainfree"
 
 
+def private_tmp(path: Path) -> Path:
+    """A temp name beside `path` that no other writer uses: processes that build the same cache entry at
+    once (ranks of one run, runs sharing a cache) each write their own file and rename it into place."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def write_tokens(path: Path, ids: np.ndarray) -> None:
-    """Write a token array atomically (temp file, fsync, rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write a token array atomically (private temp file, fsync, rename)."""
+    tmp = private_tmp(path)
     with open(tmp, "wb") as f:
         f.write(ids.tobytes())
         f.flush()
@@ -114,7 +121,7 @@ def load_tokens(cfg: DataConfig) -> TokenData:
         write_tokens(folder / f"{split}.bin", _encode_documents(tokenizer, docs))
     meta = {"vocab_size": tokenizer.vocab_size, "dtype": "uint16", "corpus": corpus.name,
             "tokenizer": cfg.tokenizer, "fingerprint": corpus.fingerprint}
-    tmp = folder / "meta.json.tmp"
+    tmp = private_tmp(folder / "meta.json")
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(folder / "meta.json")  # written last: its presence marks a complete cache entry
     return read_token_dir(folder, "uint16")
