@@ -422,6 +422,7 @@ def test_full_reproduction_keeps_cases_of_an_earlier_call(tmp_path, monkeypatch)
                                             "repro.keep=1"])
     assert set(scan["kept_from_earlier_call"]) == {"dense", "lbi_r16"} and scan["gap_r16"] == second["gap_r16"]
     assert scan["step_ms_lbi_r16_scan_vjp"] > 0 and scan["grad_check_max_rel_err_fp32"] < 1e-5
+    assert set(scan["case_devices"]) == {"dense", "lbi_r16"}  # recorded although no case trained here
     # another token budget: nothing is kept, dense runs again
     third = repro.run_full(tmp_path, "cpu", [*tiny, "repro.tokens=256", "repro.cases=lbi_r16",
                                              "repro.scan_steps=0", "repro.keep=1"])

@@ -337,9 +337,8 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
         prev = earlier["rows"][0]
         for c in kept:
             summaries[c] = {"commit": earlier.get("commit"), **earlier["summaries"][c]}
-            runs[c] = [{"step": st, **({"train_loss": tr} if tr is not None else {}),
-                        **({"val_loss": va} if va is not None else {})} for st, tr, va in earlier["curves"][c]]
-            row.update({k: v for k, v in prev.items() if k.startswith((c, f"step_ms_{c}", f"gap_{c}"))})
+            runs[c] = _records(earlier["curves"][c])
+            row.update({k: v for k, v in prev.items() if k.startswith((c, f"step_ms_{c}"))})
         if "dense" in kept:
             for k in ("device", "torch", "train_split_tokens", "epochs", "dense_val"):
                 row[k] = prev.get(k)
@@ -349,6 +348,7 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
                     row[k] = v
             summaries.update({c: v for c, v in earlier["summaries"].items() if c.startswith("lbi_r16_scan_")})
         row["kept_from_earlier_call"] = kept
+        _gaps(row, summaries)
 
     def save() -> None:
         curves = {case: [[r["step"], r.get("train_loss"), r.get("val_loss")] for r in recs]
@@ -381,7 +381,6 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
             row["train_split_tokens"] = train_tokens
             row["epochs"] = row["tokens"] / train_tokens if train_tokens else None
         _gaps(row, summaries)
-        row["case_devices"] = {c: f"{v.get('device')} @ {v.get('commit')}" for c, v in summaries.items()}
         print(f"[{arch}] {case}: val {summary['final_val_loss']:.4f}, {1000 * summary['step_time_s']:.1f} ms/step, "
               f"{summary['wall_s']:.0f} s", flush=True)
         save()
@@ -413,14 +412,21 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def _gaps(row: dict[str, Any], summaries: dict[str, Any]) -> None:
-    """Each LBI case's val loss minus dense's (recomputed whenever a case finishes, so a dense row re-run
-    in a later call is the one every gap uses)."""
+    """Each LBI case's val loss minus dense's, and the device and commit of every case (recomputed whenever
+    cases are added, so a dense row re-run in a later call is the one every gap uses)."""
+    row["case_devices"] = {c: f"{v.get('device')} @ {v.get('commit')}" for c, v in summaries.items()}
     if row.get("dense_val") is None:
         return
     for case in summaries:
         if case in FULL_CASES and case != "dense" and f"{case}_val" in row:
             key = "gap_paper_leaky" if case == "paper_leaky_r16" else f"gap_{case}"
             row[key] = row[f"{case}_val"] - row["dense_val"]
+
+
+def _records(curve: list[list[Any]]) -> list[dict[str, Any]]:
+    """A result's stored curve ([step, train, val] rows, None where absent) as metrics records."""
+    return [{"step": st, **({"train_loss": tr} if tr is not None else {}),
+             **({"val_loss": va} if va is not None else {})} for st, tr, va in curve]
 
 
 def _earlier_run(path: Path, overrides: list[str], steps: int) -> dict[str, Any] | None:
@@ -499,9 +505,7 @@ def plot_json(path: Path) -> Path:
 
     payload = json.loads(Path(path).read_text())
     row = payload["rows"][0]
-    runs = {case: [{"step": s, "train_loss": tr, **({"val_loss": va} if va is not None else {})}
-                   for s, tr, va in recs if tr is not None or va is not None]
-            for case, recs in payload["curves"].items()}
+    runs = {case: _records(recs) for case, recs in payload["curves"].items()}
     png = Path(path).with_suffix(".png")
     _plot_vs_tokens(runs, payload["tokens_per_step"], png,
                     f"LBI vs dense, {row['arch']} ({row['params'] / 1e6:.1f}M block params)")
