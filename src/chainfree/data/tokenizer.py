@@ -11,6 +11,12 @@ from typing import Protocol
 
 from chainfree.errors import DataError
 
+
+def private_tmp(path: Path) -> Path:
+    """A temp name beside `path` that no other writer uses: processes that build the same cache entry at
+    once (ranks of one run, runs sharing a cache) each write their own file and rename it into place."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
 EOT = "<|endoftext|>"
 
 
@@ -75,7 +81,7 @@ class BPETokenizer:
         )
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per writer
+        tmp = private_tmp(path)
         tok.save(str(tmp))
         tmp.replace(path)
         return BPETokenizer(path)

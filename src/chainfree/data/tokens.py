@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from chainfree.config import DataConfig
-from chainfree.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from chainfree.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, private_tmp
 from chainfree.errors import DataError
 
 FORMAT_VERSION = 1
@@ -46,12 +45,6 @@ def cache_root(cfg: DataConfig) -> Path:
         return Path(cfg.cache_dir).expanduser()
     env = os.environ.get("CHAINFREE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "chainfree"
-
-
-def private_tmp(path: Path) -> Path:
-    """A temp name beside `path` that no other writer uses: processes that build the same cache entry at
-    once (ranks of one run, runs sharing a cache) each write their own file and rename it into place."""
-    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_tokens(path: Path, ids: np.ndarray) -> None:
