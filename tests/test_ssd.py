@@ -115,3 +115,20 @@ def test_gpu_eager_and_compiled_match_cpu_reference():
         y, f = ssd_scan(*cuda[:4], 64, cuda[4], backend=backend)
         torch.testing.assert_close(y.double().cpu(), y_ref, rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(f.double().cpu(), f_ref, rtol=2e-3, atol=2e-3)
+
+
+def test_shared_b_c_are_not_saved_per_head():
+    """With one B/C group shared by all heads, autograd saves no tensor of B's or C's size times the head count
+    (the head-expanded copies a broadcast matmul would make): n > chunk and p small, so only such a copy reaches
+    b * l * h * n elements."""
+    b, l, h, p, g, n, chunk = 2, 32, 8, 2, 1, 32, 4
+    x, a, B, C, _ = make_inputs(b, l, h, p, g, n, requires_grad=True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, final = ssd_chunked(x, a, B, C, chunk)
+    assert max(sizes) < b * l * h * n, sorted(sizes)[-3:]

@@ -114,10 +114,12 @@ def ssd_chunked(
     Xh = X.permute(0, 3, 4, 1, 2, 5)  # [b, g, e, c, QR, p]
     Y = (CB[:, :, None] * L.to(CB.dtype)) @ Xh  # [b, g, e, c, QR, p]
 
-    # 2. each chunk's own contribution to its end state: states[p, n] = sum_s decay(s -> end) x[s, p] B[s, n]
-    decay_to_end = torch.exp(A_rows[..., -1:] - A_rows)  # [b, g, e, c, QR], all <= 1
-    Xd = Xh * decay_to_end[..., None].to(Xh.dtype)
-    states = Xd.transpose(-1, -2) @ Bc[:, :, None]  # [b, g, e, c, p, n]
+    # 2. each chunk's own contribution to its end state: states[p, n] = sum_s decay(s -> end) x[s, p] B[s, n].
+    # The heads sharing a group's B are columns of one matmul ([e * p, QR] @ [QR, n]), so B is never copied per head.
+    decay_to_end = torch.exp(A_rows[..., -1:] - A_rows).permute(0, 1, 3, 4, 2)  # [b, g, c, QR, e], all <= 1
+    Xg = X.permute(0, 3, 1, 2, 4, 5)  # [b, g, c, QR, e, p]
+    Xd = (Xg * decay_to_end[..., None].to(Xg.dtype)).flatten(-2)  # [b, g, c, QR, e * p]
+    states = (Xd.transpose(-1, -2) @ Bc).unflatten(-2, (e, p)).transpose(2, 3)  # [b, g, e, c, p, n]
 
     # 3. inter-chunk recurrence over chunk states (c + 1 entries: the initial state first)
     if initial_state is None:
@@ -132,10 +134,13 @@ def ssd_chunked(
     states = (Lc @ states.flatten(-2)).unflatten(-1, (p, n))
     entering, final = states[:, :, :, :-1], states[:, :, :, -1]
 
-    # 4. read the state entering each chunk, decayed to each position
-    Yoff = (Cc[:, :, None] @ entering.transpose(-1, -2)) * torch.exp(A_rows)[..., None].to(Y.dtype)
+    # 4. read the state entering each chunk, decayed to each position (again one matmul per group:
+    # [QR, n] @ [n, e * p], C not copied per head)
+    entering = entering.permute(0, 1, 3, 5, 2, 4).flatten(-2)  # [b, g, c, n, e * p]
+    decay_in = torch.exp(A_rows).permute(0, 1, 3, 4, 2)[..., None]  # [b, g, c, QR, e, 1]
+    Yoff = (Cc @ entering).unflatten(-1, (e, p)) * decay_in.to(Y.dtype)  # [b, g, c, QR, e, p]
 
-    y = (Y + Yoff).permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, R, h, p)[:, :l]
+    y = (Y.permute(0, 3, 4, 1, 2, 5) + Yoff.permute(0, 2, 3, 1, 4, 5)).reshape(b, c * Q, R, h, p)[:, :l]
     final = final.reshape(b, h, p, n)
     return (y.squeeze(2) if squeeze else y), final
 
