@@ -4,8 +4,9 @@ For each preset: random tokens (vocab 8192, batch x 1024), bf16 autocast, fused 
 `eager`; `compile` (torch.compile of the whole model); `compile_blocks` (each block compiled on its own, as
 LBI's region runs need). Steps of the modes are interleaved round by round so machine load hits all of them;
 the median and the spread over rounds are reported. One eager step is profiled with torch.profiler (the
-kernels that take the most CUDA time). `--src DIR` times another copy of the package (e.g. an older commit)
-in the same way, for a before/after in the same session.
+kernels that take the most CUDA time). To time another copy of the package (e.g. an older commit) in the same
+session, put its `chainfree/` under DIR and run with `PYTHONPATH=DIR SSM_SPEED_CODE=<label>` (the label names
+that code in the result).
 
     python benchmarks/ssm_speed.py --out $OUT --presets mamba2-50m,mamba3-50m,hybrid-50m,gpt-50m
     python benchmarks/ssm_speed.py --report A.json B.json ... --md OUT.md     # one table from several runs
