@@ -88,6 +88,15 @@ def test_compiled_lbi_six_layers_trains_like_eager(one_thread, monkeypatch) -> N
         _check_same_training("vjp", 6, steps=4)
 
 
+@pytest.mark.slow
+def test_compiled_lbi_prefix_runs_as_loop(one_thread, monkeypatch) -> None:
+    """jacobian='prefix' re-runs blocks on truncated, replicated inputs: a new shape, i.e. a recompilation, for
+    each one. With compiled blocks it warns and takes the loop VJPs on the forward graph (same gradients)."""
+    monkeypatch.setattr(lbi_models, "_warned_prefix_as_loop", False)
+    with pytest.warns(UserWarning, match="prefix passes"):
+        _check_same_training("prefix", 4, steps=2)
+
+
 def test_donation_stays_on_where_no_graph_is_retained() -> None:
     """Only a model that declares it retains block graphs gets the donation-off backend: a plain
     LanguageModel and LBI with a Jacobian that re-runs the region keep torch's default."""

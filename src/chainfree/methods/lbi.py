@@ -29,8 +29,10 @@ Interfaces (`interface=`):
 Jacobians (`jacobian=`): 'vjp' (n batched VJPs on the forward graph, `is_grads_batched`), 'jvp' (n
 forward-mode JVPs, torch.func), 'replicate' (re-run the region on the batch replicated n times, one
 backward), 'loop' (n plain VJPs), 'prefix' (causal_chunk: 'replicate' on causal prefixes, output chunk c
-from the first c+1 chunks; no vmap). n = C r (causal_chunk), r (paper_leaky, token). Only regions 1..K-2
-need one: region K-1 supplies the seed lambda_{K-1} by its VJP, region 0's VJP yields lambda_0 for the stem.
+from the first c+1 chunks; no vmap). With torch.compile'd blocks 'vjp' and 'prefix' run as 'loop' (a compiled
+backward cannot be vmapped; prefix shapes would recompile each block per shape), with a warning.
+n = C r (causal_chunk), r (paper_leaky, token). Only regions 1..K-2 need one: region K-1 supplies the seed
+lambda_{K-1} by its VJP, region 0's VJP yields lambda_0 for the stem.
 Memory: unless `jacobian_chunk` > 0, the n directions run in passes sized to `jacobian_memory` GiB (0 = half
 the free device memory / available RAM), at the activation bytes measured on each region's forward.
 """

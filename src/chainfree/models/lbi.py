@@ -232,12 +232,13 @@ class LBIModel(nn.Module):
     @property
     def retains_block_graphs(self) -> bool:
         """True when the scan backward differentiates a region's forward graph more than once: 'vjp' and
-        'loop' take the Jacobian rows from it (retain_graph=True) and then the parameter VJP. Read by
+        'loop' take the Jacobian rows from it (retain_graph=True) and then the parameter VJP ('prefix' too once
+        its blocks are compiled: it then runs as 'loop'). Read by
         chainfree.training.options.compile_model, which then compiles the blocks with AOTAutograd's donated
         buffers off (a compiled backward with donated buffers frees its saved tensors after one use)."""
         return (
             getattr(self.config, "backward", "scan") == "scan"
-            and getattr(self.config, "jacobian", "vjp") in ("vjp", "loop")
+            and getattr(self.config, "jacobian", "vjp") in ("vjp", "loop", "prefix")
             and self.n_regions > 2
         )
 
@@ -311,6 +312,7 @@ def retaining_compiled_graphs(model: LBIModel, k: int) -> AbstractContextManager
 
 
 _warned_vjp_unbatched = False
+_warned_prefix_as_loop = False
 
 
 def _warn_vjp_unbatched() -> None:
@@ -325,6 +327,19 @@ def _warn_vjp_unbatched() -> None:
             stacklevel=3,
         )
 
+
+def _warn_prefix_as_loop() -> None:
+    global _warned_prefix_as_loop
+    if not _warned_prefix_as_loop:
+        _warned_prefix_as_loop = True
+        warnings.warn(
+            "LBI method.jacobian='prefix' with torch.compile'd blocks (train.compile=true): the prefix passes "
+            "run each block on n_chunks lengths and several batch sizes, and blocks compiled for fixed shapes "
+            "recompile for every one (past torch's recompile limit, and with the memory of each compilation); "
+            "the Jacobian VJPs run one direction at a time on the forward graph instead, as jacobian='loop' "
+            "(same numbers); set method.jacobian='loop' to silence this, or train.compile=false to use 'prefix'",
+            stacklevel=3,
+        )
 
 
 # ---- bounding the memory of the Jacobian passes ------------------------------------------------------------
@@ -433,11 +448,16 @@ def region_jacobian_t(
         canvas.device,
     )
     pieces = [basis[i : i + step] for i in range(0, n, step)]
-    compiled = how in ("vjp", "loop") and bool(model.compiled_modules(k))
+    compiled = how in ("vjp", "loop", "prefix") and bool(model.compiled_modules(k))
     if how == "vjp" and compiled:
         # is_grads_batched vmaps the backward, and a compiled block's backward (inductor kernels) cannot run
         # on vmap's batched tensors: same VJPs on the same graph, one direction at a time (= 'loop')
         _warn_vjp_unbatched()
+        how = "loop"
+    if how == "prefix" and compiled:
+        # prefix re-runs the region on C truncated lengths x (one or two) replicated batch sizes: each a new
+        # shape for blocks compiled with dynamic=False, i.e. a recompilation per shape and block class
+        _warn_prefix_as_loop()
         how = "loop"
     if how == "vjp":
         rows = [

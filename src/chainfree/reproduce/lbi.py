@@ -313,7 +313,7 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
     earlier = _earlier_run(out / f"{name}.json", overrides, steps) if repro.get("keep") == "1" else None
     if "dense" not in case_names and not (earlier and "dense_val" in earlier["rows"][0]):
         case_names.insert(0, "dense")
-    command = "chainfree " + " ".join(sys.argv[1:]) if sys.argv and "chainfree" in sys.argv[0] else " ".join(sys.argv)
+    command = _command_line()
     cfg0 = load_config(f"{arch}-50m", base)
     tokens_per_step = cfg0.train.batch_size * cfg0.model.seq_len
     row: dict[str, Any] = {
@@ -394,8 +394,12 @@ def run_full(out: Path, device: str, overrides: list[str]) -> dict[str, Any]:
                                           f"method.jacobian={jac}", f"train.steps={scan_steps}",
                                           f"train.eval_every={scan_steps}", "train.eval_batches=1",
                                           f"train.ckpt_every={10 * scan_steps}"])
+        if jac == "prefix" and cfg.train.compile:  # compiled blocks run 'prefix' as 'loop', i.e. as 'vjp' there
+            row["scan_prefix_note"] = "not timed: with compiled blocks jacobian='prefix' runs as 'loop', like 'vjp'"
+            continue
         try:
             summary = train(cfg, out / arch / f"lbi_r16_scan_{jac}", progress=False)
+            summary["commit"] = os.environ.get("CHAINFREE_GIT_COMMIT")
             summaries[f"lbi_r16_scan_{jac}"] = summary
             row[f"step_ms_lbi_r16_scan_{jac}"] = 1000 * summary["step_time_s"]
             row[f"scan_{jac}_over_dense"] = summary["step_time_s"] * 1000 / row["step_ms_dense"]
@@ -479,6 +483,7 @@ def full_markdown(row: dict[str, Any]) -> str:
         f"| {_fmt(g('step_ms_paper_leaky_r16'), '.1f')} | {_fmt(g('step_ms_lbi_r16_scan_vjp'), '.1f')} "
         f"({_fmt(g('scan_vjp_over_dense'), '.1f')}× dense) | {_fmt(g('step_ms_lbi_r16_scan_prefix'), '.1f')} "
         f"({_fmt(g('scan_prefix_over_dense'), '.1f')}× dense) |",
+        *([f"Scan (prefix): {g('scan_prefix_note')}."] if g("scan_prefix_note") else []),
         "",
         "Extra cases: " + (", ".join(f"{k[:-4]} {_fmt(v)}" for k, v in row.items()
                                        if k.endswith("_val") and k.startswith(("lbi_r4", "lbi_r64", "token")))
@@ -510,6 +515,19 @@ def plot_json(path: Path) -> Path:
     _plot_vs_tokens(runs, payload["tokens_per_step"], png,
                     f"LBI vs dense, {row['arch']} ({row['params'] / 1e6:.1f}M block params)")
     return png
+
+
+def _command_line() -> str:
+    """What was typed: `chainfree ...` for the console script, `python -m chainfree.reproduce.lbi ...` for this
+    module run directly (whose argv[0] is its file path), else the argv as it is."""
+    if not sys.argv:
+        return ""
+    prog = Path(sys.argv[0])
+    if prog.name == "chainfree":
+        return " ".join(["chainfree", *sys.argv[1:]])
+    if prog.parts[-3:] == ("chainfree", "reproduce", "lbi.py"):
+        return " ".join(["python -m chainfree.reproduce.lbi", *sys.argv[1:]])
+    return " ".join(sys.argv)
 
 
 def main(argv: list[str] | None = None) -> None:
