@@ -435,3 +435,41 @@ def tiny_lm_blocks(sets: list[str]) -> list[torch.Tensor]:
 
     cfg = load_config("gpt-50m", ["model.vocab_size=256", *sets])
     return list(build_model(cfg.model).blocks.parameters())
+
+
+def test_full_reproduction_times_only_the_vjp_scan_with_compiled_blocks(tmp_path, monkeypatch):
+    """With train.compile=true the scan's 'prefix' Jacobian runs as 'loop' (as 'vjp' does), so the reproduction
+    times the vjp scan only and records why prefix was not timed. Training is replaced by a recorder: this
+    checks which runs the reproduction asks for, not what they measure (the toy runs above do that)."""
+    import json
+
+    from chainfree.reproduce import lbi as repro
+
+    asked = []
+
+    def fake_train(cfg, out, progress=False):
+        m = cfg.method  # a dict of the method's keys
+        asked.append((m["name"], m.get("backward"), m.get("jacobian"), cfg.train.compile))
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"step": 1, "tokens": 64, "train_loss": 2.0, "val_loss": 2.0}
+        (out / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        return {"final_val_loss": 2.0, "step_time_s": 0.5, "device": "cpu", "torch": torch.__version__}
+
+    import chainfree.train
+
+    monkeypatch.setattr(chainfree.train, "train", fake_train)
+    monkeypatch.setattr(repro, "_grad_check", lambda cfg: {"grad_check_max_rel_err_fp32": 0.0})
+    monkeypatch.setattr(repro, "_plot_vs_tokens", lambda *a, **k: None)
+    monkeypatch.setenv("CHAINFREE_CACHE", str(tmp_path / "cache"))
+    tiny = ["model.kind=gpt", "model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.seq_len=32",
+            "train.batch_size=2", "data.tokenizer=bytes", "data.max_chars=60000", "train.eval_batches=1"]
+    row = repro.run_full(tmp_path, "cpu", [*tiny, "repro.tokens=128", "repro.cases=dense", "repro.scan_steps=1",
+                                           "train.compile=true", "train.compile_scope=blocks"])
+    scans = [a for a in asked if a[1] == "scan"]
+    assert scans == [("lbi", "scan", "vjp", True)], asked
+    assert "step_ms_lbi_r16_scan_prefix" not in row and "runs as 'loop'" in row["scan_prefix_note"]
+    assert "Scan (prefix): not timed" in (tmp_path / "lbi_full_gpt_cpu.md").read_text()
+    asked.clear()
+    eager = repro.run_full(tmp_path / "eager", "cpu", [*tiny, "repro.tokens=128", "repro.cases=dense",
+                                                       "repro.scan_steps=1"])
+    assert [a[2] for a in asked if a[1] == "scan"] == ["vjp", "prefix"] and eager["step_ms_lbi_r16_scan_prefix"] > 0
