@@ -473,3 +473,26 @@ def test_full_reproduction_times_only_the_vjp_scan_with_compiled_blocks(tmp_path
     eager = repro.run_full(tmp_path / "eager", "cpu", [*tiny, "repro.tokens=128", "repro.cases=dense",
                                                        "repro.scan_steps=1"])
     assert [a[2] for a in asked if a[1] == "scan"] == ["vjp", "prefix"] and eager["step_ms_lbi_r16_scan_prefix"] > 0
+
+
+def test_full_reproduction_from_the_command_line(tmp_path):
+    """What a user types, `chainfree reproduce lbi --scale full`, in a fresh process at toy size (dense only, no
+    scan timing): it writes the table and records that command line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tiny = ["model.kind=gpt", "model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.seq_len=32",
+            "train.batch_size=2", "data.tokenizer=bytes", "data.max_chars=60000", "train.eval_batches=1",
+            "repro.tokens=128", "repro.cases=dense", "repro.scan_steps=0"]
+    args = ["reproduce", "lbi", "--scale", "full", "--device", "cpu", "--out", str(tmp_path / "out")]
+    for s in tiny:
+        args += ["--set", s]
+    code = "import sys; from chainfree.cli import main; sys.argv[0] = 'chainfree'; main()"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHAINFREE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    payload = json.loads((tmp_path / "out" / "lbi_full_gpt_cpu.json").read_text())
+    assert payload["command"].startswith("chainfree reproduce lbi --scale full --device cpu")
+    assert payload["rows"][0]["dense_val"] > 0 and (tmp_path / "out" / "lbi_full_gpt_cpu.md").is_file()
