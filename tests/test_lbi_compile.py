@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import chainfree.models.lbi as lbi_models
+from chainfree import errors
 from chainfree.config import ModelConfig, TrainConfig
 from chainfree.errors import ConfigError
 from chainfree.methods.lbi import LBI, LBIConfig
@@ -76,14 +76,14 @@ def test_compiled_lbi_loop_trains_like_eager(one_thread) -> None:
 def test_compiled_lbi_default_vjp_falls_back_to_unbatched_vjps(one_thread, monkeypatch) -> None:
     """The default jacobian='vjp' vmaps the backward (is_grads_batched), which a compiled backward cannot
     run: it warns and takes the same VJPs one direction at a time."""
-    monkeypatch.setattr(lbi_models, "_warned_vjp_unbatched", False)
+    monkeypatch.setattr(errors, "_WARNED", set())
     with pytest.warns(UserWarning, match="cannot be vmapped"):
         _check_same_training("vjp", 4, steps=2)
 
 
 @pytest.mark.slow
 def test_compiled_lbi_six_layers_trains_like_eager(one_thread, monkeypatch) -> None:
-    monkeypatch.setattr(lbi_models, "_warned_vjp_unbatched", False)
+    monkeypatch.setattr(errors, "_WARNED", set())
     with pytest.warns(UserWarning, match="cannot be vmapped"):
         _check_same_training("vjp", 6, steps=4)
 
@@ -92,7 +92,7 @@ def test_compiled_lbi_six_layers_trains_like_eager(one_thread, monkeypatch) -> N
 def test_compiled_lbi_prefix_runs_as_loop(one_thread, monkeypatch) -> None:
     """jacobian='prefix' re-runs blocks on truncated, replicated inputs: a new shape, i.e. a recompilation, for
     each one. With compiled blocks it warns and takes the loop VJPs on the forward graph (same gradients)."""
-    monkeypatch.setattr(lbi_models, "_warned_prefix_as_loop", False)
+    monkeypatch.setattr(errors, "_WARNED", set())
     with pytest.warns(UserWarning, match="prefix passes"):
         _check_same_training("prefix", 4, steps=2)
 

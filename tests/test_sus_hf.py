@@ -139,10 +139,10 @@ def test_unsupported_masks_fall_back_to_sdpa_with_one_warning(monkeypatch):
     that call, warning once per process, instead of stopping a training run."""
     import warnings
 
-    import chainfree.ops.sus as sus_module
+    from chainfree import errors
     from chainfree.integrations.hf import sus_attention_forward
 
-    monkeypatch.setattr(sus_module, "_WARNED", set())
+    monkeypatch.setattr(errors, "_WARNED", set())
     module = torch.nn.Module()
     module.is_causal = True
     q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))

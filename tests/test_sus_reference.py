@@ -585,9 +585,10 @@ class _FakeKernel:
 
 def test_masked_call_on_a_per_pair_kernel_falls_back_to_exact_sdpa_once_warned(monkeypatch):
     import chainfree.ops.sus as sus_module
+    from chainfree import errors
 
     monkeypatch.setattr(sus_module, "_kernel", lambda *a: _FakeKernel())
-    monkeypatch.setattr(sus_module, "_WARNED", set())
+    monkeypatch.setattr(errors, "_WARNED", set())
     q, k, v = qkv(2, 4, 2, 11, 8)
     sus_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert _FakeKernel.calls == 1  # unmasked: the kernel
@@ -605,9 +606,9 @@ def test_masked_call_on_a_per_pair_kernel_falls_back_to_exact_sdpa_once_warned(m
 
 
 def test_learned_float_mask_gets_its_gradient_from_exact_sdpa(monkeypatch):
-    import chainfree.ops.sus as sus_module
+    from chainfree import errors
 
-    monkeypatch.setattr(sus_module, "_WARNED", set())
+    monkeypatch.setattr(errors, "_WARNED", set())
     q, k, v = qkv(1, 2, 2, 6, 4)
     bias = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="requires grad"):

@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from chainfree.ops.sus import sus_attention, warn_once
+from chainfree.errors import warn_once
+from chainfree.ops.sus import sus_attention
 
 DEFAULT_NAME = "chainfree_sus"
 

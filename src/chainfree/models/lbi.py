@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from chainfree.errors import ConfigError
+from chainfree.errors import ConfigError, warn_once
 
 INTERFACES = ("causal_chunk", "token", "paper_leaky")
 JACOBIANS = ("vjp", "jvp", "replicate", "loop", "prefix")
@@ -311,35 +310,18 @@ def retaining_compiled_graphs(model: LBIModel, k: int) -> AbstractContextManager
     return functorch_config.patch(donated_buffer=False)
 
 
-_warned_vjp_unbatched = False
-_warned_prefix_as_loop = False
-
-
-def _warn_vjp_unbatched() -> None:
-    global _warned_vjp_unbatched
-    if not _warned_vjp_unbatched:
-        _warned_vjp_unbatched = True
-        warnings.warn(
-            "LBI method.jacobian='vjp' with torch.compile'd blocks (train.compile=true): a compiled backward "
-            "cannot be vmapped (is_grads_batched), so the Jacobian VJPs run one direction at a time, as "
-            "jacobian='loop' (same numbers, n sequential backward passes per region); set method.jacobian to "
-            "'loop', 'replicate' or 'jvp' to choose explicitly",
-            stacklevel=3,
-        )
-
-
-def _warn_prefix_as_loop() -> None:
-    global _warned_prefix_as_loop
-    if not _warned_prefix_as_loop:
-        _warned_prefix_as_loop = True
-        warnings.warn(
-            "LBI method.jacobian='prefix' with torch.compile'd blocks (train.compile=true): the prefix passes "
-            "run each block on n_chunks lengths and several batch sizes, and blocks compiled for fixed shapes "
-            "recompile for every one (past torch's recompile limit, and with the memory of each compilation); "
-            "the Jacobian VJPs run one direction at a time on the forward graph instead, as jacobian='loop' "
-            "(same numbers); set method.jacobian='loop' to silence this, or train.compile=false to use 'prefix'",
-            stacklevel=3,
-        )
+# Why 'vjp' and 'prefix' run as 'loop' on torch.compile'd blocks (each said once per process)
+_AS_LOOP_WHY = {
+    "vjp": "LBI method.jacobian='vjp' with torch.compile'd blocks (train.compile=true): a compiled backward "
+    "cannot be vmapped (is_grads_batched), so the Jacobian VJPs run one direction at a time, as "
+    "jacobian='loop' (same numbers, n sequential backward passes per region); set method.jacobian to "
+    "'loop', 'replicate' or 'jvp' to choose explicitly",
+    "prefix": "LBI method.jacobian='prefix' with torch.compile'd blocks (train.compile=true): the prefix passes "
+    "run each block on n_chunks lengths and several batch sizes, and blocks compiled for fixed shapes "
+    "recompile for every one (past torch's recompile limit, and with the memory of each compilation); "
+    "the Jacobian VJPs run one direction at a time on the forward graph instead, as jacobian='loop' "
+    "(same numbers); set method.jacobian='loop' to silence this, or train.compile=false to use 'prefix'",
+}
 
 
 # ---- bounding the memory of the Jacobian passes ------------------------------------------------------------
@@ -449,15 +431,12 @@ def region_jacobian_t(
     )
     pieces = [basis[i : i + step] for i in range(0, n, step)]
     compiled = how in ("vjp", "loop", "prefix") and bool(model.compiled_modules(k))
-    if how == "vjp" and compiled:
-        # is_grads_batched vmaps the backward, and a compiled block's backward (inductor kernels) cannot run
-        # on vmap's batched tensors: same VJPs on the same graph, one direction at a time (= 'loop')
-        _warn_vjp_unbatched()
-        how = "loop"
-    if how == "prefix" and compiled:
-        # prefix re-runs the region on C truncated lengths x (one or two) replicated batch sizes: each a new
-        # shape for blocks compiled with dynamic=False, i.e. a recompilation per shape and block class
-        _warn_prefix_as_loop()
+    if how in _AS_LOOP_WHY and compiled:
+        # vjp: is_grads_batched vmaps the backward, and a compiled block's backward (inductor kernels) cannot
+        # run on vmap's batched tensors. prefix: it re-runs the region on C truncated lengths x (one or two)
+        # replicated batch sizes, each a new shape for blocks compiled with dynamic=False (a recompilation per
+        # shape and block class). Both: the same VJPs on the forward graph, one direction at a time (= 'loop')
+        warn_once(f"lbi-{how}-as-loop", _AS_LOOP_WHY[how], UserWarning)
         how = "loop"
     if how == "vjp":
         rows = [

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import threading
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from chainfree.errors import warn_once
 from chainfree.ops.sus_random import draw_seed
 from chainfree.ops.sus_reference import (
     VARIANTS,
@@ -32,18 +31,6 @@ from chainfree.ops.sus_reference import (
 )
 
 DocumentIds = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-_WARNED: set[str] = set()
-_WARN_LOCK = threading.Lock()
-
-
-def warn_once(key: str, message: str) -> None:
-    """A RuntimeWarning the first time `key` is seen in this process (a fallback that a training run
-    would otherwise report every step)."""
-    with _WARN_LOCK:
-        if key in _WARNED:
-            return
-        _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 BACKENDS = ("auto", "reference", "triton")
 TILE_VARIANT = "tile"
@@ -299,4 +286,4 @@ def _per_pair_attention(
 
 
 __all__ = ["ALL_VARIANTS", "AUTO_VARIANT", "BACKENDS", "PAIR_DEFAULT_C", "TILE_DEFAULT_C", "TILE_VARIANT",
-           "DocumentIds", "SusStats", "default_c", "resolve_variant", "sus_attention", "warn_once"]
+           "DocumentIds", "SusStats", "default_c", "resolve_variant", "sus_attention"]
